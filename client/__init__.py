@@ -1,0 +1,1 @@
+"""anchorcredit.client: the light client (numpy, grpcio, protobuf, redis; never torch)."""

@@ -1,0 +1,72 @@
+"""Spec-level math, no model: span statistics, head-class aggregation, credit.
+
+span_stats() is the one front that picks a backend:
+  reference  materialised attention, the oracle (float64 capable)
+  chunked    blocks of query rows, O(N * block) memory: the CPU path
+  triton     fused GPU kernel (anchorcredit.engine.triton_span)
+  auto       triton on CUDA, chunked otherwise
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anchorcredit.engine.aggregate import aggregate, classify_heads
+from anchorcredit.engine.chunked import span_stats_chunked
+from anchorcredit.engine.credit import STRATEGIES, credit, top_q_mask, waad_delta
+from anchorcredit.engine.reference import span_stats_reference
+from anchorcredit.engine.types import Aggregate, SpanStats
+from anchorcredit.engine.validate import check_horizon, check_qk, check_scale
+
+BACKENDS = ("reference", "chunked", "triton", "auto")
+
+__all__ = [
+    "BACKENDS",
+    "STRATEGIES",
+    "Aggregate",
+    "SpanStats",
+    "aggregate",
+    "classify_heads",
+    "credit",
+    "resolve_backend",
+    "span_stats",
+    "top_q_mask",
+    "waad_delta",
+]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    return backend
+
+
+def span_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_len: int,
+    window: int = 10,
+    h_lo: int = 10,
+    h_hi: int | None = 100,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> SpanStats:
+    """Per-head span [Hq], WAAD [Hq, R] and FAI [Hq, R] of one sequence (SPEC.md).
+
+    q: [Hq, N, d], k: [Hkv, N, d] post-RoPE (Hq a multiple of Hkv). h_hi=None runs the FAI
+    horizon to the end of the response. scale defaults to 1/sqrt(d).
+    """
+    check_qk(q, k, prompt_len)
+    check_horizon(window, h_lo, h_hi)
+    scale = check_scale(scale, q.shape[-1])
+    backend = resolve_backend(backend, q.device)
+    args = (q, k, prompt_len, int(window), int(h_lo), None if h_hi is None else int(h_hi), scale)
+    if backend == "reference":
+        return span_stats_reference(*args)
+    if backend == "chunked":
+        return span_stats_chunked(*args)
+    from anchorcredit.engine.triton_span import span_stats_triton
+
+    return span_stats_triton(*args)

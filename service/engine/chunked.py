@@ -1,0 +1,92 @@
+"""CPU path: exact SPEC.md statistics in blocks of query rows, O(Hq * N * block) memory.
+
+Each block of response rows gets its full softmax rows once (the unclipped span needs whole
+rows). From those rows only the band is read for the rest: WAAD = W - sum_{d<W} (W-d) p[t,t-d]
+(mass further than W back, prompt included, counts as W), and FAI takes the column sums of
+p over h_lo <= t-s <= h_hi. Probabilities are never normalised in place: each row's 1/l
+scales the few numbers read from it, which saves a full pass over the block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anchorcredit.engine.types import SpanStats
+
+# Scores of one block hold at most this many elements (64 MiB in float32).
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+def fai_target_counts(n: int, prompt_len: int, h_lo: int, h_hi: int | None) -> torch.Tensor:
+    """|T(s)| for every response position s (SPEC.md FAI), as int64 [R]."""
+    s = torch.arange(prompt_len, n)
+    last = torch.full_like(s, n - 1) if h_hi is None else (s + h_hi).clamp(max=n - 1)
+    return (last - (s + h_lo) + 1).clamp(min=0)
+
+
+def span_stats_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_len: int,
+    window: int,
+    h_lo: int,
+    h_hi: int | None,
+    scale: float,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> SpanStats:
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    group = hq // hkv
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    qs = q.to(dtype) * scale  # scale folded into q once
+    kt = k.to(dtype).transpose(1, 2)  # [Hkv, d, N]
+    r = n - prompt_len
+    pos = torch.arange(n, device=dev, dtype=dtype)
+    ipos = torch.arange(n, device=dev)
+    band = torch.arange(window, device=dev)  # distances 0..W-1 that WAAD reads exactly
+    band_weight = (window - band).to(dtype)
+
+    span_sum = torch.zeros(hq, dtype=dtype, device=dev)
+    waad = torch.empty(hq, r, dtype=dtype, device=dev)
+    fai_num = torch.zeros(hq, r, dtype=dtype, device=dev)
+    rows_per_block = max(1, min(r, block_elements // max(1, hq * n)))
+
+    for t0 in range(prompt_len, n, rows_per_block):
+        t1 = min(n, t0 + rows_per_block)
+        b = t1 - t0
+        # GQA without copying K: the `group` query heads of one kv head share one bmm.
+        qb = qs[:, t0:t1].reshape(hkv, group * b, d)
+        scores = torch.bmm(qb, kt[:, :, :t1]).view(hq, b, t1)
+        future = ipos[:t1][None, :] > ipos[t0:t1][:, None]
+        scores.masked_fill_(future, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        p = scores.sub_(row_max).exp_()  # unnormalised probabilities, in place
+        inv_l = p.sum(-1).reciprocal_()  # [Hq, b]
+
+        # Unclipped span: sum_s p (t - s) = t - E[s].
+        mean_pos = torch.matmul(p, pos[:t1]) * inv_l
+        span_sum += (pos[t0:t1] - mean_pos).sum(-1)
+
+        # WAAD from the band: W - sum_{d<W} (W-d) p[t, t-d] (columns before 0 do not exist).
+        rows = ipos[t0:t1]
+        cols = rows[:, None] - band[None, :]  # [b, W]
+        valid = cols >= 0
+        near = p.gather(-1, cols.clamp(min=0).expand(hq, b, window))
+        near = near * (band_weight * valid)
+        waad[:, t0 - prompt_len : t1 - prompt_len] = window - near.sum(-1) * inv_l
+
+        # FAI partial column sums over the band h_lo <= t - s <= h_hi, s in the response.
+        c0 = prompt_len if h_hi is None else max(prompt_len, t0 - h_hi)
+        c1 = t1 - h_lo  # exclusive
+        if c1 > c0:
+            dist = rows[:, None] - ipos[None, c0:c1]
+            in_band = dist >= h_lo
+            if h_hi is not None:
+                in_band &= dist <= h_hi
+            weights = in_band.to(dtype)[None] * inv_l[:, :, None]  # [Hq, b, c]
+            fai_num[:, c0 - prompt_len : c1 - prompt_len] += (p[:, :, c0:c1] * weights).sum(1)
+
+    counts = fai_target_counts(n, prompt_len, h_lo, h_hi).to(device=dev, dtype=dtype)
+    fai = torch.where(counts > 0, fai_num / counts.clamp(min=1), torch.zeros_like(fai_num))
+    return SpanStats(span=span_sum / r, waad=waad, fai=fai)

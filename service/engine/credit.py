@@ -1,0 +1,166 @@
+"""gamma_t (SPEC.md "Credit"): per-token multipliers of the advantage, >= 1, not renormalised.
+
+Pure numpy (float64) so it is exact and cheap; torch tensors in give a torch tensor out
+(same dtype and device as the first array given), numpy in gives numpy out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+STRATEGIES = (
+    "uniform",
+    "local_chunk",
+    "global_anchor",
+    "coupled_rhythm",
+    "random",
+    "entropy",
+)
+# Which per-token inputs each strategy reads.
+NEEDS = {
+    "uniform": (),
+    "local_chunk": ("waad",),
+    "global_anchor": ("fai",),
+    "coupled_rhythm": ("waad", "fai"),
+    "random": (),
+    "entropy": ("entropy",),
+}
+
+
+def top_q_count(q: float, n: int) -> int:
+    """ceil(q * n), robust to float noise (0.7 * 10 is 7.000000000000001 in binary)."""
+    return math.ceil(round(q * n, 9))
+
+
+def top_q_mask(x: np.ndarray, q: float) -> np.ndarray:
+    """TopQ(x, q): the ceil(q*|R|) positions with the largest x, ties to the earlier position."""
+    m = top_q_count(q, len(x))
+    order = np.argsort(-x, kind="stable")  # stable: equal values keep position order
+    mask = np.zeros(len(x), dtype=bool)
+    mask[order[:m]] = True
+    return mask
+
+
+def waad_delta(waad: np.ndarray) -> np.ndarray:
+    """Delta[t] = |WAAD[t] - WAAD[t+1]|, Delta[last] = 0."""
+    delta = np.zeros_like(waad)
+    delta[:-1] = np.abs(waad[:-1] - waad[1:])
+    return delta
+
+
+def coupled_rhythm_gamma(
+    waad: np.ndarray,
+    fai: np.ndarray,
+    q: float,
+    gamma_amp: float,
+    alpha: float,
+    k: int,
+    tau_waad: float | None,
+    tau_delta: float | None,
+) -> np.ndarray:
+    delta = waad_delta(waad)
+    tau_w = float(np.median(waad)) if tau_waad is None else tau_waad
+    tau_d = float(np.median(delta)) if tau_delta is None else tau_delta
+    anchors = top_q_mask(fai, q)
+    dominated = np.zeros(len(waad), dtype=bool)
+    intro = np.zeros(len(waad), dtype=bool)
+    for t in np.flatnonzero(anchors):
+        lo = max(0, t - k)
+        if lo >= t:  # no preceding response token: cannot be locally dominated
+            continue
+        window = delta[lo:t]
+        u = lo + int(np.argmax(window))  # argmax ties go to the earlier position
+        if waad[t] <= tau_w and window[u - lo] >= tau_d:
+            dominated[t] = True
+            intro[u] = True
+    boost = gamma_amp - 1.0
+    return (
+        1.0
+        + boost * (anchors & ~dominated)
+        + (1.0 - alpha) * boost * dominated
+        + alpha * boost * intro
+    )
+
+
+def _as_array(name: str, x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().to("cpu").double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    return arr
+
+
+def _output_like(gamma: np.ndarray, template: Any) -> Any:
+    if hasattr(template, "detach"):
+        import torch
+
+        dtype = template.dtype if template.is_floating_point() else torch.float32
+        return torch.as_tensor(gamma, dtype=dtype, device=template.device)
+    if isinstance(template, np.ndarray) and template.dtype == np.float32:
+        return gamma.astype(np.float32)
+    return gamma
+
+
+def credit(
+    strategy: str,
+    waad: Any = None,
+    fai: Any = None,
+    entropy: Any = None,
+    q: float = 0.4,
+    gamma_amp: float = 1.5,
+    alpha: float = 0.5,
+    k: int = 3,
+    tau_waad: float | None = None,
+    tau_delta: float | None = None,
+    seed: int = 0,
+) -> Any:
+    """gamma [R] for one response under `strategy` (SPEC.md). None thresholds = medians."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    given = {"waad": waad, "fai": fai, "entropy": entropy}
+    for name in NEEDS[strategy]:
+        if given[name] is None:
+            raise ValueError(f"strategy {strategy!r} needs {name}")
+    arrays = {n: _as_array(n, x) for n, x in given.items() if x is not None}
+    if not arrays:
+        raise ValueError("give at least one of waad, fai, entropy (it sets the response length)")
+    lengths = {n: len(a) for n, a in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"waad, fai and entropy must have the same length, got {lengths}")
+    r = next(iter(lengths.values()))
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    if not (math.isfinite(gamma_amp) and gamma_amp >= 1.0):
+        raise ValueError(f"gamma_amp must be >= 1 (gamma is >= 1), got {gamma_amp}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k}")
+    for name, tau in (("tau_waad", tau_waad), ("tau_delta", tau_delta)):
+        if tau is not None and not math.isfinite(tau):
+            raise ValueError(f"{name} must be finite or None, got {tau}")
+
+    boost = gamma_amp - 1.0
+    if strategy == "uniform":
+        gamma = np.ones(r)
+    elif strategy == "local_chunk":
+        gamma = 1.0 + boost * top_q_mask(waad_delta(arrays["waad"]), q)
+    elif strategy == "global_anchor":
+        gamma = 1.0 + boost * top_q_mask(arrays["fai"], q)
+    elif strategy == "random":
+        noise = np.random.default_rng(seed).random(r)
+        gamma = 1.0 + boost * top_q_mask(noise, q)
+    elif strategy == "entropy":
+        gamma = 1.0 + boost * top_q_mask(arrays["entropy"], q)
+    else:
+        gamma = coupled_rhythm_gamma(
+            arrays["waad"], arrays["fai"], q, gamma_amp, alpha, int(k), tau_waad, tau_delta
+        )
+    template = next(x for x in (waad, fai, entropy) if x is not None)
+    return _output_like(gamma, template)
