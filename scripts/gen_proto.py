@@ -34,8 +34,15 @@ def generate(out_dir: Path) -> None:
         sys.exit(f"grpcio-tools=={PINNED_GRPCIO_TOOLS} is pinned; found {version}")
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
 
@@ -47,8 +54,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "anchorcredit" / "v1"
-        stale = [n for n in STUBS
-                 if not (STUB_DIR / n).exists() or not filecmp.cmp(fresh / n, STUB_DIR / n, False)]
+        stale = [
+            n
+            for n in STUBS
+            if not (STUB_DIR / n).exists() or not filecmp.cmp(fresh / n, STUB_DIR / n, False)
+        ]
         if check:
             if stale:
                 print(f"stale stubs: {stale}; run python scripts/gen_proto.py", file=sys.stderr)

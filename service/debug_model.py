@@ -51,7 +51,9 @@ def build_debug_model(arch: str = "llama", seed: int = 0, **overrides: Any):
     return model.float().eval()
 
 
-def save_debug_model(path: str | Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+def save_debug_model(
+    path: str | Path, arch: str = "llama", seed: int = 0, **overrides: Any
+) -> Path:
     """Write the tiny model to `path` as safetensors + config.json and return the path."""
     path = Path(path)
     build_debug_model(arch, seed, **overrides).save_pretrained(path)

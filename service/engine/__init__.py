@@ -10,7 +10,6 @@ span_stats() is the one front that picks a backend:
 from __future__ import annotations
 
 import torch
-
 from anchorcredit.engine.aggregate import aggregate, classify_heads
 from anchorcredit.engine.chunked import span_stats_chunked
 from anchorcredit.engine.credit import STRATEGIES, credit, top_q_mask, waad_delta

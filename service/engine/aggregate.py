@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
 from anchorcredit.engine.types import Aggregate, SpanStats
 
 

@@ -10,7 +10,6 @@ scales the few numbers read from it, which saves a full pass over the block.
 from __future__ import annotations
 
 import torch
-
 from anchorcredit.engine.types import SpanStats
 
 # Scores of one block hold at most this many elements (64 MiB in float32).
@@ -54,39 +53,65 @@ def span_stats_chunked(
 
     for t0 in range(prompt_len, n, rows_per_block):
         t1 = min(n, t0 + rows_per_block)
-        b = t1 - t0
-        # GQA without copying K: the `group` query heads of one kv head share one bmm.
-        qb = qs[:, t0:t1].reshape(hkv, group * b, d)
-        scores = torch.bmm(qb, kt[:, :, :t1]).view(hq, b, t1)
-        future = ipos[:t1][None, :] > ipos[t0:t1][:, None]
-        scores.masked_fill_(future, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
-        p = scores.sub_(row_max).exp_()  # unnormalised probabilities, in place
-        inv_l = p.sum(-1).reciprocal_()  # [Hq, b]
-
-        # Unclipped span: sum_s p (t - s) = t - E[s].
-        mean_pos = torch.matmul(p, pos[:t1]) * inv_l
-        span_sum += (pos[t0:t1] - mean_pos).sum(-1)
-
-        # WAAD from the band: W - sum_{d<W} (W-d) p[t, t-d] (columns before 0 do not exist).
-        rows = ipos[t0:t1]
-        cols = rows[:, None] - band[None, :]  # [b, W]
-        valid = cols >= 0
-        near = p.gather(-1, cols.clamp(min=0).expand(hq, b, window))
-        near = near * (band_weight * valid)
-        waad[:, t0 - prompt_len : t1 - prompt_len] = window - near.sum(-1) * inv_l
-
-        # FAI partial column sums over the band h_lo <= t - s <= h_hi, s in the response.
-        c0 = prompt_len if h_hi is None else max(prompt_len, t0 - h_hi)
-        c1 = t1 - h_lo  # exclusive
-        if c1 > c0:
-            dist = rows[:, None] - ipos[None, c0:c1]
-            in_band = dist >= h_lo
-            if h_hi is not None:
-                in_band &= dist <= h_hi
-            weights = in_band.to(dtype)[None] * inv_l[:, :, None]  # [Hq, b, c]
-            fai_num[:, c0 - prompt_len : c1 - prompt_len] += (p[:, :, c0:c1] * weights).sum(1)
+        # A function per block, so one block's scores are freed before the next is allocated.
+        span_part, waad_rows, c0, col_sums = _block_stats(
+            qs, kt, t0, t1, group, window, h_lo, h_hi, prompt_len, pos, ipos, band, band_weight
+        )
+        span_sum += span_part
+        waad[:, t0 - prompt_len : t1 - prompt_len] = waad_rows
+        if col_sums is not None:
+            fai_num[:, c0 - prompt_len : c0 - prompt_len + col_sums.shape[1]] += col_sums
 
     counts = fai_target_counts(n, prompt_len, h_lo, h_hi).to(device=dev, dtype=dtype)
     fai = torch.where(counts > 0, fai_num / counts.clamp(min=1), torch.zeros_like(fai_num))
     return SpanStats(span=span_sum / r, waad=waad, fai=fai)
+
+
+def _block_stats(
+    qs: torch.Tensor,
+    kt: torch.Tensor,
+    t0: int,
+    t1: int,
+    group: int,
+    window: int,
+    h_lo: int,
+    h_hi: int | None,
+    prompt_len: int,
+    pos: torch.Tensor,
+    ipos: torch.Tensor,
+    band: torch.Tensor,
+    band_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Span sum, WAAD rows and FAI column sums contributed by response rows [t0, t1)."""
+    hkv, d, _ = kt.shape
+    hq, b = hkv * group, t1 - t0
+    # GQA without copying K: the `group` query heads of one kv head share one bmm.
+    qb = qs[:, t0:t1].reshape(hkv, group * b, d)
+    scores = torch.bmm(qb, kt[:, :, :t1]).view(hq, b, t1)
+    rows = ipos[t0:t1]
+    scores.masked_fill_(ipos[None, :t1] > rows[:, None], float("-inf"))
+    p = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities
+    inv_l = p.sum(-1).reciprocal_()  # [Hq, b]
+
+    # Unclipped span: sum_s p (t - s) = t - E[s].
+    span_part = (pos[t0:t1] - torch.matmul(p, pos[:t1]) * inv_l).sum(-1)
+
+    # WAAD from the band: W - sum_{d<W} (W-d) p[t, t-d] (columns before 0 do not exist).
+    near_cols = rows[:, None] - band[None, :]  # [b, W]
+    near = p.gather(-1, near_cols.clamp(min=0).expand(hq, b, window))
+    waad_rows = window - (near * (band_weight * (near_cols >= 0))).sum(-1) * inv_l
+
+    # FAI partial column sums over the band h_lo <= t - s <= h_hi, s in the response.
+    c0 = prompt_len if h_hi is None else max(prompt_len, t0 - h_hi)
+    c1 = t1 - h_lo  # exclusive
+    if c1 <= c0:
+        return span_part, waad_rows, c0, None
+    # Comparisons straight to bool: no [b, c] int64 distance temporary.
+    cols = ipos[None, c0:c1]
+    in_band = cols <= rows[:, None] - h_lo
+    if h_hi is not None:
+        in_band &= cols >= rows[:, None] - h_hi
+    # p is not read again: mask and normalise the band in place and reduce the strided view
+    # directly (a bmm would first copy it into a contiguous block-sized buffer).
+    band_p = p[:, :, c0:c1].mul_(in_band).mul_(inv_l[:, :, None])
+    return span_part, waad_rows, c0, band_p.sum(1)

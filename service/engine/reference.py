@@ -7,7 +7,6 @@ inputs for the tightest checks; it computes in the input dtype (at least float32
 from __future__ import annotations
 
 import torch
-
 from anchorcredit.engine.types import SpanStats
 
 

@@ -1,0 +1,25 @@
+"""`import anchorcredit` and the light client never pull in torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "module", ["anchorcredit", "anchorcredit.client", "anchorcredit.v1.credit_pb2_grpc"]
+)
+def test_import_without_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_lazy_scorer_export_is_declared():
+    import anchorcredit
+
+    assert "Scorer" in anchorcredit.__all__
+    with pytest.raises(AttributeError):
+        anchorcredit.no_such_thing  # noqa: B018
