@@ -18,6 +18,7 @@ CASES = [
     (4, 1, 130, 7, 20),
     (8, 4, 257, 100, 100),
     (2, 2, 12, 1, None),
+    (4, 2, 400, 30, 100),  # the narrow-band (gathered diagonals) FAI path with SPEC defaults
 ]
 
 

@@ -9,6 +9,8 @@ span_stats() is the one front that picks a backend:
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from anchorcredit.engine.aggregate import aggregate, classify_heads
 from anchorcredit.engine.chunked import span_stats_chunked
@@ -38,7 +40,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        # Triton only where it compiles to a GPU; a CUDA box without triton still works.
+        has_triton = importlib.util.find_spec("triton") is not None
+        return "triton" if device.type == "cuda" and has_triton else "chunked"
     return backend
 
 

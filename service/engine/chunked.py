@@ -106,7 +106,9 @@ def _block_stats(
     c1 = t1 - h_lo  # exclusive
     if c1 <= c0:
         return span_part, waad_rows, c0, None
-    # Comparisons straight to bool: no [b, c] int64 distance temporary.
+    if h_hi is not None and h_hi - h_lo + 1 < (c1 - c0) // 2:
+        return span_part, waad_rows, c0, _band_column_sums(p, inv_l, rows, c0, c1, h_lo, h_hi)
+    # Wide band (h_hi=None): mask the dense column slice. Comparisons go straight to bool.
     cols = ipos[None, c0:c1]
     in_band = cols <= rows[:, None] - h_lo
     if h_hi is not None:
@@ -115,3 +117,21 @@ def _block_stats(
     # directly (a bmm would first copy it into a contiguous block-sized buffer).
     band_p = p[:, :, c0:c1].mul_(in_band).mul_(inv_l[:, :, None])
     return span_part, waad_rows, c0, band_p.sum(1)
+
+
+def _band_column_sums(
+    p: torch.Tensor, inv_l: torch.Tensor, rows: torch.Tensor, c0: int, c1: int, h_lo: int, h_hi: int
+) -> torch.Tensor:
+    """Column sums of the normalised p over h_lo <= t - s <= h_hi for columns [c0, c1).
+
+    Narrow band: gather the (h_hi - h_lo + 1) diagonals, O(b * band) instead of O(b * N).
+    """
+    hq, b, _ = p.shape
+    dist = torch.arange(h_lo, h_hi + 1, device=p.device)
+    cols = rows[:, None] - dist[None, :]  # [b, D]
+    valid = (cols >= c0) & (cols < c1)
+    vals = p.gather(-1, cols.clamp(min=0).expand(hq, b, dist.numel()))
+    vals = vals * (valid * inv_l[:, :, None])
+    out = torch.zeros(hq, c1 - c0, dtype=p.dtype, device=p.device)
+    index = (cols - c0).clamp(0, c1 - c0 - 1).reshape(1, -1).expand(hq, -1)
+    return out.scatter_add_(1, index, vals.reshape(hq, -1))
