@@ -1,1 +1,30 @@
-"""anchorcredit.client: the light client (numpy, grpcio, protobuf, redis; never torch)."""
+"""anchorcredit.client: the light client (numpy, grpcio, protobuf, redis; never torch).
+
+    from anchorcredit.client import CreditClient, reweight
+    client = CreditClient(["127.0.0.1:50051"], cache="redis://127.0.0.1:6379/0")
+    res = client.score(prompts, responses, strategy="coupled_rhythm")
+    adv = reweight(advantages, [r.gamma for r in res], response_mask)
+
+Trainer hooks live in `anchorcredit.client.adapters` (verl, trl, openrlhf), imported lazily.
+"""
+
+from anchorcredit.client.cache import CreditCache, LRUBytesCache, RedisCache
+from anchorcredit.client.client import (
+    CreditClient,
+    CreditResult,
+    CreditServiceError,
+    StalePolicyVersionError,
+)
+from anchorcredit.client.reweight import gamma_matrix, reweight
+
+__all__ = [
+    "CreditCache",
+    "CreditClient",
+    "CreditResult",
+    "CreditServiceError",
+    "LRUBytesCache",
+    "RedisCache",
+    "StalePolicyVersionError",
+    "gamma_matrix",
+    "reweight",
+]

@@ -1,0 +1,148 @@
+"""Cache keys: namespace + schema version + sha256 of a length-prefixed canonical encoding.
+
+Everything that changes the numbers goes into the digest: the model (id, revision, dtype,
+layers), the policy version, the statistic version, the strategy with every parameter sent,
+the prompt length and the prompt/response ids as little-endian uint32 bytes. Each field is
+prefixed by its byte length (8-byte little-endian) so no two different inputs encode the
+same (a plain concatenation of "ab"+"c" and "a"+"bc" would collide). Python's hash() is
+salted per process and never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DEFAULT_NAMESPACE = "anchorcredit"
+
+# Proto type of every CreditParams field (credit.proto): parameters are coerced to it, so
+# q=0.4 and q=0.40, or k=3 and k=3.0, give one key, as they give one request.
+PARAM_TYPES: dict[str, type] = {
+    "q": float,
+    "gamma_amp": float,
+    "alpha": float,
+    "k": int,
+    "tau_waad": float,
+    "tau_delta": float,
+    "seed": int,
+    "window": int,
+    "h_lo": int,
+    "h_hi": int,
+    "h_hi_to_end": bool,
+    "head_quantile": float,
+}
+
+
+def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate and coerce credit parameters to their proto types; None values are dropped.
+
+    `h_hi="end"` (SPEC.md's analysis variant) becomes `h_hi_to_end=True`.
+    """
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "h_hi" and isinstance(value, str):
+            if value != "end":
+                raise ValueError(f"h_hi must be an int or 'end', got {value!r}")
+            out["h_hi_to_end"] = True
+            continue
+        kind = PARAM_TYPES.get(name)
+        if kind is None:
+            raise ValueError(f"unknown credit parameter {name!r}; known: {', '.join(PARAM_TYPES)}")
+        if kind is bool:
+            out[name] = bool(value)
+        elif kind is int:
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            out[name] = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            out[name] = value
+    if out.get("h_hi_to_end") is False:
+        del out["h_hi_to_end"]  # false is the proto default: same request, same key
+    return out
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What identifies the numbers a server computes, from GetModelInfo."""
+
+    model_id: str
+    revision: str
+    dtype: str
+    layers: tuple[int, ...]
+    stat_version: str
+
+    def encode(self) -> bytes:
+        layers = ",".join(str(x) for x in self.layers)
+        return _fields(
+            self.model_id.encode(),
+            self.revision.encode(),
+            self.dtype.encode(),
+            layers.encode(),
+            self.stat_version.encode(),
+        )
+
+
+def _fields(*parts: bytes) -> bytes:
+    return b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+
+
+def _params_bytes(strategy: str, params: Mapping[str, Any]) -> bytes:
+    # Sorted names; floats by their exact IEEE bits (repr-free), ints/bools as int64.
+    items = []
+    for name in sorted(params):
+        v = params[name]
+        if isinstance(v, float):
+            enc = b"f" + struct.pack("<d", v)
+        else:
+            enc = b"i" + struct.pack("<q", int(v))
+        items.append(_fields(name.encode(), enc))
+    return _fields(strategy.encode(), b"".join(items))
+
+
+class KeyBuilder:
+    """Builds keys for one (model, policy version, strategy, params); ids vary per sequence.
+
+    The shared prefix is hashed once and copied per sequence (hashlib's copy is cheap).
+    """
+
+    def __init__(
+        self,
+        model: ModelKey,
+        policy_version: str,
+        strategy: str,
+        params: Mapping[str, Any],
+        outputs: tuple[str, ...] = (),
+        namespace: str = DEFAULT_NAMESPACE,
+    ):
+        self.prefix = f"{namespace}:v{SCHEMA_VERSION}:"
+        h = hashlib.sha256()
+        h.update(
+            _fields(
+                model.encode(),
+                policy_version.encode(),
+                _params_bytes(strategy, params),
+                # entropy is only computed on request; the other arrays always come together
+                ",".join(sorted(outputs)).encode(),
+            )
+        )
+        self._base = h
+
+    def key(self, prompt_ids: np.ndarray, response_ids: np.ndarray) -> str:
+        """Key of one sequence (ids as uint32 arrays)."""
+        h = self._base.copy()
+        p = np.ascontiguousarray(prompt_ids, dtype="<u4").tobytes()
+        r = np.ascontiguousarray(response_ids, dtype="<u4").tobytes()
+        h.update(_fields(struct.pack("<Q", len(prompt_ids)), p, r))
+        return self.prefix + h.hexdigest()
