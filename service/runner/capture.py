@@ -1,0 +1,198 @@
+"""Post-RoPE Q/K capture through transformers' AttentionInterface, with packed varlen attention.
+
+`capture_attention_forward` is registered as the attention implementation ATTN_IMPLEMENTATION.
+Every decoder layer calls it with the layer's post-RoPE query [1, Hq, T, d], key and value
+[1, Hkv, T, d]. While a CaptureState is active it
+  1. hands q/k of the selected layers (module.layer_idx) to the state's sink, which turns them
+     into span statistics right away (so only one layer's q/k is alive at a time),
+  2. raises StopForward at the state's stop layer (early exit: neither that layer's attention
+     output, its MLP, the later layers nor the LM head run),
+  3. otherwise computes the layer output with SDPA segment by segment (block-diagonal causal
+     over the packed sequences), or with torch's flash varlen kernel on CUDA in half precision.
+No N x N matrix (probabilities or mask) is built for full-attention layers.
+
+Masks in transformers 5.x: `create_causal_mask` asks AttentionMaskInterface for a mask builder
+keyed by the attention implementation. A name that is NOT registered there early-exits with
+mask None (the "TGI/vLLM custom attention" path), which is what we want: registering sdpa_mask
+under our name would make transformers detect the packed position ids and materialise a
+[1, 1, T, T] block-diagonal boolean mask. So no mask builder is registered, and packing
+(cu_seqlens) reaches the attention function through the active CaptureState instead.
+Outside a CaptureState the function behaves like transformers' SDPA path (causal, no padding),
+so the model still works for plain single-sequence forwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTN_IMPLEMENTATION = "anchorcredit_capture"
+
+# sink(layer_idx, q [Hq, T, d], k [Hkv, T, d], scale)
+QKSink = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+
+
+class StopForward(Exception):
+    """Raised inside the forward once the last needed layer's q/k are captured (early exit)."""
+
+
+@dataclass
+class CaptureState:
+    """What one packed forward needs: segment boundaries, layers to capture, where to stop."""
+
+    cu_seqlens: list[int]
+    layers: frozenset[int]
+    sink: QKSink
+    stop_after: int | None = None  # layer index whose capture ends the forward; None = run all
+    captured: set[int] = field(default_factory=set)
+    _cu_tensor: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return max(b - a for a, b in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], strict=True))
+
+    def cu_tensor(self, device: torch.device) -> torch.Tensor:
+        if self._cu_tensor is None or self._cu_tensor.device != device:
+            self._cu_tensor = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+        return self._cu_tensor
+
+
+_ACTIVE: contextvars.ContextVar[CaptureState | None] = contextvars.ContextVar(
+    "anchorcredit_capture_state", default=None
+)
+
+
+@contextlib.contextmanager
+def capturing(state: CaptureState) -> Iterator[CaptureState]:
+    """Make `state` the one the attention function reads for the duration of a forward."""
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _flash_varlen_ok(query: torch.Tensor, head_dim_v: int) -> bool:
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if query.shape[-1] != head_dim_v or query.shape[-1] > 256:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def packed_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: CaptureState,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Block-diagonal causal attention over packed sequences -> [1, T, Hq, dv]."""
+    _, hq, t, _ = query.shape
+    dv = value.shape[-1]
+    if _flash_varlen_ok(query, dv):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = state.cu_tensor(query.device)
+        left = -1 if sliding_window is None else int(sliding_window) - 1
+        out = varlen_attn(
+            query[0].transpose(0, 1),
+            key[0].transpose(0, 1),
+            value[0].transpose(0, 1),
+            cu,
+            cu,
+            state.max_len,
+            state.max_len,
+            scale=scale,
+            window_size=(left, 0),
+            enable_gqa=key.shape[1] != hq,
+        )
+        return out[None]
+
+    out = query.new_empty(1, t, hq, dv)
+    gqa = key.shape[1] != hq
+    for a, b in zip(state.cu_seqlens[:-1], state.cu_seqlens[1:], strict=True):
+        mask = None
+        if sliding_window is not None and b - a > sliding_window:
+            # Sliding-window layers only: transformers' rule, key j visible from i iff
+            # 0 <= i - j < window. This one does build an n x n boolean mask per sequence.
+            i = torch.arange(b - a, device=query.device)
+            d = i[:, None] - i[None, :]
+            mask = (d >= 0) & (d < sliding_window)
+        seg = F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[0, a:b] = seg[0].transpose(0, 1)
+    return out
+
+
+def capture_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function (transformers' AttentionInterface signature)."""
+    state = _ACTIVE.get()
+    if state is None:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            softcap=softcap,
+            **kwargs,
+        )
+    if softcap is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            "attention logit soft-capping / sinks are not supported by the anchorcredit runner"
+        )
+    if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise RuntimeError(
+            "the runner expects one packed row without a mask or cache; got a mask or a "
+            f"batch of {query.shape[0]} (q_len {query.shape[2]}, kv_len {key.shape[2]})"
+        )
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    layer = int(module.layer_idx)
+    if layer in state.layers:
+        if sliding_window is not None:
+            raise NotImplementedError(
+                f"layer {layer} uses sliding-window attention; SPEC statistics assume full "
+                "causal attention: choose full-attention layers with layers=[...]"
+            )
+        state.sink(layer, query[0], key[0], scale)
+        state.captured.add(layer)
+    if layer == state.stop_after:
+        raise StopForward
+    return packed_causal_attention(query, key, value, state, scale, sliding_window), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, capture_attention_forward)
