@@ -1,0 +1,375 @@
+"""Fused Triton span kernel: SPEC.md's per-head span, WAAD and FAI without the N x N matrix.
+
+Contract
+    Inputs: post-RoPE q [Hq, total_N, d] and k [Hkv, total_N, d] (bf16, fp16 or fp32;
+    float64 is computed in fp32), Hq a multiple of Hkv (query head h reads kv head
+    h // (Hq / Hkv)). Several sequences may be packed along the token axis: cu_seqlens [B+1]
+    (cumulative lengths, 0 first, total_N last) and prompt_lens [B] (1 <= P_b < len_b). The
+    mask is block-diagonal causal: a token attends only to earlier tokens of its sequence.
+    Outputs: one SpanStats per sequence, float32, exactly SPEC.md's span [Hq], WAAD [Hq, R_b]
+    and FAI [Hq, R_b] (per head; FAI already divided by |T(s)|, 0 where T(s) is empty).
+    Accumulation is fp32 throughout; the result is deterministic (no atomics).
+
+Passes (docs/KERNEL.md has the derivation)
+    1. Row pass, one program per (response query block, q head), shaped like a
+       FlashAttention forward without V: an online max/sum in base 2 with the softmax scale
+       folded into one multiplier, plus two accumulators rescaled alongside the row sum:
+       sum p * (t - s) (span, unclipped) and sum_{t-s<W} (W - (t-s)) p (WAAD, read only on
+       the few tiles at the diagonal). Stores the row log-sum-exp, the row's mean distance
+       and WAAD.
+    2. Column pass, one program per (response key tile, q head), shaped like the dK/dV loop
+       of a FlashAttention backward: with the row LSE known, recompute exact probabilities
+       for the query tiles with h_lo <= t - s <= h_hi and sum the columns. For a finite h_hi
+       this touches only ~(BLOCK_N + h_hi - h_lo) rows per key tile (the band epilogue); for
+       h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
+       per query block keeps FAI deterministic without an atomics buffer.
+    Memory: O(Hq * total_N) fp32 (LSE, per-row span, WAAD, FAI) plus the block tables.
+
+Limits
+    head dim <= 256 (padded to a power of two >= 16); on a GPU block sizes must be >= 16.
+    fp32 inputs use IEEE fp32 dot products (no TF32), so they are slow but exact to ~1e-6.
+    Every request is validated on the host (one device sync to read cu_seqlens).
+
+Tested on
+    Correctness verified under TRITON_INTERPRET=1 on CPU (fp32, N <= 512) against the
+    materialised reference (tests/test_triton_span.py). NOT yet run on a GPU: the bf16
+    correctness tests (marked gpu) and bench/kernel.py are written but unmeasured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anchorcredit.engine.types import SpanStats
+from anchorcredit.engine.validate import check_horizon, check_lengths, check_scale
+
+try:  # triton is optional: importing anchorcredit.engine must work without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _row_pass(
+    Q, K, LSE, SPAN, WAAD,
+    BLK_SEQ, BLK_START, CU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
+    qk_scale, group, head_dim, window, near,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(BLK_SEQ + blk)
+    t0 = tl.load(BLK_START + blk)
+    seq_start = tl.load(CU + seq)
+    seq_end = tl.load(CU + seq + 1)
+    kvh = h // group
+
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_end
+    d_ok = offs_d < head_dim
+    q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + kvh.to(tl.int64) * stride_kh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dist_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum p * (t - s)
+    near_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
+
+    # Stage 1: key tiles ending at least `near` = max(W, 1) before the block's first row:
+    # no causal mask, no WAAD weight, always in bounds.
+    gap = tl.maximum(t0 - seq_start - near + 1, 0)
+    split = seq_start + (gap // BLOCK_N) * BLOCK_N
+    for start_n in range(seq_start, split, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+        kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        dist = (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        dist_i = dist_i * alpha + tl.sum(p * dist, 1)
+        near_i = near_i * alpha  # stays 0: no key here is within W of any row
+        m_i = m_new
+
+    # Stage 2: the diagonal tiles (the first holds a key <= every row, so m_i turns finite).
+    hi = tl.minimum(t0 + BLOCK_M, seq_end)
+    for start_n in range(split, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seq_end
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+        kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        delta = offs_m[:, None] - offs_n[None, :]
+        valid = (delta >= 0) & col_ok[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        dist = delta.to(tl.float32)
+        weight = tl.maximum(window - dist, 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        dist_i = dist_i * alpha + tl.sum(p * dist, 1)
+        near_i = near_i * alpha + tl.sum(p * weight, 1)
+        m_i = m_new
+
+    out = h.to(tl.int64) * stride_oh + offs_m
+    tl.store(LSE + out, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(SPAN + out, dist_i / l_i, mask=row_ok)
+    # Mass further than W back (prompt included) counts as W: WAAD = W - sum (W-d) p.
+    tl.store(WAAD + out, window - near_i / l_i, mask=row_ok)
+
+
+def _col_pass(
+    Q, K, LSE, FAI,
+    BLK_SEQ, BLK_START, CU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
+    qk_scale, group, head_dim, h_lo, h_hi,
+    HAS_HI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(BLK_SEQ + blk)
+    j0 = tl.load(BLK_START + blk)
+    seq_end = tl.load(CU + seq + 1)
+    kvh = h // group
+
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_end
+    d_ok = offs_d < head_dim
+    k_ptrs = K + kvh.to(tl.int64) * stride_kh + offs_n[None, :].to(tl.int64) * stride_kn
+    kt = tl.load(k_ptrs + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    q_base = Q + h.to(tl.int64) * stride_qh
+    lse_base = LSE + h.to(tl.int64) * stride_oh
+
+    # Rows that can see these columns inside the horizon; j0 is a response position and
+    # h_lo >= 0, so every such row is a response row (its LSE was stored by the row pass).
+    t_lo = j0 + h_lo
+    if HAS_HI:
+        t_hi = tl.minimum(seq_end, j0 + BLOCK_N + h_hi)  # exclusive
+    else:
+        t_hi = seq_end
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(t_lo, t_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < t_hi
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        delta = offs_m[:, None] - offs_n[None, :]
+        band = row_ok[:, None] & col_ok[None, :] & (delta >= h_lo)
+        if HAS_HI:
+            band = band & (delta <= h_hi)
+        acc += tl.sum(tl.where(band, p, 0.0), 0)
+
+    # |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1, clipped at 0 (empty -> FAI 0).
+    if HAS_HI:
+        last = tl.minimum(seq_end - 1, offs_n + h_hi)
+    else:
+        last = seq_end - 1 + offs_n * 0
+    count = (last - offs_n - h_lo + 1).to(tl.float32)
+    fai = tl.where(count > 0, acc / tl.maximum(count, 1.0), 0.0)
+    tl.store(FAI + h.to(tl.int64) * stride_oh + offs_n, fai, mask=col_ok)
+
+
+# Jitted kernels per interpreter mode: TRITON_INTERPRET is read when a function is jitted,
+# so jitting lazily (not at import) lets tests switch the interpreter on at any time.
+_KERNELS: dict[bool, tuple] = {}
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError(
+            "the triton span backend needs the `triton` package (pip install triton, Linux + "
+            "CUDA); use backend='chunked' on machines without it"
+        )
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernels() -> tuple:
+    mode = _interpreting()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = (triton.jit(_row_pass), triton.jit(_col_pass))
+    return _KERNELS[mode]
+
+
+def _default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages); hand-picked, bench/kernel.py can sweep."""
+    if device.type != "cuda":  # interpreter: bigger tiles mean fewer (slow) Python steps
+        return 32, 32, 4, 1
+    if dtype == torch.float32:  # fp32 tiles are twice the shared memory
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
+def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1 or x.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {x.dtype} {tuple(x.shape)}")
+        return [int(v) for v in x.tolist()]
+    return [int(v) for v in x]
+
+
+def _check_packed(
+    q: torch.Tensor, k: torch.Tensor, cu: list[int], prompts: list[int]
+) -> None:
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise ValueError("q and k must be torch tensors")
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(
+            f"q must be [Hq, total_N, d] and k [Hkv, total_N, d], got {tuple(q.shape)} "
+            f"and {tuple(k.shape)}"
+        )
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    if k.shape[1] != n or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: N and d must agree")
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv} (GQA)")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if q.device != k.device:
+        raise ValueError(f"q and k are on different devices: {q.device} vs {k.device}")
+    if not q.is_floating_point() or not k.is_floating_point():
+        raise ValueError("q and k must be floating point tensors")
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != n:
+        raise ValueError(f"cu_seqlens must start at 0 and end at total_N={n}, got {cu}")
+    if len(prompts) != len(cu) - 1:
+        raise ValueError(f"{len(prompts)} prompt lengths for {len(cu) - 1} sequences")
+    for b, p in enumerate(prompts):
+        try:
+            check_lengths(cu[b + 1] - cu[b], p)
+        except ValueError as err:
+            raise ValueError(f"sequence {b}: {err}") from None
+    if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
+        raise ValueError("q and k must be finite (found NaN or inf)")
+
+
+def span_stats_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    prompt_lens: torch.Tensor | Sequence[int],
+    window: int = 10,
+    h_lo: int = 10,
+    h_hi: int | None = 100,
+    scale: float | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> list[SpanStats]:
+    """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
+
+    q [Hq, total_N, d], k [Hkv, total_N, d]; sequence b occupies tokens
+    cu_seqlens[b]:cu_seqlens[b+1] with its first prompt_lens[b] tokens the prompt.
+    Block sizes / launch options default to hand-picked values per device and dtype.
+    """
+    _require_triton()
+    cu = _as_int_list(cu_seqlens, "cu_seqlens")
+    prompts = _as_int_list(prompt_lens, "prompt_lens")
+    _check_packed(q, k, cu, prompts)
+    check_horizon(window, h_lo, h_hi)
+    scale = check_scale(scale, q.shape[-1])
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"the triton span kernel needs CUDA tensors (got {q.device}); set "
+            "TRITON_INTERPRET=1 before the first call to run it on CPU, or use backend='chunked'"
+        )
+
+    if q.dtype == torch.float64 or q.dtype != k.dtype:
+        dtype = torch.float32 if torch.float64 in (q.dtype, k.dtype) else q.dtype
+        q, k = q.to(dtype), k.to(dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+
+    bm, bn, warps, stages = _default_blocks(q.device, q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    warps, stages = num_warps or warps, num_stages or stages
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    block_d = max(16, triton.next_power_of_2(d))
+    window, h_lo = int(window), int(h_lo)
+
+    # Block tables over response rows (row pass) and response columns (column pass), the
+    # heaviest blocks first so the long causal rows do not trail at the end of the grid.
+    rows: list[tuple[int, int, int]] = []
+    cols: list[tuple[int, int, int]] = []
+    for b in range(len(prompts)):
+        start, end = cu[b] + prompts[b], cu[b + 1]
+        rows += [(t0 - cu[b], b, t0) for t0 in range(start, end, bm)]
+        cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
+    rows.sort(key=lambda r: -r[0])
+    if h_hi is None:
+        cols.sort(key=lambda c: -c[0])
+    dev = q.device
+    row_seq = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=dev)
+    row_start = torch.tensor([r[2] for r in rows], dtype=torch.int32, device=dev)
+    col_seq = torch.tensor([c[1] for c in cols], dtype=torch.int32, device=dev)
+    col_start = torch.tensor([c[2] for c in cols], dtype=torch.int32, device=dev)
+    cu_dev = torch.tensor(cu, dtype=torch.int32, device=dev)
+
+    # Per-position outputs (prompt slots unused): O(Hq * total_N) fp32.
+    lse = torch.empty(hq, n, dtype=torch.float32, device=dev)
+    span_row = torch.empty_like(lse)
+    waad = torch.empty_like(lse)
+    fai = torch.empty_like(lse)
+    qk_scale = scale * LOG2E  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2 e)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
+
+    row_kernel, col_kernel = _kernels()
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0))
+    launch = {"num_warps": warps, "num_stages": stages}
+    row_kernel[(len(rows), hq)](
+        q, k, lse, span_row, waad, row_seq, row_start, cu_dev, *strides,
+        qk_scale, group, d, window, max(window, 1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, **launch,
+    )  # fmt: skip
+    col_kernel[(len(cols), hq)](
+        q, k, lse, fai, col_seq, col_start, cu_dev, *strides,
+        qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi),
+        HAS_HI=h_hi is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, **launch,
+    )  # fmt: skip
+
+    out = []
+    for b in range(len(prompts)):
+        lo, hi = cu[b] + prompts[b], cu[b + 1]
+        out.append(
+            SpanStats(span=span_row[:, lo:hi].mean(-1), waad=waad[:, lo:hi], fai=fai[:, lo:hi])
+        )
+    return out
+
+
+def span_stats_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_len: int,
+    window: int,
+    h_lo: int,
+    h_hi: int | None,
+    scale: float,
+) -> SpanStats:
+    """One sequence through the packed kernel (the engine front's `backend="triton"`)."""
+    return span_stats_packed(q, k, [0, q.shape[1]], [prompt_len], window, h_lo, h_hi, scale)[0]
