@@ -1,1 +1,4 @@
-"""Placeholder: filled by its issue."""
+"""gRPC serving: config (flags == env vars), batcher, servicer, metrics, app (lifecycle).
+
+    from anchorcredit.server.app import CreditServer, serve
+"""

@@ -1,0 +1,332 @@
+"""Dynamic batching: one asyncio task owns the queue and the device.
+
+Handlers `await batcher.submit(parsed, deadline)`; the loop task forms batches of requests
+that share a parameter key, bounded by a token budget and a request cap, waiting at most
+`max_wait_s` after the oldest request when the device is idle (when it was busy, the queue
+filled meanwhile and no wait is added). The blocking scorer runs in ONE worker thread
+(`run_in_executor`), so model calls never overlap and a weight reload (`run_exclusive`)
+is ordered with the batches around it: no request is ever answered by weights other than
+the ones it was checked against.
+
+Failure isolation: if a merged batch raises, its requests are retried one by one so a bad
+request fails alone; a device OOM is split in halves, and a single request that still does
+not fit gets `DeviceOutOfMemory` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from anchorcredit.errors import PolicyVersionMismatch
+from anchorcredit.server.convert import ParsedRequest
+from anchorcredit.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; `retry_after_s` is an estimate of when it drains."""
+
+    def __init__(self, depth: int, retry_after_s: float) -> None:
+        super().__init__(f"request queue full ({depth} waiting); retry after "
+                         f"~{retry_after_s * 1000:.0f} ms")
+        self.depth = depth
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpired(Exception):
+    """The request's deadline passed while it waited in the queue."""
+
+
+class DeviceOutOfMemory(Exception):
+    """A single request does not fit on the device even alone."""
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer accepts work."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError, without importing torch here.
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Outcome:
+    """What a handler gets back for its request."""
+
+    results: list[Any]
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass
+class _Work:
+    parsed: ParsedRequest
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() based
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Control:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+
+
+ScoreFn = Callable[..., tuple[list[Any], dict[str, float] | None]]
+
+
+class Batcher:
+    """Queue + the one task that owns the device. Create inside a running event loop."""
+
+    def __init__(
+        self,
+        score_fn: ScoreFn,
+        executor: Executor,
+        metrics: ServerMetrics,
+        policy_version: Callable[[], str],
+        max_batch_tokens: int = 16384,
+        max_wait_s: float = 0.005,
+        max_batch_requests: int = 64,
+        max_queue: int = 256,
+    ) -> None:
+        # score_fn(pairs, **score_kwargs) -> (results, stage timings or None), blocking.
+        self._score_fn = score_fn
+        self._executor = executor
+        self._metrics = metrics
+        self._policy_version = policy_version
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_batch_requests = max_batch_requests
+        self.max_queue = max_queue
+        self._queue: collections.deque[_Work | _Control] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        # Moving averages for the retry hint.
+        self._ema_batch_s = 0.05
+        self._ema_batch_requests = 1.0
+
+    # -- public -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    @property
+    def depth(self) -> int:
+        return sum(isinstance(w, _Work) for w in self._queue)
+
+    def retry_after_s(self) -> float:
+        batches_ahead = max(1.0, self.depth / max(1.0, self._ema_batch_requests))
+        return min(30.0, max(0.05, batches_ahead * self._ema_batch_s))
+
+    async def submit(self, parsed: ParsedRequest, deadline: float | None = None) -> Outcome:
+        """Queue one request and wait for its results. Cancelling the caller drops it."""
+        if self._closing:
+            raise ShuttingDown("server is shutting down")
+        depth = self.depth
+        if depth >= self.max_queue:
+            raise QueueFull(depth, self.retry_after_s())
+        work = _Work(parsed, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.append(work)
+        self._metrics.queue_size.set(depth + 1)
+        self._wakeup.set()
+        try:
+            # shield: cancelling the caller must not cancel the future the loop resolves;
+            # it marks the work dropped instead (counted when the loop meets it).
+            return await asyncio.shield(work.future)
+        except asyncio.CancelledError:
+            if not work.future.done():
+                work.future.cancel()
+            raise
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run fn() on the device thread between batches, in queue order (weight reloads).
+
+        Never refused for a full queue: control work is rare and must not starve.
+        """
+        if self._closing:
+            raise ShuttingDown("server is shutting down")
+        ctl = _Control(fn, asyncio.get_running_loop().create_future())
+        self._queue.append(ctl)
+        self._wakeup.set()
+        return await ctl.future
+
+    async def close(self) -> None:
+        """Stop accepting; the loop finishes what is queued, then exits."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    # -- the device owner ---------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            head = self._queue[0]
+            if isinstance(head, _Control):
+                self._queue.popleft()
+                await self._run_control(head)
+                continue
+            if self.max_wait_s > 0 and not self._closing:
+                await self._fill(head)
+            batch = self._take()
+            self._metrics.queue_size.set(self.depth)
+            if batch:
+                await self._run_batch(batch)
+
+    async def _fill(self, head: _Work) -> None:
+        """Wait (at most max_wait after the head arrived) for more work of the head's key."""
+        until = head.enqueued + self.max_wait_s
+        while True:
+            tokens, count = 0, 0
+            for w in self._queue:
+                if isinstance(w, _Control):
+                    return  # a reload is waiting: do not hold it up
+                if w.parsed.key == head.parsed.key:
+                    tokens += w.parsed.num_tokens
+                    count += 1
+            if tokens >= self.max_batch_tokens or count >= self.max_batch_requests:
+                return
+            remaining = until - time.monotonic()
+            if remaining <= 0 or self._closing:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _drop_if_dead(self, w: _Work, now: float) -> bool:
+        if w.future.done():  # cancelled by its caller (client cancel or deadline)
+            self._metrics.dropped.labels("cancelled").inc()
+            return True
+        if w.deadline is not None and now >= w.deadline:
+            self._metrics.dropped.labels("deadline").inc()
+            w.future.set_exception(DeadlineExpired("deadline expired while queued"))
+            return True
+        return False
+
+    def _take(self) -> list[_Work]:
+        """Pop the batch: the first live request's key, FIFO, within budget; stop at control."""
+        now = time.monotonic()
+        loaded = self._policy_version()
+        batch: list[_Work] = []
+        kept: collections.deque[_Work | _Control] = collections.deque()
+        key, tokens, blocked = None, 0, False
+        while self._queue:
+            w = self._queue.popleft()
+            if blocked or isinstance(w, _Control):
+                blocked = True  # nothing may jump over a reload
+                kept.append(w)
+                continue
+            if self._drop_if_dead(w, now):
+                continue
+            expected = w.parsed.expected_policy_version
+            if expected and expected != loaded:
+                w.future.set_exception(PolicyVersionMismatch(expected, loaded))
+                continue
+            if key is None:
+                key = w.parsed.key
+            fits = (not batch or tokens + w.parsed.num_tokens <= self.max_batch_tokens)
+            if w.parsed.key == key and fits and len(batch) < self.max_batch_requests:
+                batch.append(w)
+                tokens += w.parsed.num_tokens
+            else:
+                kept.append(w)
+        self._queue = kept
+        return batch
+
+    async def _run_control(self, ctl: _Control) -> None:
+        if ctl.future.done():
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, ctl.fn)
+        except Exception as exc:
+            if not ctl.future.done():
+                ctl.future.set_exception(exc)
+        else:
+            if not ctl.future.done():
+                ctl.future.set_result(result)
+
+    async def _run_batch(self, batch: list[_Work]) -> None:
+        m = self._metrics
+        start = time.monotonic()
+        for w in batch:
+            m.queue_duration.observe(start - w.enqueued)
+        pairs = [p for w in batch for p in w.parsed.pairs]
+        kwargs = batch[0].parsed.score_kwargs()
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            results, stages = await loop.run_in_executor(
+                self._executor, lambda: self._score_fn(pairs, **kwargs))
+        except Exception as exc:
+            await self._recover(batch, exc)
+            return
+        elapsed = time.perf_counter() - t0
+        ntok = sum(w.parsed.num_tokens for w in batch)
+        m.inference_duration.observe(elapsed)
+        m.batch_size.observe(len(batch))
+        m.batch_tokens.observe(ntok)
+        m.tokens.inc(ntok)
+        m.sequences.inc(len(pairs))
+        for stage, seconds in (stages or {}).items():
+            m.stage_duration.labels(stage).observe(float(seconds))
+        self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
+        self._ema_batch_requests = 0.8 * self._ema_batch_requests + 0.2 * len(batch)
+        if len(results) != len(pairs):
+            err = RuntimeError(f"runner returned {len(results)} results for {len(pairs)}")
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        offset = 0
+        for w in batch:
+            n = len(w.parsed.pairs)
+            mine = results[offset:offset + n]
+            offset += n
+            if w.future.done():
+                continue  # its caller gave up while the batch ran
+            expected = w.parsed.expected_policy_version
+            served = {str(getattr(r, "policy_version", expected)) for r in mine}
+            if expected and served != {expected}:
+                # Belt and braces: never hand out numbers from other weights than asked for.
+                w.future.set_exception(PolicyVersionMismatch(expected, ",".join(sorted(served))))
+                continue
+            w.future.set_result(Outcome(mine, start - w.enqueued, elapsed))
+
+    async def _recover(self, batch: list[_Work], exc: Exception) -> None:
+        """Isolate failures: halve on OOM, one by one otherwise; a lone failure is final."""
+        live = [w for w in batch if not w.future.done()]
+        if not live:
+            return
+        if len(live) == 1:
+            w = live[0]
+            if is_oom(exc):
+                err: Exception = DeviceOutOfMemory(
+                    f"request of {w.parsed.num_tokens} tokens does not fit on the device; "
+                    "send fewer or shorter sequences")
+            else:
+                err = exc
+            w.future.set_exception(err)
+            return
+        log.info("batch of %d requests failed (%s); retrying %s", len(live),
+                 type(exc).__name__, "in halves" if is_oom(exc) else "one by one")
+        groups = ([live[: len(live) // 2], live[len(live) // 2:]] if is_oom(exc)
+                  else [[w] for w in live])
+        for group in groups:
+            await self._run_batch(group)

@@ -1,0 +1,255 @@
+"""Prometheus metrics of the server on their own registry, plus the grpc.aio interceptor.
+
+Own registry (not the global one) so several servers in one test process do not collide
+and nothing unrelated leaks onto /metrics. Names follow CONVENTIONS.md, no colons; buckets
+are 1-2-5 series. py-grpc-prometheus has no grpc.aio interceptor, hence `MetricsInterceptor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+
+def one_two_five(lo_exp: int, hi_exp: int) -> tuple[float, ...]:
+    """1, 2, 5 x 10^e for e in [lo_exp, hi_exp]."""
+    return tuple(float(f"{m}e{e}") for e in range(lo_exp, hi_exp + 1) for m in (1, 2, 5))
+
+
+SECONDS = one_two_five(-4, 1) + (100.0,)  # 100 us .. 100 s
+TOKENS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M, geometric
+REQUESTS = tuple(float(2**i) for i in range(0, 11))  # 1 .. 1024
+
+
+class ServerMetrics:
+    """All server-side series. Attribute names mirror the metric names without the prefix."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "anchorcredit_request_duration_seconds", "RPC latency by method and status code",
+            ["method", "code"], buckets=SECONDS, registry=r)
+        self.queue_duration = Histogram(
+            "anchorcredit_queue_duration_seconds", "time a request waits for the device",
+            buckets=SECONDS, registry=r)
+        self.inference_duration = Histogram(
+            "anchorcredit_inference_duration_seconds",
+            "wall time of one device batch (forward + statistics + credit)",
+            buckets=SECONDS, registry=r)
+        self.stage_duration = Histogram(
+            "anchorcredit_stage_duration_seconds",
+            "per-batch time of a runner stage, when the runner reports it",
+            ["stage"], buckets=SECONDS, registry=r)
+        self.batch_size = Histogram(
+            "anchorcredit_batch_size", "requests merged into one device batch",
+            buckets=REQUESTS, registry=r)
+        self.batch_tokens = Histogram(
+            "anchorcredit_batch_tokens", "tokens (prompt + response) in one device batch",
+            buckets=TOKENS, registry=r)
+        self.tokens = Counter(
+            "anchorcredit_tokens", "tokens scored (prompt + response)", registry=r)
+        self.sequences = Counter(
+            "anchorcredit_sequences", "sequences scored", registry=r)
+        self.queue_size = Gauge(
+            "anchorcredit_queue_size", "requests waiting for the device", registry=r)
+        self.inflight = Gauge(
+            "anchorcredit_inflight_requests", "RPCs being handled", registry=r)
+        self.failures = Counter(
+            "anchorcredit_request_failures", "failed or dropped requests by reason",
+            ["reason"], registry=r)
+        self.dropped = Counter(
+            "anchorcredit_queue_dropped", "requests dropped from the queue unserved "
+            "(caller cancelled, deadline passed)", ["reason"], registry=r)
+        self.weight_updates = Counter(
+            "anchorcredit_weight_updates", "successful UpdateWeights calls", registry=r)
+        self.model_info = Info(
+            "anchorcredit_model", "model, policy version and limits served", registry=r)
+        self.ready = Gauge(
+            "anchorcredit_ready", "1 once the model is loaded and serving", registry=r)
+        self.device_memory = Gauge(
+            "anchorcredit_device_memory_bytes", "accelerator memory (cuda) and host RSS",
+            ["kind"], registry=r)
+        self._memory_probe: Callable[[], dict[str, float]] | None = None
+
+    def set_model_info(self, info: dict[str, Any]) -> None:
+        self.model_info.info({k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+                              for k, v in info.items()})
+
+    def watch_memory(self, probe: Callable[[], dict[str, float]]) -> None:
+        """Register a callable returning {kind: bytes}; sampled on every scrape."""
+        self._memory_probe = probe
+        for kind in probe():
+            self.device_memory.labels(kind).set_function(
+                lambda kind=kind: float(self._sample(kind)))
+
+    def _sample(self, kind: str) -> float:
+        try:
+            return float((self._memory_probe or dict)().get(kind, 0.0))
+        except Exception:  # a scrape must never fail because of a probe
+            return 0.0
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, Any]:
+        """Start /metrics in a daemon thread; returns (server, thread); port 0 picks one."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+def memory_probe(device: str) -> Callable[[], dict[str, float]]:
+    """{kind: bytes}: cuda allocated/reserved when on cuda, always the host RSS."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def probe() -> dict[str, float]:
+        out: dict[str, float] = {}
+        try:
+            with open("/proc/self/statm") as fh:
+                out["host_rss"] = float(int(fh.read().split()[1]) * page)
+        except OSError:
+            out["host_rss"] = 0.0
+        if device.startswith("cuda"):
+            import torch
+
+            out["cuda_allocated"] = float(torch.cuda.memory_allocated(device))
+            out["cuda_reserved"] = float(torch.cuda.memory_reserved(device))
+        return out
+
+    return probe
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Times every RPC into request_duration{method,code}; counts in-flight RPCs.
+
+    Also enforces the optional bearer token on the CreditService methods (health and
+    reflection stay open: Kubernetes probes cannot send metadata).
+    """
+
+    def __init__(self, metrics: ServerMetrics, auth_token: str | None = None,
+                 protected_prefix: str = "/anchorcredit.v1.CreditService/") -> None:
+        self.metrics = metrics
+        self._token = auth_token.encode() if auth_token else None
+        self._prefix = protected_prefix
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._token is None or not details.method.startswith(self._prefix):
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                raw = value.encode() if isinstance(value, str) else value
+                scheme, _, token = raw.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
+                                                                           self._token)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        short = method.rsplit("/", 1)[-1]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        ours = method.startswith(self._prefix)
+        if not self._authorized(handler_call_details):
+            return self._wrap(handler, short, ours, self._deny)
+        return self._wrap(handler, short, ours, None)
+
+    async def _deny(self, context: grpc.aio.ServicerContext) -> None:
+        self.metrics.failures.labels("unauthenticated").inc()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong `authorization: Bearer <token>` metadata")
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, ours: bool,
+              deny: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None
+              ) -> grpc.RpcMethodHandler:
+        m = self.metrics
+
+        def finish(start: float, context: grpc.aio.ServicerContext, code: str | None) -> None:
+            m.inflight.dec()
+            if code is None:
+                code = _code_of(context)
+            m.request_duration.labels(method, code).observe(time.perf_counter() - start)
+
+        def cancelled_code(context: grpc.aio.ServicerContext) -> str:
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, code = time.perf_counter(), None
+                m.inflight.inc()
+                try:
+                    if deny is not None:
+                        await deny(context)
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = cancelled_code(context)
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    code = "UNKNOWN"
+                    raise
+                finally:
+                    finish(start, context, code)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        # Only our own streams are wrapped: other services' stream handlers need not be
+        # async generators (reflection's may write through the context instead).
+        if handler.stream_stream is not None and ours:
+            inner_ss = handler.stream_stream
+
+            async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, code = time.perf_counter(), None
+                m.inflight.inc()
+                try:
+                    if deny is not None:
+                        await deny(context)
+                    async for response in inner_ss(request_iterator, context):
+                        yield response
+                except asyncio.CancelledError:
+                    code = cancelled_code(context)
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    code = "UNKNOWN"
+                    raise
+                finally:
+                    finish(start, context, code)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        # Anything else (health Watch, reflection) passes through untimed; only CreditService
+        # is protected and all its methods are wrapped above.
+        return handler
