@@ -40,7 +40,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _MAX_ID = 2**32 - 1
 _LE_F32 = np.dtype("<f4")
 # Retry hints servers may send: trailing metadata, or "retry after ~N ms" in the details.
-_HINT_KEYS = {"retry-after-ms": 1e-3, "retry-after": 1.0}
+_HINT_KEYS = {"grpc-retry-pushback-ms": 1e-3, "retry-after-ms": 1e-3, "retry-after": 1.0}
 _HINT_TEXT = re.compile(r"retry after ~?\s*([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
 
 
