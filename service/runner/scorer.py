@@ -431,11 +431,10 @@ class Scorer:
             if self.backend == "triton":
                 from anchorcredit.engine.triton_span import span_stats_packed
 
-                cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
                 got = span_stats_packed(
                     q,
                     k,
-                    cu_t,
+                    cu,
                     list(batch.prompt_lens),
                     horizon["window"],
                     horizon["h_lo"],
