@@ -41,18 +41,19 @@ PARAM_TYPES: dict[str, type] = {
 
 
 def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and coerce credit parameters to their proto types; None values are dropped.
-
-    `h_hi="end"` (SPEC.md's analysis variant) becomes `h_hi_to_end=True`.
+    """Validate and coerce credit parameters to their proto types; None values are dropped
+    (the server's SPEC default applies), except h_hi: `h_hi=None` or `h_hi="end"` (SPEC.md's
+    analysis variant, the runner's None) becomes `h_hi_to_end=True`.
     """
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if value is None:
-            continue
-        if name == "h_hi" and isinstance(value, str):
-            if value != "end":
+        if name == "h_hi" and (value is None or isinstance(value, str)):
+            # The runner's h_hi=None and SPEC.md's "end" both mean: to the end of the response.
+            if value not in (None, "end"):
                 raise ValueError(f"h_hi must be an int or 'end', got {value!r}")
             out["h_hi_to_end"] = True
+            continue
+        if value is None:
             continue
         kind = PARAM_TYPES.get(name)
         if kind is None:
