@@ -47,9 +47,14 @@ from anchorcredit.engine.validate import check_horizon, check_lengths, check_sca
 try:  # triton is optional: importing anchorcredit.engine must work without it
     import triton
     import triton.language as tl
+
+    # The combine functions behind tl.sum / tl.max, used through tl.reduce: tl.sum itself is
+    # jitted when triton is imported, so it cannot run under an interpreter switched on
+    # later, while the interpreter maps these two objects onto numpy reductions.
+    _SUM = tl.standard._sum_combine
+    _MAX = tl.standard._elementwise_max
 except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
+    triton = tl = _SUM = _MAX = None
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -61,7 +66,7 @@ def _row_pass(
     stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
     qk_scale, group, head_dim, window, near,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -77,12 +82,14 @@ def _row_pass(
     d_ok = offs_d < head_dim
     q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     k_base = K + kvh.to(tl.int64) * stride_kh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dist_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum p * (t - s)
-    near_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    dist_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum p * (t - s)
+    near_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
 
     # Stage 1: key tiles ending at least `near` = max(W, 1) before the block's first row:
     # no causal mask, no WAAD weight, always in bounds.
@@ -92,13 +99,15 @@ def _row_pass(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
         kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         dist = (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        dist_i = dist_i * alpha + tl.sum(p * dist, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        dist_i = dist_i * alpha + tl.reduce(p * dist, 1, _SUM)
         near_i = near_i * alpha  # stays 0: no key here is within W of any row
         m_i = m_new
 
@@ -109,18 +118,20 @@ def _row_pass(
         col_ok = offs_n < seq_end
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
         kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         delta = offs_m[:, None] - offs_n[None, :]
         valid = (delta >= 0) & col_ok[None, :]
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         dist = delta.to(tl.float32)
         weight = tl.maximum(window - dist, 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        dist_i = dist_i * alpha + tl.sum(p * dist, 1)
-        near_i = near_i * alpha + tl.sum(p * weight, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        dist_i = dist_i * alpha + tl.reduce(p * dist, 1, _SUM)
+        near_i = near_i * alpha + tl.reduce(p * weight, 1, _SUM)
         m_i = m_new
 
     out = h.to(tl.int64) * stride_oh + offs_m
@@ -137,7 +148,7 @@ def _col_pass(
     qk_scale, group, head_dim, h_lo, h_hi,
     HAS_HI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -152,6 +163,8 @@ def _col_pass(
     d_ok = offs_d < head_dim
     k_ptrs = K + kvh.to(tl.int64) * stride_kh + offs_n[None, :].to(tl.int64) * stride_kn
     kt = tl.load(k_ptrs + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
     q_base = Q + h.to(tl.int64) * stride_qh
     lse_base = LSE + h.to(tl.int64) * stride_oh
 
@@ -162,20 +175,23 @@ def _col_pass(
         t_hi = tl.minimum(seq_end, j0 + BLOCK_N + h_hi)  # exclusive
     else:
         t_hi = seq_end
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
     for start_m in range(t_lo, t_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < t_hi
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
         delta = offs_m[:, None] - offs_n[None, :]
         band = row_ok[:, None] & col_ok[None, :] & (delta >= h_lo)
         if HAS_HI:
             band = band & (delta <= h_hi)
-        acc += tl.sum(tl.where(band, p, 0.0), 0)
+        # Mask before exp2: entries outside the band (the future included) would overflow.
+        p = tl.exp2(tl.where(band, s - lse[:, None], float("-inf")))
+        acc += tl.reduce(p, 0, _SUM)
 
     # |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1, clipped at 0 (empty -> FAI 0).
     if HAS_HI:
@@ -337,6 +353,9 @@ def span_stats_packed(
     fai = torch.empty_like(lse)
     qk_scale = scale * LOG2E  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2 e)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
+    # Triton 3.9's interpreter multiplies bf16 tiles wrongly; it gets exact fp32 copies
+    # (bf16 -> fp32 is lossless, and the GPU's bf16 MMA accumulates in fp32 too).
+    upcast = _interpreting() and q.dtype == torch.bfloat16
 
     row_kernel, col_kernel = _kernels()
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0))
@@ -344,13 +363,13 @@ def span_stats_packed(
     row_kernel[(len(rows), hq)](
         q, k, lse, span_row, waad, row_seq, row_start, cu_dev, *strides,
         qk_scale, group, d, window, max(window, 1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip
     col_kernel[(len(cols), hq)](
         q, k, lse, fai, col_seq, col_start, cu_dev, *strides,
         qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi),
         HAS_HI=h_hi is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip
 
     out = []
