@@ -109,6 +109,7 @@ class Batcher:
         self.max_queue = max_queue
         self._queue: collections.deque[_Work | _Control] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever requests leave the queue
         self._closing = False
         self._task: asyncio.Task | None = None
         # Moving averages for the retry hint.
@@ -128,13 +129,23 @@ class Batcher:
         batches_ahead = max(1.0, self.depth / max(1.0, self._ema_batch_requests))
         return min(30.0, max(0.05, batches_ahead * self._ema_batch_s))
 
-    async def submit(self, parsed: ParsedRequest, deadline: float | None = None) -> Outcome:
-        """Queue one request and wait for its results. Cancelling the caller drops it."""
-        if self._closing:
-            raise ShuttingDown("server is shutting down")
-        depth = self.depth
-        if depth >= self.max_queue:
-            raise QueueFull(depth, self.retry_after_s())
+    async def submit(self, parsed: ParsedRequest, deadline: float | None = None,
+                     block: bool = False) -> Outcome:
+        """Queue one request and wait for its results. Cancelling the caller drops it.
+
+        A full queue raises QueueFull, or with `block` waits for room (streams use that:
+        backpressure on the stream instead of failing it).
+        """
+        while True:
+            if self._closing:
+                raise ShuttingDown("server is shutting down")
+            depth = self.depth
+            if depth < self.max_queue:
+                break
+            if not block:
+                raise QueueFull(depth, self.retry_after_s())
+            self._room.clear()
+            await self._room.wait()
         work = _Work(parsed, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(work)
         self._metrics.queue_size.set(depth + 1)
@@ -164,6 +175,7 @@ class Batcher:
         """Stop accepting; the loop finishes what is queued, then exits."""
         self._closing = True
         self._wakeup.set()
+        self._room.set()
         if self._task is not None:
             await self._task
 
@@ -184,6 +196,7 @@ class Batcher:
                 await self._fill(head)
             batch = self._take()
             self._metrics.queue_size.set(self.depth)
+            self._room.set()
             if batch:
                 await self._run_batch(batch)
 

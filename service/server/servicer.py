@@ -122,13 +122,15 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         return parsed
 
     async def _score_one(self, parsed: convert.ParsedRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+                         context: grpc.aio.ServicerContext, block: bool = False
+                         ) -> pb.ScoreResponse:
         assert self.state.batcher is not None
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         # wait_for: the caller's deadline bounds the wait even if the transport is slow to
         # cancel us; the batcher drops the request when it finds it cancelled or expired.
-        outcome = await asyncio.wait_for(self.state.batcher.submit(parsed, deadline), remaining)
+        outcome = await asyncio.wait_for(
+            self.state.batcher.submit(parsed, deadline, block=block), remaining)
         return self._response(parsed, outcome)
 
     def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
@@ -171,7 +173,8 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                         await pending.put(self._failure(_with_id(exc, request.request_id),
                                                         request.request_id))
                         return
-                    task = asyncio.ensure_future(self._score_one(parsed, context))
+                    # block: a full queue slows the stream down instead of failing it.
+                    task = asyncio.ensure_future(self._score_one(parsed, context, block=True))
                     await pending.put((request.request_id, task))
             finally:
                 await pending.put(done)
@@ -220,7 +223,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 t0 = time.perf_counter()
                 try:
                     scorer.load_weights(path, version)
-                except (OSError, KeyError, RuntimeError) as exc:
+                except (ValueError, OSError, KeyError, RuntimeError) as exc:
                     # Missing/garbled checkpoints are the caller's input; the runner keeps
                     # the old weights when a load fails.
                     raise InputError(f"cannot load weights from {path!r}: {exc}",
