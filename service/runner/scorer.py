@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from anchorcredit.engine import STRATEGIES, aggregate, credit, span_stats
+from anchorcredit.engine import STRATEGIES, aggregate, credit
+from anchorcredit.engine.chunked import span_stats_chunked
+from anchorcredit.engine.reference import span_stats_reference
 from anchorcredit.engine.types import SpanStats
 from anchorcredit.engine.validate import check_horizon
 from anchorcredit.errors import InputError
@@ -424,6 +426,7 @@ class Scorer:
         """One packed forward: span stats of every selected layer (and entropy) per sequence."""
         ids, pos = pack_inputs(arrays, batch, self.device)
         cu = batch.cu_seqlens
+        win, h_lo, h_hi = horizon["window"], horizon["h_lo"], horizon["h_hi"]
         slot = {layer: j for j, layer in enumerate(self.layers)}
         per_seq: list[list[SpanStats | None]] = [[None] * len(self.layers) for _ in batch.indices]
 
@@ -436,16 +439,19 @@ class Scorer:
                     k,
                     cu,
                     list(batch.prompt_lens),
-                    horizon["window"],
-                    horizon["h_lo"],
-                    horizon["h_hi"],
+                    win,
+                    h_lo,
+                    h_hi,
                     scale,
                 )
             else:
+                # The backend functions directly, not the span_stats() front: its per-call
+                # checks (an isfinite pass over q and k) cost ~25% of the statistics on CPU,
+                # and shapes/horizon are known-good here. A non-finite q/k still fails
+                # loudly: it makes WAAD/FAI non-finite and credit() rejects them.
+                fn = span_stats_chunked if self.backend == "chunked" else span_stats_reference
                 got = [
-                    span_stats(
-                        q[:, a:b], k[:, a:b], p, scale=scale, backend=self.backend, **horizon
-                    )
+                    fn(q[:, a:b], k[:, a:b], p, win, h_lo, h_hi, scale)
                     for a, b, p in zip(cu[:-1], cu[1:], batch.prompt_lens, strict=True)
                 ]
             for i, s in enumerate(got):
