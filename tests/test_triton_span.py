@@ -66,6 +66,7 @@ SINGLE = [
     (2, 2, 31, 1, 100, 32),
     (2, 2, 33, 16, None, 16),
     (4, 2, 160, 30, None, 32),
+    (2, 1, 512, 100, 100, 64),
 ]
 
 
@@ -129,6 +130,15 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         span_stats(q.float(), k.float(), 3, backend="triton")
 
 
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    import anchorcredit.engine.triton_span as mod
+
+    monkeypatch.setattr(mod, "triton", None)
+    q, k = random_qk(2, 1, 20, 16, seed=1)
+    with pytest.raises(RuntimeError, match="needs the `triton` package"):
+        span_stats(q.float(), k.float(), 3, backend="triton")
+
+
 @pytest.mark.parametrize(
     "cu,prompts,match",
     [
@@ -145,6 +155,16 @@ def test_packed_validation(interpret, cu, prompts, match):
         span_stats_packed(q.float(), k.float(), cu, prompts)
 
 
+def test_rectangular_tiles(interpret):
+    # Row blocks taller than key tiles and the reverse, through a two-sequence pack.
+    q, k = random_qk(2, 1, 150, 16, seed=12)
+    for bm, bn in ((64, 16), (16, 64)):
+        got = span_stats_packed(q.float(), k.float(), [0, 61, 150], [20, 3], h_hi=30,
+                                block_m=bm, block_n=bn)  # fmt: skip
+        assert_matches(got[0], reference(q[:, :61], k[:, :61], 20, h_hi=30), 1e-4)
+        assert_matches(got[1], reference(q[:, 61:], k[:, 61:], 3, h_hi=30), 1e-4)
+
+
 def test_packed_rejects_bad_horizon_and_gqa(interpret):
     q, k = random_qk(3, 2, 20, 16, seed=1)
     with pytest.raises(ValueError, match="multiple"):
@@ -152,6 +172,8 @@ def test_packed_rejects_bad_horizon_and_gqa(interpret):
     q, k = random_qk(2, 1, 20, 16, seed=1)
     with pytest.raises(ValueError, match="h_hi"):
         span_stats_packed(q.float(), k.float(), [0, 20], [2], h_lo=10, h_hi=5)
+    with pytest.raises(ValueError, match="power of two"):
+        span_stats_packed(q.float(), k.float(), [0, 20], [2], block_m=24)
 
 
 # ---- GPU: bf16 at realistic lengths against float64 (skipped without CUDA) ----------------

@@ -245,7 +245,7 @@ def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
 
 
 def _check_packed(
-    q: torch.Tensor, k: torch.Tensor, cu: list[int], prompts: list[int]
+    q: torch.Tensor, k: torch.Tensor, cu: list[int], prompts: list[int], check_finite: bool
 ) -> None:
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         raise ValueError("q and k must be torch tensors")
@@ -275,8 +275,14 @@ def _check_packed(
             check_lengths(cu[b + 1] - cu[b], p)
         except ValueError as err:
             raise ValueError(f"sequence {b}: {err}") from None
-    if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
+    if check_finite and (not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all())):
         raise ValueError("q and k must be finite (found NaN or inf)")
+
+
+def _check_block(value: int, name: str) -> int:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
 
 
 def span_stats_packed(
@@ -293,17 +299,20 @@ def span_stats_packed(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    check_finite: bool = True,
 ) -> list[SpanStats]:
     """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
 
     q [Hq, total_N, d], k [Hkv, total_N, d]; sequence b occupies tokens
     cu_seqlens[b]:cu_seqlens[b+1] with its first prompt_lens[b] tokens the prompt.
-    Block sizes / launch options default to hand-picked values per device and dtype.
+    Block sizes (powers of two >= 16) and launch options default to hand-picked values per
+    device and dtype. check_finite=False skips the NaN/inf scan of q and k (a full read and
+    a device sync) for callers whose inputs come straight from a model forward.
     """
     _require_triton()
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
     prompts = _as_int_list(prompt_lens, "prompt_lens")
-    _check_packed(q, k, cu, prompts)
+    _check_packed(q, k, cu, prompts, check_finite)
     check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
     if q.device.type != "cuda" and not _interpreting():
@@ -321,7 +330,7 @@ def span_stats_packed(
         k = k.contiguous()
 
     bm, bn, warps, stages = _default_blocks(q.device, q.dtype)
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn = _check_block(block_m or bm, "block_m"), _check_block(block_n or bn, "block_n")
     warps, stages = num_warps or warps, num_stages or stages
     hq, n, d = q.shape
     group = hq // k.shape[0]
@@ -390,5 +399,9 @@ def span_stats_triton(
     h_hi: int | None,
     scale: float,
 ) -> SpanStats:
-    """One sequence through the packed kernel (the engine front's `backend="triton"`)."""
-    return span_stats_packed(q, k, [0, q.shape[1]], [prompt_len], window, h_lo, h_hi, scale)[0]
+    """One sequence through the packed kernel (the engine front's `backend="triton"`, which
+    has already validated the arguments and scanned q and k for NaN/inf)."""
+    cu, prompts = [0, q.shape[1]], [prompt_len]
+    return span_stats_packed(
+        q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False
+    )[0]
