@@ -11,8 +11,10 @@ Peak (`find_peaks`)
     Position t of a response series x[0..R-1] is a peak iff
       (1) x[t] > thr, thr = the `quantile` of x over the response (default 0.5: the median,
           numpy's linear interpolation, i.e. the mean of the two middle values for even R), and
-      (2) x[t] is a local maximum: x[t] > x[t-1] (or t = 0) and x[t] >= x[t+1] (or t = R-1).
-    The strict/non-strict pair counts a plateau once, at its first position.
+      (2) x[t] is a local maximum with both neighbours: 0 < t < R-1, x[t] > x[t-1] and
+          x[t] >= x[t+1]. The strict/non-strict pair counts a plateau once, at its first
+          position; the ends never count (as in scipy.signal.find_peaks), so a monotone
+          series has no peaks rather than one at its edge.
 
 Statistic 1: entropy at WAAD peaks
     observed = mean entropy over all WAAD-peak tokens, pooled over responses (token-weighted);
@@ -27,8 +29,9 @@ Statistic 2: FAI peak at or right after a WAAD peak
     A FAI peak at s is a hit iff some WAAD peak p has 0 <= s - p <= max_lag (default 1:
     "at or right after"). observed = hits / FAI peaks, pooled over responses.
     Chance: each response's FAI peaks placed uniformly at random over its *eligible*
-    positions E (all response positions except the trailing run of exact zeros in FAI: the
-    last H_lo tokens have an empty future window, FAI = 0 by SPEC, and can never be peaks).
+    positions E: those that can hold an FAI peak at all, i.e. 1 .. R-2 (peaks need both
+    neighbours) and not inside the trailing run of exact zeros in FAI (the last H_lo tokens
+    have an empty future window, FAI = 0 by SPEC).
     The expected hit count is then exactly n_fai(r) * |H(r) & E(r)| / |E(r)| per response,
     H(r) = positions within max_lag after a WAAD peak (by linearity of expectation, with or
     without replacement, so no sampling is needed); random = sum of expected hits / sum of
@@ -65,22 +68,20 @@ def find_peaks(x: np.ndarray, quantile: float = 0.5) -> np.ndarray:
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     thr = float(np.quantile(x, quantile))
-    left = np.empty(x.size, dtype=bool)
-    right = np.empty(x.size, dtype=bool)
-    left[0] = True
-    left[1:] = x[1:] > x[:-1]
-    right[-1] = True
-    right[:-1] = x[:-1] >= x[1:]
-    return np.flatnonzero((x > thr) & left & right)
+    if x.size < 3:
+        return np.zeros(0, dtype=np.int64)
+    mid = x[1:-1]
+    is_peak = (mid > thr) & (mid > x[:-2]) & (mid >= x[2:])
+    return np.flatnonzero(is_peak) + 1
 
 
 def eligible_positions(fai: np.ndarray) -> np.ndarray:
-    """Boolean mask of positions that can hold an FAI peak: all but the trailing zero run."""
+    """Positions that can hold an FAI peak: 1 .. R-2, up to the last nonzero FAI."""
     fai = np.asarray(fai, dtype=np.float64)
     nz = np.flatnonzero(fai != 0.0)
     mask = np.zeros(fai.size, dtype=bool)
     if nz.size:
-        mask[: nz[-1] + 1] = True
+        mask[1 : min(nz[-1], fai.size - 2) + 1] = True
     return mask
 
 

@@ -25,18 +25,20 @@ ENT_A = [0.1, 0.5, 0.2, 0.9, 0.3, 0.1, 0.6, 0.1]
 # FAI sorted: 0 0 .1 .1 .2 .3 .4 .5 -> median .15; peaks t=2 (.5) and t=4 (.4).
 # The trailing zero run (t=6,7) is ineligible: eligible = 0..5.
 FAI_A = [0.1, 0.2, 0.5, 0.1, 0.4, 0.3, 0.0, 0.0]
-# Response B (3 tokens): WAAD median 1 -> peak t=1; FAI median .2 -> peak t=0 only
-# (t=2 equals the median, not above it).
-WAAD_B = [1, 2, 1]
-ENT_B = [0.2, 0.4, 0.3]
-FAI_B = [0.3, 0.1, 0.2]
+# Response B (4 tokens): WAAD median 1 -> peak t=2; FAI median .15 -> peak t=1 (before the
+# WAAD peak: a miss). Ends never count as peaks.
+WAAD_B = [1, 0, 2, 1]
+ENT_B = [0.2, 0.4, 0.3, 0.1]
+FAI_B = [0.1, 0.3, 0.05, 0.2]
 
 
 def test_find_peaks_by_hand():
     assert find_peaks(np.array(WAAD_A)).tolist() == [1, 3, 6]
     assert find_peaks(np.array(FAI_A)).tolist() == [2, 4]
-    assert find_peaks(np.array(WAAD_B)).tolist() == [1]
-    assert find_peaks(np.array(FAI_B)).tolist() == [0]
+    assert find_peaks(np.array(WAAD_B)).tolist() == [2]
+    assert find_peaks(np.array(FAI_B)).tolist() == [1]
+    assert find_peaks(np.array([0, 1, 2, 3])).tolist() == []  # monotone: ends never count
+    assert find_peaks(np.array([3, 0])).tolist() == []
     assert find_peaks(np.array([0, 2, 2, 0])).tolist() == [1]  # plateau counted once
     assert find_peaks(np.array([1.0, 1.0, 1.0])).tolist() == []  # nothing above the median
     assert find_peaks(np.array([])).tolist() == []
@@ -46,7 +48,9 @@ def test_find_peaks_by_hand():
 
 
 def test_masks():
-    assert eligible_positions(np.array(FAI_A)).tolist() == [True] * 6 + [False] * 2
+    # interior 1..6, cut at the last nonzero (t=5)
+    assert eligible_positions(np.array(FAI_A)).tolist() == [False] + [True] * 5 + [False] * 2
+    assert eligible_positions(np.array(FAI_B)).tolist() == [False, True, True, False]
     assert eligible_positions(np.zeros(3)).tolist() == [False] * 3
     assert np.flatnonzero(after_mask(np.array([1, 3, 6]), 8, 1)).tolist() == [1, 2, 3, 4, 6, 7]
     assert np.flatnonzero(after_mask(np.array([1, 3, 6]), 8, 0)).tolist() == [1, 3, 6]
@@ -64,12 +68,12 @@ def test_fai_single_response():
     s = fai_peak_after_waad_peak([WAAD_A], [FAI_A], n_boot=0)
     # FAI peaks 2 and 4 sit one after WAAD peaks 1 and 3: both hits.
     assert s.observed == pytest.approx(1.0)
-    # hit positions {1,2,3,4,6,7} & eligible {0..5} = 4 of 6 -> chance 2/3
-    assert s.random == pytest.approx(2 / 3)
-    assert s.lift == pytest.approx(0.5)
-    # lag 0 ("at" only): no FAI peak sits on a WAAD peak; chance = |{1,3}| / 6
+    # hit positions {1,2,3,4,6,7} & eligible {1..5} = 4 of 5 -> chance 0.8
+    assert s.random == pytest.approx(0.8)
+    assert s.lift == pytest.approx(0.25)
+    # lag 0 ("at" only): no FAI peak sits on a WAAD peak; chance = |{1,3}| / 5
     s0 = fai_peak_after_waad_peak([WAAD_A], [FAI_A], max_lag=0, n_boot=0)
-    assert s0.observed == 0.0 and s0.random == pytest.approx(2 / 6)
+    assert s0.observed == 0.0 and s0.random == pytest.approx(2 / 5)
 
 
 def test_pooled_over_responses():
@@ -81,12 +85,13 @@ def test_pooled_over_responses():
         n_boot=0,
     )
     e, f = rep["entropy_at_waad_peaks"], rep["fai_peak_after_waad_peak"]
-    assert e.observed == pytest.approx((2.0 + 0.4) / 4)
-    assert e.random == pytest.approx(3.7 / 11)
-    # B's FAI peak (t=0) precedes its WAAD peak: a miss; B's chance = 1 * |{1,2}| / 3
+    assert e.observed == pytest.approx((2.0 + 0.3) / 4)
+    assert e.random == pytest.approx((2.8 + 1.0) / 12)
+    # B's FAI peak (t=1) precedes its WAAD peak (t=2): a miss. Expected hits: A 2 * 4/5,
+    # B 1 * |{2,3} & {1,2}| / 2 = 0.5.
     assert f.observed == pytest.approx(2 / 3)
-    assert f.random == pytest.approx((4 / 3 + 2 / 3) / 3)
-    assert f.lift == pytest.approx(0.0)
+    assert f.random == pytest.approx((1.6 + 0.5) / 3)
+    assert f.lift == pytest.approx((2 / 3) / 0.7 - 1)
     assert f.extra["hits"] == 2 and f.n_events == 3
 
 
@@ -112,7 +117,7 @@ def test_no_entropy_skips_stat_and_table_and_json():
     rep = coupling_report([{"waad": WAAD_A, "fai": FAI_A}], n_boot=50)
     assert list(rep) == ["fai_peak_after_waad_peak"]
     table = format_table(rep)
-    assert "100.00%" in table and "66.67%" in table and "+50.0%" in table
+    assert "100.00%" in table and "80.00%" in table and "+25.0%" in table
     assert "52.53%" in table  # the paper's row
     json.dumps({k: v.as_dict() for k, v in rep.items()})  # JSON-ready
 
