@@ -195,3 +195,41 @@ def test_triton_packed_backend_under_interpreter(monkeypatch):
     scorer = Scorer.from_pretrained(model, backend="triton")
     assert scorer.info()["kernel_backend"] == "triton"
     assert_same(want, scorer.score(pairs()), atol=1e-4)
+
+
+def test_sliding_window_layers_run_but_are_not_captured():
+    """Qwen2 with sliding-window layers 3..5: capture the full layers, entropy matches eager."""
+    kw = dict(use_sliding_window=True, sliding_window=8, max_window_layers=3)
+    scorer = Scorer.from_pretrained(build_debug_model("qwen2", seed=0, **kw), layers=[0, 2])
+    eager = build_debug_model("qwen2", seed=0, **kw)
+    eager.set_attn_implementation("eager")
+    got = scorer.score(pairs(), with_entropy=True)
+    with torch.no_grad():
+        for (p, r), g in zip(pairs(), got, strict=True):
+            logits = eager(torch.tensor([p + r]), use_cache=False).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            want = -(logp.exp() * logp).sum(-1)[len(p) - 1 : len(p) + len(r) - 1]
+            np.testing.assert_allclose(g.entropy, want.numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        Scorer.from_pretrained(scorer.model, layers=[3]).score(pairs())
+
+
+def test_tied_embeddings_reload(tmp_path):
+    """save_pretrained omits the tied lm_head.weight; load_weights must accept that."""
+    scorer = Scorer.from_pretrained(build_debug_model("llama", seed=0, tie_word_embeddings=True))
+    path = save_debug_model(tmp_path / "tied", arch="llama", seed=3, tie_word_embeddings=True)
+    scorer.load_weights(path, version="tied-3")
+    fresh = Scorer.from_pretrained(build_debug_model("llama", seed=3, tie_word_embeddings=True))
+    got, want = scorer.score(pairs(), with_entropy=True), fresh.score(pairs(), with_entropy=True)
+    assert_same(got, want)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5, rtol=0)
+
+
+def test_default_model_goes_through_anchorcredit_models(tmp_path, monkeypatch):
+    models = pytest.importorskip("anchorcredit.models")
+    path = save_debug_model(tmp_path / "default", arch="llama", seed=0)
+    monkeypatch.setattr(models, "embedded_default_path", lambda *a, **k: path)
+    scorer = Scorer.from_pretrained(None)
+    assert scorer.info()["model_id"] == models.EMBEDDED_MODEL_ID
+    assert len(scorer.score(pairs())[0].gamma) == PAIRS_SHAPES[0][1]

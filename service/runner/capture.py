@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,9 @@ def capturing(state: CaptureState) -> Iterator[CaptureState]:
         _ACTIVE.reset(token)
 
 
+_VARLEN_FAILED = False
+
+
 def _flash_varlen_ok(query: torch.Tensor, head_dim_v: int) -> bool:
     if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -103,24 +107,32 @@ def packed_causal_attention(
     """Block-diagonal causal attention over packed sequences -> [1, T, Hq, dv]."""
     _, hq, t, _ = query.shape
     dv = value.shape[-1]
-    if _flash_varlen_ok(query, dv):
+    global _VARLEN_FAILED
+    if not _VARLEN_FAILED and _flash_varlen_ok(query, dv):
         from torch.nn.attention.varlen import varlen_attn
 
         cu = state.cu_tensor(query.device)
         left = -1 if sliding_window is None else int(sliding_window) - 1
-        out = varlen_attn(
-            query[0].transpose(0, 1),
-            key[0].transpose(0, 1),
-            value[0].transpose(0, 1),
-            cu,
-            cu,
-            state.max_len,
-            state.max_len,
-            scale=scale,
-            window_size=(left, 0),
-            enable_gqa=key.shape[1] != hq,
-        )
-        return out[None]
+        try:
+            out = varlen_attn(
+                query[0].transpose(0, 1),
+                key[0].transpose(0, 1),
+                value[0].transpose(0, 1),
+                cu,
+                cu,
+                state.max_len,
+                state.max_len,
+                scale=scale,
+                window_size=(left, 0),
+                enable_gqa=key.shape[1] != hq,
+            )
+            return out[None]
+        except torch.OutOfMemoryError:
+            raise  # the scorer halves the batch and retries
+        except (RuntimeError, NotImplementedError) as err:
+            # Not validated on every GPU generation: fall back to per-sequence SDPA for good.
+            _VARLEN_FAILED = True
+            warnings.warn(f"varlen flash attention failed ({err}); using SDPA", stacklevel=2)
 
     out = query.new_empty(1, t, hq, dv)
     gqa = key.shape[1] != hq
