@@ -176,6 +176,51 @@ def test_packed_rejects_bad_horizon_and_gqa(interpret):
         span_stats_packed(q.float(), k.float(), [0, 20], [2], block_m=24)
 
 
+def _nvidia_toolchain() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return bool(get_ptxas(90).path)
+    except Exception:  # any missing piece of the bundled CUDA toolchain
+        return False
+
+
+@pytest.mark.skipif(not _nvidia_toolchain(), reason="triton's bundled ptxas is not available")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compiles_for_ampere_and_hopper(monkeypatch, arch):
+    """Ahead-of-time compile to a cubin (no GPU needed): catches what the interpreter lets
+    through (dot shapes, types, layouts) for the default bf16 configuration."""
+    import anchorcredit.engine.triton_span as mod
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    types = {
+        "Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "SPAN": "*fp32", "WAAD": "*fp32",
+        "FAI": "*fp32", "BLK_SEQ": "*i32", "BLK_START": "*i32", "CU": "*i32",
+        "qk_scale": "fp32",
+    }  # fmt: skip
+    bm, bn, warps, stages = mod._default_blocks(torch.device("cuda"), torch.bfloat16)
+    base = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 128, "DOT_PRECISION": "tf32",
+            "UPCAST": False}  # fmt: skip
+    for fn, extra in ((mod._row_pass, {}), (mod._col_pass, {"HAS_HI": True}),
+                      (mod._col_pass, {"HAS_HI": False})):  # fmt: skip
+        kernel = triton.jit(fn)
+        consts = {**base, **extra}
+        signature = {
+            name: "constexpr" if name in consts else types.get(name, "i32")
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs=consts),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": warps, "num_stages": stages},
+        )
+        assert compiled.asm["cubin"]
+        assert "ld.local" not in compiled.asm["ptx"]  # no register spills in the PTX
+
+
 # ---- GPU: bf16 at realistic lengths against float64 (skipped without CUDA) ----------------
 
 
