@@ -24,16 +24,18 @@ Passes (docs/KERNEL.md has the derivation)
        h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
        per query block keeps FAI deterministic without an atomics buffer.
     Memory: O(Hq * total_N) fp32 (LSE, per-row span, WAAD, FAI) plus the block tables.
+    The stored LSE is internal: base 2, of the scaled scores times log2(e).
 
 Limits
-    head dim <= 256 (padded to a power of two >= 16); on a GPU block sizes must be >= 16.
+    head dim <= 256 (padded to a power of two >= 16); block sizes powers of two >= 16.
     fp32 inputs use IEEE fp32 dot products (no TF32), so they are slow but exact to ~1e-6.
     Every request is validated on the host (one device sync to read cu_seqlens).
 
 Tested on
-    Correctness verified under TRITON_INTERPRET=1 on CPU (fp32, N <= 512) against the
-    materialised reference (tests/test_triton_span.py). NOT yet run on a GPU: the bf16
-    correctness tests (marked gpu) and bench/kernel.py are written but unmeasured.
+    Correctness verified under TRITON_INTERPRET=1 on CPU (fp32/bf16/fp16 inputs, N <= 512)
+    against the materialised reference, and compiled ahead of time to sm_80 / sm_90 cubins
+    (tests/test_triton_span.py). NOT yet run on a GPU: the bf16 correctness tests (marked
+    gpu) and bench/kernel.py are written but unmeasured.
 """
 
 from __future__ import annotations
