@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from anchorcredit.client import gamma_matrix, reweight
 
 # Row 0 right-padded (3 response tokens), row 1 left-padded (3 response tokens).
