@@ -164,3 +164,22 @@ def test_entry_point_help():
     assert proc.returncode == 0
     for flag in ("--model", "--target", "--entropy", "--strategy", "--h-hi", "--tau-waad"):
         assert flag in proc.stdout
+
+
+def test_target_matches_local(tmp_path, debug_model):
+    """--target scores through the gRPC client; the numbers equal the in-process run."""
+    from test_client_support import ServerThread
+
+    write_input(tmp_path / "in.jsonl", n=3)
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert score(tmp_path / "in.jsonl", local, debug_model, "--entropy", "--q", "0.3") == 0
+    srv = ServerThread(debug_model)
+    try:
+        args = ["score", str(tmp_path / "in.jsonl"), "--target", srv.target, "-o", str(remote)]
+        assert main([*args, "--entropy", "--q", "0.3", "--quiet"]) == 0
+    finally:
+        srv.stop()
+    for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
+        assert a["id"] == b["id"] and a["params"] == b["params"] == {"q": 0.3}
+        for key in ("waad", "fai", "gamma", "entropy"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
