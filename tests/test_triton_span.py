@@ -215,7 +215,7 @@ def test_compiles_for_ampere_and_hopper(monkeypatch, arch):
         compiled = triton.compile(
             ASTSource(kernel, signature, constexprs=consts),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": warps, "num_stages": stages},
+            options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True},
         )
         assert compiled.asm["cubin"]
         assert "ld.local" not in compiled.asm["ptx"]  # no register spills in the PTX

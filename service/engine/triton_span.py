@@ -393,7 +393,8 @@ def span_stats_packed(
 
     row_kernel, col_kernel = _kernels()
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0))
-    launch = {"num_warps": warps, "num_stages": stages}
+    # FMA contraction on explicitly (it is what `s * scale - m` is written for).
+    launch = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
     row_kernel[(len(rows), hq)](
         q, k, lse, span_row, waad, row_seq, row_start, cu_dev, *strides,
         qk_scale, group, d, window, max(window, 1),
