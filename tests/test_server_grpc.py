@@ -469,3 +469,24 @@ def test_nan_free_defaults_roundtrip():
     # Guard for the fuzz strategy above: proto doubles keep NaN, so validation must see it.
     msg = pb.CreditParams(q=math.nan)
     assert math.isnan(pb.CreditParams.FromString(msg.SerializeToString()).q)
+
+
+def test_tls(tmp_path: Any, scorer: GatedScorer):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=60)
+    with serving(_config(metrics_port=-1, tls_cert=str(cert), tls_key=str(key)), scorer) as s:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        options = (("grpc.ssl_target_name_override", "localhost"),)
+        with grpc.secure_channel(f"127.0.0.1:{s.server.port}", creds, options) as channel:
+            stub = credit_pb2_grpc.CreditServiceStub(channel)
+            assert len(stub.Score(_request(_pairs(1, 14)), timeout=TIMEOUT).results) == 1
+        with pytest.raises(grpc.RpcError):  # plaintext is refused
+            s.stub.Score(_request(_pairs(1, 14)), timeout=5)

@@ -27,7 +27,8 @@ class ServeConfig:
     """Everything `anchorcredit serve` can be told. Sizes in tokens, times in the unit named."""
 
     model: str | None = _opt(
-        None, "model directory or hub id; omitted: the embedded default (SmolLM2-135M)")
+        None, "model directory (safetensors + config.json); omitted: the embedded default "
+        "(SmolLM2-135M-Instruct)")
     host: str = _opt("0.0.0.0", "address to bind the gRPC server to")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(9400, "Prometheus /metrics port (0 picks a free one, -1 disables)")
