@@ -207,8 +207,11 @@ class CreditServer:
             # New RPCs are refused from here; running handlers get `grace` seconds.
             await self._server.stop(grace)
         if self.state.batcher is not None:
-            await self.state.batcher.close()
-        self._executor.shutdown(wait=True)
+            try:  # normally instant: the handlers that fed the queue are done by now
+                await asyncio.wait_for(self.state.batcher.close(), max(grace, 1.0))
+            except TimeoutError:
+                log.warning("batcher still busy after the grace period; exiting anyway")
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._http is not None:
             http_server, thread = self._http
             http_server.shutdown()
