@@ -35,3 +35,14 @@ def test_bad_input(make, kwargs, match):
     kwargs = {"prompt_len": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         span_stats(q, k, **kwargs)
+
+
+def test_auto_backend_choice():
+    from anchorcredit.engine import TRITON_MAX_HEAD_DIM, resolve_backend
+    from anchorcredit.engine.triton_span import MAX_HEAD_DIM
+
+    assert TRITON_MAX_HEAD_DIM == MAX_HEAD_DIM
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+    assert resolve_backend("auto", torch.device("cuda"), head_dim=128) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), head_dim=512) == "chunked"
+    assert resolve_backend("reference", torch.device("cuda")) == "reference"

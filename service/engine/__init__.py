@@ -22,6 +22,7 @@ from anchorcredit.engine.validate import check_horizon, check_qk, check_scale
 BACKENDS = ("reference", "chunked", "triton", "auto")
 
 __all__ = [
+    "TRITON_MAX_HEAD_DIM",
     "BACKENDS",
     "STRATEGIES",
     "Aggregate",
@@ -36,13 +37,20 @@ __all__ = [
 ]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+# The kernel's largest head dim (anchorcredit.engine.triton_span.MAX_HEAD_DIM, kept here so
+# that choosing a backend never imports triton).
+TRITON_MAX_HEAD_DIM = 256
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 128) -> str:
+    """The backend `backend` means on `device`: "auto" is triton where it can run, else chunked."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         # Triton only where it compiles to a GPU; a CUDA box without triton still works.
         has_triton = importlib.util.find_spec("triton") is not None
-        return "triton" if device.type == "cuda" and has_triton else "chunked"
+        fits = head_dim <= TRITON_MAX_HEAD_DIM
+        return "triton" if device.type == "cuda" and has_triton and fits else "chunked"
     return backend
 
 
@@ -64,7 +72,7 @@ def span_stats(
     check_qk(q, k, prompt_len)
     check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.shape[-1])
     args = (q, k, prompt_len, int(window), int(h_lo), None if h_hi is None else int(h_hi), scale)
     if backend == "reference":
         return span_stats_reference(*args)
