@@ -146,6 +146,9 @@ class Scorer:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.backend = resolve_kernel_backend(backend, self.device)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if backend == "auto" and self.backend == "triton" and head_dim > 256:
+            self.backend = "chunked"  # the kernel's limit (engine/triton_span.py)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         mp = getattr(cfg, "max_position_embeddings", None)
         self.max_positions = int(mp) if mp else None
