@@ -85,12 +85,12 @@ def eligible_positions(fai: np.ndarray) -> np.ndarray:
     return mask
 
 
-def after_mask(peaks: np.ndarray, n: int, max_lag: int) -> np.ndarray:
-    """Boolean mask of positions s with 0 <= s - p <= max_lag for some p in peaks."""
+def after_mask(peaks: np.ndarray, n: int, max_lag: int, min_lag: int = 0) -> np.ndarray:
+    """Boolean mask of positions s with min_lag <= s - p <= max_lag for some p in peaks."""
     mask = np.zeros(n, dtype=bool)
-    for lag in range(max_lag + 1):
+    for lag in range(min_lag, max_lag + 1):
         idx = np.asarray(peaks, dtype=np.int64) + lag
-        mask[idx[idx < n]] = True
+        mask[idx[(idx >= 0) & (idx < n)]] = True
     return mask
 
 
@@ -141,7 +141,9 @@ def _entropy_from_parts(parts: np.ndarray) -> tuple[float, float]:
     return float(obs), float(rnd)
 
 
-def _fai_parts(waad: Sequence, fai: Sequence, quantile: float, max_lag: int) -> np.ndarray:
+def _fai_parts(
+    waad: Sequence, fai: Sequence, quantile: float, max_lag: int, min_lag: int = 0
+) -> np.ndarray:
     """Per response: [hits, FAI peaks, expected hits under chance]."""
     rows = []
     for w, f in zip(waad, fai, strict=True):
@@ -151,7 +153,7 @@ def _fai_parts(waad: Sequence, fai: Sequence, quantile: float, max_lag: int) -> 
             raise ValueError(f"waad and fai lengths differ: {w.shape} vs {f.shape}")
         wp = find_peaks(w, quantile)
         fp = find_peaks(f, quantile)
-        hit_pos = after_mask(wp, w.size, max_lag)
+        hit_pos = after_mask(wp, w.size, max_lag, min_lag)
         elig = eligible_positions(f)
         n_elig = int(elig.sum())
         expected = fp.size * (hit_pos & elig).sum() / n_elig if n_elig else 0.0
@@ -235,6 +237,22 @@ def fai_peak_after_waad_peak(
         lift_ci=lift_ci,
         extra={"hits": int(parts[:, 0].sum()), "max_lag": max_lag},
     )
+
+
+def lag_profile(
+    waad: Sequence,
+    fai: Sequence,
+    lags: Sequence[int] = range(-3, 4),
+    quantile: float = 0.5,
+) -> list[dict]:
+    """Diagnostic: for each lag d, the share of FAI peaks at exactly d after a WAAD peak
+    (s - p = d) vs chance, defined as for statistic 2. Shows where, if anywhere, the FAI
+    peaks sit relative to the WAAD peaks (d < 0: the FAI peak comes first)."""
+    out = []
+    for d in lags:
+        obs, rnd = _fai_from_parts(_fai_parts(waad, fai, quantile, d, d))
+        out.append({"lag": int(d), "observed": obs, "random": rnd, "lift": _lift(obs, rnd)})
+    return out
 
 
 def coupling_report(

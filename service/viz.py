@@ -6,7 +6,7 @@ entropy, tokens, response_ids, id, ...).
 HTML: no scripts, no external files. A CSS-only selector (radio buttons + sibling
 selectors) recolours the tokens by WAAD, FAI, gamma or entropy; every token is a <span>
 whose title (hover tooltip) holds its position and numbers. Marks:
-  preplan = WAAD peak (anchorcredit.analysis.find_peaks)   -> blue bar above the token
+  preplan = WAAD peak (anchorcredit.analysis.find_peaks)   -> amber bar above the token
   anchor  = FAI peak                                        -> red bar below the token
   gamma > 1 (the token's advantage is amplified)            -> bold
 Colours: 10 bins between the response's 2nd and 98th percentile of the metric (gamma: 1 to
@@ -113,9 +113,9 @@ def render_html(record: dict, title: str | None = None) -> str:
         ".tok{padding:2px 0;border-radius:2px}",
         ".tok:hover{outline:2px solid #000}",
         ".ids .tok{margin-right:5px}",  # token ids, not text: keep them apart
-        ".pre{box-shadow:inset 0 3px 0 #1f5fbf}",
+        ".pre{box-shadow:inset 0 3px 0 #f0a000}",
         ".anc{box-shadow:inset 0 -3px 0 #d62728}",
-        ".pre.anc{box-shadow:inset 0 3px 0 #1f5fbf,inset 0 -3px 0 #d62728}",
+        ".pre.anc{box-shadow:inset 0 3px 0 #f0a000,inset 0 -3px 0 #d62728}",
         ".amp{font-weight:bold}",
         "input[name=metric]{margin-left:1em}",
         ".legend span{display:inline-block;width:1.4em;height:1em;vertical-align:middle}",
@@ -193,7 +193,7 @@ def render_html(record: dict, title: str | None = None) -> str:
         f"<title>{html.escape(title)}</title><style>{''.join(css)}</style></head><body>"
         f"<h2>{html.escape(title)}</h2><table class='meta'>{meta}</table>{prompt_html}"
         f"Colour by:{radios}{legends}"
-        "<p style='font-size:13px'>Blue bar above: <b>preplan</b> (WAAD peak). Red bar below: "
+        "<p style='font-size:13px'>Amber bar above: <b>preplan</b> (WAAD peak). Red bar below: "
         "<b>anchor</b> (FAI peak). Bold: gamma &gt; 1. Hover a token for its numbers.</p>"
         f"<div class='{box_cls}' id='tokens'>{''.join(spans)}</div></body></html>\n"
     )

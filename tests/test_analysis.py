@@ -15,6 +15,7 @@ from anchorcredit.analysis import (
     fai_peak_after_waad_peak,
     find_peaks,
     format_table,
+    lag_profile,
 )
 
 # Response A (8 tokens). WAAD sorted: 0 0 1 2 3 4 5 5 -> median 2.5.
@@ -54,6 +55,7 @@ def test_masks():
     assert eligible_positions(np.zeros(3)).tolist() == [False] * 3
     assert np.flatnonzero(after_mask(np.array([1, 3, 6]), 8, 1)).tolist() == [1, 2, 3, 4, 6, 7]
     assert np.flatnonzero(after_mask(np.array([1, 3, 6]), 8, 0)).tolist() == [1, 3, 6]
+    assert np.flatnonzero(after_mask(np.array([1, 3, 6]), 8, -1, -1)).tolist() == [0, 2, 5]
 
 
 def test_entropy_single_response():
@@ -74,6 +76,15 @@ def test_fai_single_response():
     # lag 0 ("at" only): no FAI peak sits on a WAAD peak; chance = |{1,3}| / 5
     s0 = fai_peak_after_waad_peak([WAAD_A], [FAI_A], max_lag=0, n_boot=0)
     assert s0.observed == 0.0 and s0.random == pytest.approx(2 / 5)
+
+
+def test_lag_profile_by_hand():
+    prof = {p["lag"]: p for p in lag_profile([WAAD_A], [FAI_A], lags=[-1, 0, 1])}
+    # FAI peaks {2, 4}, WAAD peaks {1, 3, 6}, eligible {1..5}
+    assert prof[1]["observed"] == 1.0 and prof[1]["random"] == pytest.approx(2 / 5)  # {2,4}
+    assert prof[0]["observed"] == 0.0 and prof[0]["random"] == pytest.approx(2 / 5)  # {1,3}
+    # lag -1: positions {0, 2, 5}; only FAI peak 2 is there; eligible share {2, 5}
+    assert prof[-1]["observed"] == 0.5 and prof[-1]["random"] == pytest.approx(2 / 5)
 
 
 def test_pooled_over_responses():

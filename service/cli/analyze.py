@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--by", default=None, help="also report per value of this meta field (e.g. task)"
     )
+    p.add_argument(
+        "--lag-profile",
+        action="store_true",
+        help="also show, for lags -3..3, FAI peaks at exactly that lag after a WAAD peak",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -63,7 +68,7 @@ def read_records(paths: list[Path]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the coupling table (or JSON); 0 on success, 2 on bad input."""
-    from anchorcredit.analysis import PAPER, coupling_report, format_table
+    from anchorcredit.analysis import PAPER, coupling_report, format_table, lag_profile
 
     try:
         recs = read_records(args.scored)
@@ -80,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         reports = {name: coupling_report(rs, **kw) for name, rs in groups.items()}
+        profile = (
+            lag_profile(
+                [r["waad"] for r in recs], [r["fai"] for r in recs], quantile=args.peak_quantile
+            )
+            if args.lag_profile
+            else None
+        )
     except (OSError, ValueError) as e:
         print(f"anchorcredit analyze: {e}", file=sys.stderr)
         return 2
@@ -92,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 "chance": "FAI peaks uniform over eligible positions (exact expectation)",
             },
             "groups": {g: {k: s.as_dict() for k, s in rep.items()} for g, rep in reports.items()},
+            "lag_profile": profile,
             "paper": {
                 k: dict(zip(("observed", "random", "lift"), v, strict=True))
                 for k, v in PAPER.items()
@@ -109,4 +122,12 @@ def run(args: argparse.Namespace) -> int:
     for name, rep in reports.items():
         print(f"\n[{name}]")
         print(format_table(rep, paper=(name == "all")))
+    if profile:
+        print("\nFAI peaks at exactly lag d after a WAAD peak (d < 0: FAI peak first), all:")
+        print(f"{'lag':>4} {'observed':>9} {'random':>9} {'lift':>8}")
+        for row in profile:
+            print(
+                f"{row['lag']:>4} {row['observed'] * 100:>8.2f}% {row['random'] * 100:>8.2f}% "
+                f"{row['lift'] * 100:>+7.1f}%"
+            )
     return 0
