@@ -62,7 +62,7 @@ def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen) -> re.Matc
 def test_sigterm_drains_inflight_request(tmp_path: Path):
     model = save_debug_model(tmp_path / "llama", arch="llama")
     # A short shutdown delay: long enough to observe NOT_SERVING, far shorter than the request.
-    proc, lines = _start(model, ANCHORCREDIT_SHUTDOWN_DELAY_S="0.5")
+    proc, lines = _start(model, ANCHORCREDIT_SHUTDOWN_DELAY_S="0.2")
     try:
         m = _wait_for(lines, r"gRPC on 127\.0\.0\.1:(\d+) .* metrics on 127\.0\.0\.1:(\d+)", proc)
         port, metrics_port = int(m.group(1)), int(m.group(2))
@@ -71,10 +71,10 @@ def test_sigterm_drains_inflight_request(tmp_path: Path):
         stub = credit_pb2_grpc.CreditServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         rng = np.random.default_rng(0)
-        # ~2-3 s of CPU with the debug model: still in flight when the delay is over.
+        # 2-10 s of CPU with the debug model: still in flight when the delay is over.
         slow = pb.ScoreRequest(sequences=[
             pb.Sequence(prompt_ids=rng.integers(0, 256, 24).tolist(),
-                        response_ids=rng.integers(0, 256, 1000).tolist()) for _ in range(4)])
+                        response_ids=rng.integers(0, 256, 1000).tolist()) for _ in range(8)])
         future = stub.Score.future(slow, timeout=90)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 30
@@ -87,14 +87,14 @@ def test_sigterm_drains_inflight_request(tmp_path: Path):
         assert not future.done(), "request finished before SIGTERM; make it slower"
         proc.send_signal(signal.SIGTERM)
         _wait_for(lines, r"draining", proc)
-        t_signal = time.monotonic()
         reply = health.Check(health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"),
                              timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert not future.done()
         resp = future.result(timeout=90)
-        assert time.monotonic() - t_signal > 0.5  # it outlived the delay: drained by stop()
-        assert len(resp.results) == 4 and resp.results[0].response_len == 1000
+        # It was still running when the server stopped accepting: drained by stop(grace).
+        _wait_for(lines, r"stopping: 1 RPCs in flight", proc)
+        assert len(resp.results) == 8 and resp.results[0].response_len == 1000
         assert proc.wait(timeout=60) == 0
         out = "".join(lines)
         assert "server stopped" in out and "Traceback" not in out

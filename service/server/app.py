@@ -204,6 +204,10 @@ class CreditServer:
         if cfg.shutdown_delay_s > 0:
             await asyncio.sleep(cfg.shutdown_delay_s)
         if self._server is not None:
+            inflight = self.metrics.registry.get_sample_value("anchorcredit_inflight_requests")
+            log.info("stopping: %d RPCs in flight, %d queued, grace %.0f s",
+                     int(inflight or 0), self.state.batcher.depth if self.state.batcher else 0,
+                     grace)
             # New RPCs are refused from here; running handlers get `grace` seconds.
             await self._server.stop(grace)
         if self.state.batcher is not None:
