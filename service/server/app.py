@@ -156,9 +156,9 @@ class CreditServer:
         if cfg.metrics_port >= 0:
             self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
             self.metrics_port = int(self._http[0].server_port)
-        log.info("gRPC on %s:%d (%s), metrics on %s", cfg.host, self.port,
+        log.info("gRPC on %s:%d (%s), metrics %s", cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext",
-                 f"{cfg.metrics_host}:{self.metrics_port}" if self._http else "off")
+                 f"on {cfg.metrics_host}:{self.metrics_port}" if self._http else "off")
         return self.port
 
     async def load(self) -> None:
