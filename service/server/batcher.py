@@ -150,14 +150,9 @@ class Batcher:
         self._queue.append(work)
         self._metrics.queue_size.set(depth + 1)
         self._wakeup.set()
-        try:
-            # shield: cancelling the caller must not cancel the future the loop resolves;
-            # it marks the work dropped instead (counted when the loop meets it).
-            return await asyncio.shield(work.future)
-        except asyncio.CancelledError:
-            if not work.future.done():
-                work.future.cancel()
-            raise
+        # Cancelling the caller cancels this future: the loop sees it done and drops the
+        # work unserved (counted) when it reaches it.
+        return await work.future
 
     async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Run fn() on the device thread between batches, in queue order (weight reloads).
