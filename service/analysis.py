@@ -219,11 +219,15 @@ def fai_peak_after_waad_peak(
     max_lag: int = 1,
     n_boot: int = 1000,
     seed: int = 0,
+    min_lag: int = 0,
 ) -> CouplingStat:
-    """Statistic 2 over a list of responses (per-response WAAD and FAI arrays)."""
-    if max_lag < 0:
-        raise ValueError(f"max_lag must be >= 0, got {max_lag}")
-    parts = _fai_parts(waad, fai, quantile, max_lag)
+    """Statistic 2 over a list of responses (per-response WAAD and FAI arrays).
+
+    A hit is min_lag <= s - p <= max_lag (default 0..1, the paper's "at or right after").
+    """
+    if max_lag < min_lag:
+        raise ValueError(f"max_lag must be >= min_lag, got {max_lag} < {min_lag}")
+    parts = _fai_parts(waad, fai, quantile, max_lag, min_lag)
     obs, rnd = _fai_from_parts(parts)
     obs_ci, lift_ci = _bootstrap(parts, _fai_from_parts, n_boot, seed)
     return CouplingStat(
@@ -235,7 +239,7 @@ def fai_peak_after_waad_peak(
         n_responses=len(parts),
         observed_ci=obs_ci,
         lift_ci=lift_ci,
-        extra={"hits": int(parts[:, 0].sum()), "max_lag": max_lag},
+        extra={"hits": int(parts[:, 0].sum()), "min_lag": min_lag, "max_lag": max_lag},
     )
 
 
@@ -261,6 +265,7 @@ def coupling_report(
     max_lag: int = 1,
     n_boot: int = 1000,
     seed: int = 0,
+    min_lag: int = 0,
 ) -> dict[str, CouplingStat]:
     """Both statistics for scored records (dicts with 'waad', 'fai', optional 'entropy').
 
@@ -275,9 +280,16 @@ def coupling_report(
         ent = [np.asarray(r["entropy"], dtype=np.float64) for r in records]
         out["entropy_at_waad_peaks"] = entropy_at_waad_peaks(waad, ent, quantile, n_boot, seed)
     out["fai_peak_after_waad_peak"] = fai_peak_after_waad_peak(
-        waad, fai, quantile, max_lag, n_boot, seed
+        waad, fai, quantile, max_lag, n_boot, seed, min_lag
     )
     return out
+
+
+def _label(s: CouplingStat) -> str:
+    lags = (s.extra.get("min_lag", 0), s.extra.get("max_lag", 1))
+    if s.name == "fai_peak_after_waad_peak" and lags != (0, 1):
+        return f"FAI peak at lag {lags[0]}..{lags[1]} of WAAD peak (vs chance)"
+    return STAT_LABELS.get(s.name, s.name)
 
 
 def format_table(report: dict[str, CouplingStat], paper: bool = True) -> str:
@@ -296,7 +308,7 @@ def format_table(report: dict[str, CouplingStat], paper: bool = True) -> str:
     for name, s in report.items():
         ci = f"[{pct(s.lift_ci[0])}, {pct(s.lift_ci[1])}]" if s.lift_ci else ""
         lines.append(
-            f"{STAT_LABELS.get(name, name):<46} {num(name, s.observed):>9} "
+            f"{_label(s):<46} {num(name, s.observed):>9} "
             f"{num(name, s.random):>9} {pct(s.lift):>8}  {ci:<17} "
             f"{s.n_events} peaks / {s.n_responses} responses"
         )

@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="FAI peak counts if 0 <= s - p <= max-lag after a WAAD peak p (1: at or right after)",
     )
+    p.add_argument(
+        "--min-lag",
+        type=int,
+        default=0,
+        help="lower end of the lag window (default 0; -1 also counts the token before)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the CIs (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument(
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         kw = dict(
             quantile=args.peak_quantile,
             max_lag=args.max_lag,
+            min_lag=args.min_lag,
             n_boot=args.bootstrap,
             seed=args.seed,
         )
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         out = {
             "definitions": {
                 "peak": f"local max above the {args.peak_quantile} quantile of its response",
-                "fai_after_waad": f"0 <= fai_peak - waad_peak <= {args.max_lag}",
+                "fai_after_waad": f"{args.min_lag} <= fai_peak - waad_peak <= {args.max_lag}",
                 "chance": "FAI peaks uniform over eligible positions (exact expectation)",
             },
             "groups": {g: {k: s.as_dict() for k, s in rep.items()} for g, rep in reports.items()},

@@ -339,6 +339,10 @@ class LocalBackend:
     def __init__(self, args: argparse.Namespace):
         from anchorcredit.runner import Scorer
 
+        if args.quiet:  # transformers' own "Loading weights" bar too
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
         self.scorer = Scorer.from_pretrained(
             args.model,
             device=args.device,
