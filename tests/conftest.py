@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -18,3 +20,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# In CI nothing may skip silently: a skip is allowed only for GPU-marked tests (CI has no GPU).
+# Locally a missing optional tool may skip; CI installs every tool, so a skip there is a bug.
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "gpu" not in report.keywords:
+        _unexpected_skips.append(f"{report.nodeid}: {report.longrepr}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and os.environ.get("CI"):
+        lines = "\n  ".join(_unexpected_skips)
+        print(f"\nCI forbids skipped tests that are not GPU-only:\n  {lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
