@@ -1,4 +1,4 @@
-"""The chunked path never builds the N x N matrix: peak memory at N = 8192 on the CPU."""
+"""The chunked path never builds the N x N matrix: peak memory at N = 16384 on the CPU."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ PROBE = textwrap.dedent(
     import json, resource, torch
     from anchorcredit.engine import span_stats
     torch.set_num_threads(2)
-    hq, hkv, n, d = 4, 2, 8192, 32
+    hq, hkv, n, d = 4, 2, 16384, 16
     q, k = torch.randn(hq, n, d), torch.randn(hkv, n, d)
     span_stats(q[:, :64], k[:, :64], 8, backend="chunked")  # warm up allocator and kernels
     def rss_kib():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
     before = rss_kib()
-    s = span_stats(q, k, 512, h_hi=None, backend="chunked")
+    s = span_stats(q, k, 1024, h_hi=None, backend="chunked")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"before_kib": before, "peak_kib": peak, "r": s.waad.shape[1]}))
     """
@@ -32,8 +32,10 @@ def test_chunked_peak_memory_is_far_below_the_attention_matrix():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    assert probe["r"] == 8192 - 512
+    assert probe["r"] == 16384 - 1024
     extra_bytes = (probe["peak_kib"] - probe["before_kib"]) * 1024
-    dense_bytes = 4 * 8192 * 8192 * 4  # Hq x N x N float32: what eager attention would hold
-    # One block holds <= 2^24 scores (64 MiB); masks and row vectors add little on top.
-    assert extra_bytes < dense_bytes / 6, (extra_bytes, dense_bytes)
+    dense_bytes = 4 * 16384 * 16384 * 4  # Hq x N x N float32: what eager attention would hold
+    # One block holds <= 2^24 scores (64 MiB) whatever N is. Resident size also counts the
+    # allocator's per-thread arenas, which vary between 0.1 and 0.4 GiB with the parent
+XX
+    assert extra_bytes < dense_bytes / 8, (extra_bytes, dense_bytes)
