@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from anchorcredit.cli.records import iter_scored
+
 HELP = "coupling statistics of scored responses (entropy at WAAD peaks, FAI after WAAD)"
 
 
@@ -56,20 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     """All scored records of the files (blank lines skipped; bad JSON names its line)."""
-    recs = []
-    for path in paths:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or "waad" not in rec or "fai" not in rec:
-                    raise ValueError(f"{path}:{lineno}: not a scored record (needs waad, fai)")
-                recs.append(rec)
-    return recs
+    return [rec for path in paths for _, rec in iter_scored(path)]
 
 
 def run(args: argparse.Namespace) -> int:

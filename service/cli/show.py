@@ -10,10 +10,11 @@ anchorcredit show scored.jsonl --index 3 -o rhythm_html/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from anchorcredit.cli.records import iter_scored
 
 HELP = "render one scored response (from `anchorcredit score`) as HTML + PNG"
 
@@ -33,20 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_record(path: Path, index: int = 0, record_id: str | None = None) -> dict[str, Any]:
     """The index-th record (or the one with record_id) of a scored JSONL file."""
     n = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if record_id is not None:
-                if str(rec.get("id")) == record_id:
-                    return rec
-            elif n == index:
+    for _, rec in iter_scored(path):
+        if record_id is not None:
+            if str(rec.get("id")) == record_id:
                 return rec
-            n += 1
+        elif n == index:
+            return rec
+        n += 1
     if record_id is not None:
         raise ValueError(f"no record with id {record_id!r} in {path}")
     raise ValueError(f"--index {index} is out of range: {path} has {n} records")
