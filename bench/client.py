@@ -36,8 +36,14 @@ def _start_server(model_dir: Path):
     from anchorcredit.server.app import CreditServer
     from anchorcredit.server.config import ServeConfig
 
-    cfg = ServeConfig(model=str(model_dir), host="127.0.0.1", port=0, metrics_port=-1,
-                      device="cpu", dtype="float32")
+    cfg = ServeConfig(
+        model=str(model_dir),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        device="cpu",
+        dtype="float32",
+    )
     server = CreditServer(cfg)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -96,33 +102,55 @@ def main() -> None:
             elif shutil.which("redis-server"):
                 port = _free_port()
                 redis_proc = subprocess.Popen(
-                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no"], stdout=subprocess.DEVNULL)
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
                 time.sleep(0.3)
                 redis_url = f"redis://127.0.0.1:{port}/0"
 
             rows = []
             with CreditClient([target], cache=False) as c:
-                rows.append(("service call (no cache)",
-                             _time(lambda: c.score(prompts, responses), args.repeats)))
+                rows.append(
+                    (
+                        "service call (no cache)",
+                        _time(lambda: c.score(prompts, responses), args.repeats),
+                    )
+                )
             with CreditClient([target], cache=None) as c:
                 c.score(prompts, responses)
-                rows.append(("in-process LRU hit",
-                             _time(lambda: c.score(prompts, responses), args.repeats)))
+                rows.append(
+                    ("in-process LRU hit", _time(lambda: c.score(prompts, responses), args.repeats))
+                )
             if redis_url:
                 with CreditClient([target], cache=redis_url) as c:
                     c.score(prompts, responses)
-                    rows.append(("Redis hit (loopback)",
-                                 _time(lambda: c.score(prompts, responses), args.repeats)))
+                    rows.append(
+                        (
+                            "Redis hit (loopback)",
+                            _time(lambda: c.score(prompts, responses), args.repeats),
+                        )
+                    )
         finally:
             stop()
             if redis_proc is not None:
                 redis_proc.kill()
                 redis_proc.wait()
 
-    print(f"batch {args.batch} x (prompt {args.prompt} + response {args.response}) tokens, "
-          f"debug llama (6 layers, hidden 64), CPU float32, median of {args.repeats}; "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"batch {args.batch} x (prompt {args.prompt} + response {args.response}) tokens, "
+        f"debug llama (6 layers, hidden 64), CPU float32, median of {args.repeats}; "
+        f"python {sys.version.split()[0]}"
+    )
     print()
     print("| path | ms / call | ms / sequence | vs service |")
     print("|---|---:|---:|---:|")

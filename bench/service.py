@@ -33,8 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_requests(n: int, seqs: int, prompt: int, response: int, vocab: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
-    return [[(rng.integers(0, vocab, prompt).tolist(), rng.integers(0, vocab, response).tolist())
-             for _ in range(seqs)] for _ in range(n)]
+    return [
+        [
+            (rng.integers(0, vocab, prompt).tolist(), rng.integers(0, vocab, response).tolist())
+            for _ in range(seqs)
+        ]
+        for _ in range(n)
+    ]
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -44,8 +49,9 @@ def percentile_ms(latencies: list[float], q: float) -> float:
 def bench_inprocess(model: str, device: str, requests: list, max_batch_tokens: int) -> dict:
     from anchorcredit.runner import Scorer
 
-    scorer = Scorer.from_pretrained(model, device=device, dtype="float32",
-                                    max_batch_tokens=max_batch_tokens)
+    scorer = Scorer.from_pretrained(
+        model, device=device, dtype="float32", max_batch_tokens=max_batch_tokens
+    )
     scorer.score(requests[0])  # warm-up
     lat = []
     t0 = time.perf_counter()
@@ -57,22 +63,47 @@ def bench_inprocess(model: str, device: str, requests: list, max_batch_tokens: i
     t0 = time.perf_counter()
     scorer.score([p for pairs in requests for p in pairs])
     packed = time.perf_counter() - t0
-    return {"sequential_s": sequential, "latencies": lat, "packed_s": packed,
-            "vocab": scorer.vocab_size}
+    return {
+        "sequential_s": sequential,
+        "latencies": lat,
+        "packed_s": packed,
+        "vocab": scorer.vocab_size,
+    }
 
 
 def start_server(model: str, device: str, args: argparse.Namespace) -> tuple:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "import sys; from anchorcredit.cli import main; sys.exit(main())",
-           "serve", "--model", model, "--device", device, "--host", "127.0.0.1",
-           "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-           "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms",
-           str(args.max_wait_ms), "--max-queue", str(max(256, args.clients * 4))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from anchorcredit.cli import main; sys.exit(main())",
+        "serve",
+        "--model",
+        model,
+        "--device",
+        device,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(max(256, args.clients * 4)),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    ).start()
     deadline = time.monotonic() + 300
     ports = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -93,8 +124,10 @@ async def load(port: int, requests: list, clients: int) -> tuple[float, list[flo
     from anchorcredit.v1 import credit_pb2 as pb
     from anchorcredit.v1 import credit_pb2_grpc
 
-    msgs = [pb.ScoreRequest(sequences=[pb.Sequence(prompt_ids=p, response_ids=r)
-                                       for p, r in pairs]) for pairs in requests]
+    msgs = [
+        pb.ScoreRequest(sequences=[pb.Sequence(prompt_ids=p, response_ids=r) for p, r in pairs])
+        for pairs in requests
+    ]
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = credit_pb2_grpc.CreditServiceStub(channel)
@@ -143,8 +176,9 @@ def main() -> int:
         from anchorcredit.runner import Scorer
 
         vocab = Scorer.from_pretrained(model, device=args.device).vocab_size
-        requests = make_requests(args.requests, args.sequences, args.prompt, args.response,
-                                 vocab, args.seed)
+        requests = make_requests(
+            args.requests, args.sequences, args.prompt, args.response, vocab, args.seed
+        )
         tokens = args.requests * args.sequences * (args.prompt + args.response)
         base = bench_inprocess(model, args.device, requests, args.max_batch_tokens)
         proc, (port, metrics_port) = start_server(model, args.device, args)
@@ -163,16 +197,20 @@ def main() -> int:
         ("in-process, all requests in one call", base["packed_s"], None),
         (f"service, {args.clients} concurrent clients", wall, lat),
     ]
-    print(f"model={'debug-llama' if args.model is None else args.model} device={args.device} "
-          f"requests={args.requests} x {args.sequences} seqs x ({args.prompt}+{args.response}) "
-          f"tokens = {tokens} tokens; cores={os.cpu_count()}")
+    print(
+        f"model={'debug-llama' if args.model is None else args.model} device={args.device} "
+        f"requests={args.requests} x {args.sequences} seqs x ({args.prompt}+{args.response}) "
+        f"tokens = {tokens} tokens; cores={os.cpu_count()}"
+    )
     print("| mode | wall s | req/s | tokens/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, seconds, latencies in rows:
         p50 = f"{percentile_ms(latencies, 50):.1f}" if latencies else "-"
         p99 = f"{percentile_ms(latencies, 99):.1f}" if latencies else "-"
-        print(f"| {name} | {seconds:.2f} | {args.requests / seconds:.1f} | "
-              f"{tokens / seconds:.0f} | {p50} | {p99} |")
+        print(
+            f"| {name} | {seconds:.2f} | {args.requests / seconds:.1f} | "
+            f"{tokens / seconds:.0f} | {p50} | {p99} |"
+        )
     print(f"\nservice / in-process (one at a time) throughput: {base['sequential_s'] / wall:.2f}x")
     print(f"service / in-process (all in one call) throughput: {base['packed_s'] / wall:.2f}x")
     print(f"server mean batch size: {mean_batch:.2f} requests")

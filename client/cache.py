@@ -106,7 +106,10 @@ class RedisCache:
                 log.warning(
                     "redis cache at %s unavailable (%s: %s); serving from the service, "
                     "retrying redis every %.0f s",
-                    self.url, type(exc).__name__, exc, self.retry_after_s,
+                    self.url,
+                    type(exc).__name__,
+                    exc,
+                    self.retry_after_s,
                 )
             self._down = True
             self._down_until = time.monotonic() + self.retry_after_s

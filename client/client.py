@@ -118,9 +118,7 @@ def _retry_hint(err: grpc.RpcError) -> float | None:
     return None
 
 
-def _chunks(
-    idx: list[int], lengths: list[int], max_seqs: int, max_tokens: int
-) -> list[list[int]]:
+def _chunks(idx: list[int], lengths: list[int], max_seqs: int, max_tokens: int) -> list[list[int]]:
     """Greedy in-order split; a single sequence over max_tokens travels alone."""
     out: list[list[int]] = []
     cur: list[int] = []
@@ -258,8 +256,14 @@ class CreditClient:
                 else:
                     cap = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
                     delay = random.uniform(0.0, cap)  # full jitter
-                log.info("%s on %s: %s; retry %d in %.3f s",
-                         method, self.targets[ti], code.name, attempt + 1, delay)
+                log.info(
+                    "%s on %s: %s; retry %d in %.3f s",
+                    method,
+                    self.targets[ti],
+                    code.name,
+                    attempt + 1,
+                    delay,
+                )
                 time.sleep(delay)
         assert last is not None
         raise CreditServiceError(
@@ -346,10 +350,17 @@ class CreditClient:
         results: list[CreditResult | None] = [None] * len(pairs)
         keys: list[str] = []
         if self.cache is not None:
-            model = ModelKey(info.model_id, info.revision, info.dtype, tuple(info.layers),
-                             info.stat_version)
-            kb = KeyBuilder(model, version, strategy, params,
-                            ("entropy",) if with_entropy else (), self.namespace)
+            model = ModelKey(
+                info.model_id, info.revision, info.dtype, tuple(info.layers), info.stat_version
+            )
+            kb = KeyBuilder(
+                model,
+                version,
+                strategy,
+                params,
+                ("entropy",) if with_entropy else (),
+                self.namespace,
+            )
             keys = [kb.key(p, r) for p, r in pairs]
             try:
                 values = self.cache.get_many(keys)
@@ -360,8 +371,12 @@ class CreditClient:
                 arrays = codec.decode(v, len(pairs[i][1]), need)
                 if arrays is not None:
                     results[i] = CreditResult(
-                        arrays["waad"], arrays["fai"], arrays["gamma"], version,
-                        arrays.get("entropy"), cached=True,
+                        arrays["waad"],
+                        arrays["fai"],
+                        arrays["gamma"],
+                        version,
+                        arrays.get("entropy"),
+                        cached=True,
                     )
         misses = [i for i, r in enumerate(results) if r is None]
         counters = _cache_counters()
@@ -370,8 +385,9 @@ class CreditClient:
             counters[1].inc(len(misses))
         self.last_stats = {"hits": len(pairs) - len(misses), "misses": len(misses)}
         if misses:
-            self._compute(pairs, misses, results, strategy, params, version, info,
-                          with_entropy, keys)
+            self._compute(
+                pairs, misses, results, strategy, params, version, info, with_entropy, keys
+            )
         return results  # type: ignore[return-value]
 
     def _compute(
@@ -419,8 +435,10 @@ class CreditClient:
         writes: list[tuple[str, bytes]] = []
         for chunk, resp in done:
             if len(resp.results) != len(chunk):
-                raise CreditServiceError(grpc.StatusCode.INTERNAL,
-                                         f"{len(resp.results)} results for {len(chunk)} sequences")
+                raise CreditServiceError(
+                    grpc.StatusCode.INTERNAL,
+                    f"{len(resp.results)} results for {len(chunk)} sequences",
+                )
             # Only cache what provably matches the key: same model and statistic definition.
             cacheable = self.cache is not None and (
                 resp.model_id in ("", info.model_id)
@@ -441,8 +459,11 @@ class CreditClient:
                         )
                     arrays[name] = np.frombuffer(raw, dtype=_LE_F32)
                 results[i] = CreditResult(
-                    arrays["waad"], arrays["fai"], arrays["gamma"],
-                    resp.policy_version or version, arrays.get("entropy"),
+                    arrays["waad"],
+                    arrays["fai"],
+                    arrays["gamma"],
+                    resp.policy_version or version,
+                    arrays.get("entropy"),
                 )
                 if cacheable:
                     writes.append((keys[i], codec.encode(arrays, n, self.cache_dtype)))

@@ -43,8 +43,9 @@ def _experience(with_hole: bool = False):
     if with_hole:
         action[0, len(prompts[0]) + 2] = False  # an observation token inside the response
     adv = torch.randn(2, L - 1) * action
-    exp = types.SimpleNamespace(sequences=seq, attention_mask=attn, action_mask=action,
-                                advantages=adv.clone(), info={})
+    exp = types.SimpleNamespace(
+        sequences=seq, attention_mask=attn, action_mask=action, advantages=adv.clone(), info={}
+    )
     return exp, prompts, responses, adv
 
 
@@ -80,8 +81,7 @@ def test_experience_maker_subclass_runs_after_the_base(target):
     p = len(prompts[0])
     a = (adv[0, p - 1 : p - 1 + len(g)] * 2).numpy()
     want = np.where(a >= 0, a * g, a)
-    np.testing.assert_allclose(out.advantages[0, p - 1 : p - 1 + len(g)].numpy(), want,
-                               rtol=1e-6)
+    np.testing.assert_allclose(out.advantages[0, p - 1 : p - 1 + len(g)].numpy(), want, rtol=1e-6)
 
 
 def test_client_from_env(monkeypatch, target):

@@ -37,14 +37,20 @@ def _batch():
     r = torch.zeros(3, T, dtype=torch.long)
     am = torch.zeros(3, P + T, dtype=torch.long)
     for i, (x, y) in enumerate(zip(prompts, responses, strict=True)):
-        p[i, P - len(x):] = torch.tensor(x)
+        p[i, P - len(x) :] = torch.tensor(x)
         r[i, : len(y)] = torch.tensor(y)
-        am[i, P - len(x):P] = 1
-        am[i, P:P + len(y)] = 1
+        am[i, P - len(x) : P] = 1
+        am[i, P : P + len(y)] = 1
     rmask = am[:, P:].clone()
     adv = torch.tensor([1.5, -0.5, 2.0])[:, None] * rmask  # GRPO: score broadcast on the mask
-    batch = {"prompts": p, "responses": r, "input_ids": torch.cat([p, r], 1),
-             "attention_mask": am, "response_mask": rmask, "advantages": adv.clone()}
+    batch = {
+        "prompts": p,
+        "responses": r,
+        "input_ids": torch.cat([p, r], 1),
+        "attention_mask": am,
+        "response_mask": rmask,
+        "advantages": adv.clone(),
+    }
     return types.SimpleNamespace(batch=batch, meta_info={}), prompts, responses, adv
 
 

@@ -213,8 +213,9 @@ def test_slow_redis_times_out_into_the_service(server, caplog):
     t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        cache = RedisCache(f"redis://127.0.0.1:{lsock.getsockname()[1]}/0",
-                           socket_timeout_s=0.2, retry_after_s=60)
+        cache = RedisCache(
+            f"redis://127.0.0.1:{lsock.getsockname()[1]}/0", socket_timeout_s=0.2, retry_after_s=60
+        )
         with CreditClient([server.target], cache=cache) as client:
             t0 = time.monotonic()
             res = client.score(PROMPTS, RESPONSES)

@@ -54,8 +54,11 @@ def server(model_dir):
 
 @pytest.mark.parametrize(
     "strategy,params",
-    [("coupled_rhythm", {}), ("global_anchor", {"q": 0.3, "h_hi": "end"}),
-     ("local_chunk", {"gamma_amp": 2.0, "window": 5})],
+    [
+        ("coupled_rhythm", {}),
+        ("global_anchor", {"q": 0.3, "h_hi": "end"}),
+        ("local_chunk", {"gamma_amp": 2.0, "window": 5}),
+    ],
 )
 def test_results_equal_the_runner(server, model_dir, strategy, params):
     from anchorcredit.runner import Scorer
@@ -63,8 +66,9 @@ def test_results_equal_the_runner(server, model_dir, strategy, params):
     scorer = Scorer.from_pretrained(model_dir)
     # The runner spells "FAI to the end of the response" h_hi=None.
     runner_params = {k: (None if v == "end" else v) for k, v in params.items()}
-    ref = scorer.score(list(zip(PROMPTS, RESPONSES, strict=True)), strategy=strategy,
-                       **runner_params)
+    ref = scorer.score(
+        list(zip(PROMPTS, RESPONSES, strict=True)), strategy=strategy, **runner_params
+    )
     with CreditClient([server.target], cache=False) as client:
         assert client.model_info().max_request_sequences == 2
         got = client.score(PROMPTS, RESPONSES, strategy=strategy, **params)
@@ -116,8 +120,13 @@ class FakeService(pb_grpc.CreditServiceServicer):
         self.lock = threading.Lock()
 
     def GetModelInfo(self, request, context):
-        return pb.ModelInfo(model_id="fake", stat_version="1", policy_version="7",
-                            max_batch_tokens=64, max_request_sequences=8)
+        return pb.ModelInfo(
+            model_id="fake",
+            stat_version="1",
+            policy_version="7",
+            max_batch_tokens=64,
+            max_request_sequences=8,
+        )
 
     def Score(self, request, context):
         with self.lock:
@@ -133,10 +142,12 @@ class FakeService(pb_grpc.CreditServiceServicer):
         for s in request.sequences:
             n = len(s.response_ids)
             g = (1.0 + np.arange(n, dtype="<f4") / 100).astype("<f4")
-            out.append(pb.SequenceResult(response_len=n, waad=g.tobytes(), fai=g.tobytes(),
-                                         gamma=g.tobytes()))
-        return pb.ScoreResponse(results=out, policy_version="7", model_id="fake",
-                                stat_version="1")
+            out.append(
+                pb.SequenceResult(
+                    response_len=n, waad=g.tobytes(), fai=g.tobytes(), gamma=g.tobytes()
+                )
+            )
+        return pb.ScoreResponse(results=out, policy_version="7", model_id="fake", stat_version="1")
 
 
 @pytest.fixture

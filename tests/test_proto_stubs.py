@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_committed_stubs_are_fresh():
     pytest.importorskip("grpc_tools")
-    proc = subprocess.run([sys.executable, "scripts/gen_proto.py", "--check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/gen_proto.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
 
@@ -23,6 +28,10 @@ def test_stubs_expose_the_service():
 
     service = credit_pb2.DESCRIPTOR.services_by_name["CreditService"]
     assert service.full_name == "anchorcredit.v1.CreditService"
-    assert {m.name for m in service.methods} == {"Score", "ScoreStream", "GetModelInfo",
-                                                  "UpdateWeights"}
+    assert {m.name for m in service.methods} == {
+        "Score",
+        "ScoreStream",
+        "GetModelInfo",
+        "UpdateWeights",
+    }
     assert hasattr(credit_pb2_grpc, "add_CreditServiceServicer_to_server")

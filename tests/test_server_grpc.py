@@ -59,8 +59,9 @@ class GatedScorer:
 class ServerThread:
     """A CreditServer on a private event loop thread; always stopped by close()."""
 
-    def __init__(self, config: ServeConfig, scorer: Any = None, load: bool = True,
-                 scorer_factory: Any = None) -> None:
+    def __init__(
+        self, config: ServeConfig, scorer: Any = None, load: bool = True, scorer_factory: Any = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -89,8 +90,14 @@ class ServerThread:
 
 
 def _config(**kw: Any) -> ServeConfig:
-    base = dict(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                max_wait_ms=5.0, grace_s=2.0)
+    base = dict(
+        host="127.0.0.1",
+        port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        max_wait_ms=5.0,
+        grace_s=2.0,
+    )
     return ServeConfig(**{**base, **kw})
 
 
@@ -121,13 +128,16 @@ def srv(scorer: GatedScorer) -> Iterator[ServerThread]:
 
 def _pairs(n: int, seed: int, prompt: int = 6, response: int = 24) -> list[tuple[list, list]]:
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, VOCAB, prompt).tolist(), rng.integers(0, VOCAB, response).tolist())
-            for _ in range(n)]
+    return [
+        (rng.integers(0, VOCAB, prompt).tolist(), rng.integers(0, VOCAB, response).tolist())
+        for _ in range(n)
+    ]
 
 
 def _request(pairs: list, **kw: Any) -> pb.ScoreRequest:
-    return pb.ScoreRequest(sequences=[pb.Sequence(prompt_ids=p, response_ids=r)
-                                      for p, r in pairs], **kw)
+    return pb.ScoreRequest(
+        sequences=[pb.Sequence(prompt_ids=p, response_ids=r) for p, r in pairs], **kw
+    )
 
 
 def _assert_matches(resp: pb.ScoreResponse, expected: list, exact: bool = True) -> None:
@@ -150,9 +160,15 @@ def _assert_matches(resp: pb.ScoreResponse, expected: list, exact: bool = True) 
 def test_score_equals_runner(srv: ServerThread, scorer: GatedScorer):
     pairs = _pairs(3, seed=1)
     params = pb.CreditParams(q=0.3, k=2, h_lo=2, h_hi=12)
-    resp = srv.stub.Score(_request(pairs, params=params, request_id="r1",
-                                   outputs=pb.Outputs(waad=True, fai=True, gamma=True,
-                                                      entropy=True)), timeout=TIMEOUT)
+    resp = srv.stub.Score(
+        _request(
+            pairs,
+            params=params,
+            request_id="r1",
+            outputs=pb.Outputs(waad=True, fai=True, gamma=True, entropy=True),
+        ),
+        timeout=TIMEOUT,
+    )
     want = scorer.score(pairs, q=0.3, k=2, h_lo=2, h_hi=12, with_entropy=True)
     _assert_matches(resp, want)
     np.testing.assert_array_equal(from_f32_bytes(resp.results[0].entropy), want[0].entropy)
@@ -161,16 +177,18 @@ def test_score_equals_runner(srv: ServerThread, scorer: GatedScorer):
 
 
 def test_outputs_selects_arrays(srv: ServerThread):
-    resp = srv.stub.Score(_request(_pairs(1, 2), strategy="random",
-                                   outputs=pb.Outputs(gamma=True)), timeout=TIMEOUT)
+    resp = srv.stub.Score(
+        _request(_pairs(1, 2), strategy="random", outputs=pb.Outputs(gamma=True)), timeout=TIMEOUT
+    )
     r = resp.results[0]
     assert r.waad == b"" and r.fai == b"" and len(r.gamma) == 4 * r.response_len
 
 
 def test_score_stream_in_order_equals_runner(srv: ServerThread, scorer: GatedScorer):
     batches = [_pairs(2, seed=10 + i, response=8 + 4 * i) for i in range(5)]
-    requests = [_request(p, strategy="global_anchor", request_id=f"s{i}")
-                for i, p in enumerate(batches)]
+    requests = [
+        _request(p, strategy="global_anchor", request_id=f"s{i}") for i, p in enumerate(batches)
+    ]
     responses = list(srv.stub.ScoreStream(iter(requests), timeout=TIMEOUT))
     assert [r.request_id for r in responses] == [f"s{i}" for i in range(5)]
     for resp, pairs in zip(responses, batches, strict=True):
@@ -215,8 +233,11 @@ def test_reflection_lists_services(srv: ServerThread):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
-    replies = list(stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    replies = list(
+        stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+    )
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"anchorcredit.v1.CreditService", "grpc.health.v1.Health"} <= names
 
@@ -254,8 +275,9 @@ def test_queue_full_is_resource_exhausted_with_hint(srv: ServerThread, scorer: G
     try:
         futures.append(srv.stub.Score.future(_request(_pairs(1, 5)), timeout=TIMEOUT))
         assert scorer.entered.wait(10)
-        futures += [srv.stub.Score.future(_request(_pairs(1, 6)), timeout=TIMEOUT)
-                    for _ in range(4)]  # max_queue=4
+        futures += [
+            srv.stub.Score.future(_request(_pairs(1, 6)), timeout=TIMEOUT) for _ in range(4)
+        ]  # max_queue=4
         deadline = time.monotonic() + 10
         while srv.sample("anchorcredit_queue_size") < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -272,8 +294,10 @@ def test_queue_full_is_resource_exhausted_with_hint(srv: ServerThread, scorer: G
 
 
 def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
-    dropped = sum(srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
-                  for r in ("cancelled", "deadline"))
+    dropped = sum(
+        srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
+        for r in ("cancelled", "deadline")
+    )
     scorer.gate.clear()
     scorer.entered.clear()
     try:
@@ -287,8 +311,10 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
         scorer.gate.set()
     holder.result()
     srv.stub.Score(_request(_pairs(1, 10)), timeout=TIMEOUT)  # the loop moves on
-    after = sum(srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
-                for r in ("cancelled", "deadline"))
+    after = sum(
+        srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
+        for r in ("cancelled", "deadline")
+    )
     assert after == dropped + 1
     assert len(scorer.calls) == calls + 2  # holder + the last one; the expired never ran
 
@@ -296,15 +322,18 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
 # ------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("request_, needle", [
-    (_request([([1, 2], [3])], strategy="bogus"), "strategy"),
-    (_request([([1, 2], [3])], params=pb.CreditParams(q=2.0)), "params.q"),
-    (_request([([1, 2], [3])], params=pb.CreditParams(k=0)), "params.k"),
-    (_request([([1, 2], [3]), ([1], [VOCAB])]), "sequences[1].response_ids"),
-    (_request([([1], [2]), ([], [2])]), "sequences[1].prompt_ids"),
-    (_request([([1] * 600, [2] * 600)]), "sequences[0]"),  # over max_positions=1024
-    (pb.ScoreRequest(), "sequences"),
-])
+@pytest.mark.parametrize(
+    "request_, needle",
+    [
+        (_request([([1, 2], [3])], strategy="bogus"), "strategy"),
+        (_request([([1, 2], [3])], params=pb.CreditParams(q=2.0)), "params.q"),
+        (_request([([1, 2], [3])], params=pb.CreditParams(k=0)), "params.k"),
+        (_request([([1, 2], [3]), ([1], [VOCAB])]), "sequences[1].response_ids"),
+        (_request([([1], [2]), ([], [2])]), "sequences[1].prompt_ids"),
+        (_request([([1] * 600, [2] * 600)]), "sequences[0]"),  # over max_positions=1024
+        (pb.ScoreRequest(), "sequences"),
+    ],
+)
 def test_invalid_argument_names_field(srv: ServerThread, request_: pb.ScoreRequest, needle: str):
     with pytest.raises(grpc.RpcError) as info:
         srv.stub.Score(request_, timeout=TIMEOUT)
@@ -319,18 +348,32 @@ _floats = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-0.5, 1.5)
 @st.composite
 def _any_request(draw: Any) -> pb.ScoreRequest:
     params = pb.CreditParams()
-    for name, value in (("q", _floats), ("gamma_amp", _floats), ("alpha", _floats),
-                        ("tau_waad", _floats), ("head_quantile", _floats),
-                        ("k", st.integers(0, 5)), ("window", st.integers(0, 12)),
-                        ("h_lo", st.integers(0, 12)), ("h_hi", st.integers(0, 12))):
+    for name, value in (
+        ("q", _floats),
+        ("gamma_amp", _floats),
+        ("alpha", _floats),
+        ("tau_waad", _floats),
+        ("head_quantile", _floats),
+        ("k", st.integers(0, 5)),
+        ("window", st.integers(0, 12)),
+        ("h_lo", st.integers(0, 12)),
+        ("h_hi", st.integers(0, 12)),
+    ):
         if draw(st.booleans()):
             setattr(params, name, draw(value))
     params.h_hi_to_end = draw(st.booleans())
     seqs = draw(st.lists(st.tuples(_ids, _ids), max_size=3))
-    strategy = draw(st.sampled_from(["", "uniform", "coupled_rhythm", "entropy", "random",
-                                     "Coupled_Rhythm", "x" * 3]))
-    return _request(seqs, strategy=strategy, params=params,
-                    expected_policy_version=draw(st.sampled_from(["", "0"])))
+    strategy = draw(
+        st.sampled_from(
+            ["", "uniform", "coupled_rhythm", "entropy", "random", "Coupled_Rhythm", "x" * 3]
+        )
+    )
+    return _request(
+        seqs,
+        strategy=strategy,
+        params=params,
+        expected_policy_version=draw(st.sampled_from(["", "0"])),
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -356,13 +399,19 @@ def test_server_still_serves_after_fuzz(srv: ServerThread):
 def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
     url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    for name in ("anchorcredit_request_duration_seconds_bucket",
-                 "anchorcredit_queue_duration_seconds_bucket",
-                 "anchorcredit_inference_duration_seconds_bucket",
-                 "anchorcredit_batch_size_bucket", "anchorcredit_batch_tokens_bucket",
-                 "anchorcredit_tokens_total", "anchorcredit_queue_size",
-                 "anchorcredit_inflight_requests", "anchorcredit_model_info",
-                 "anchorcredit_device_memory_bytes", "anchorcredit_stage_duration_seconds_bucket"):
+    for name in (
+        "anchorcredit_request_duration_seconds_bucket",
+        "anchorcredit_queue_duration_seconds_bucket",
+        "anchorcredit_inference_duration_seconds_bucket",
+        "anchorcredit_batch_size_bucket",
+        "anchorcredit_batch_tokens_bucket",
+        "anchorcredit_tokens_total",
+        "anchorcredit_queue_size",
+        "anchorcredit_inflight_requests",
+        "anchorcredit_model_info",
+        "anchorcredit_device_memory_bytes",
+        "anchorcredit_stage_duration_seconds_bucket",
+    ):
         assert name in text, name
     assert 'code="OK",method="Score"' in text and 'code="INVALID_ARGUMENT"' in text
     assert 'policy_version="0"' in text
@@ -405,15 +454,18 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
     with serving(_config(metrics_port=-1), scorer) as s:
         v0 = s.stub.Score(_request(pairs, expected_policy_version="0"), timeout=TIMEOUT)
         with pytest.raises(grpc.RpcError) as info:
-            s.stub.UpdateWeights(pb.UpdateWeightsRequest(path=str(tmp_path / "missing"),
-                                                         version="v2"), timeout=TIMEOUT)
+            s.stub.UpdateWeights(
+                pb.UpdateWeightsRequest(path=str(tmp_path / "missing"), version="v2"),
+                timeout=TIMEOUT,
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "path" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             s.stub.UpdateWeights(pb.UpdateWeightsRequest(path=str(other)), timeout=TIMEOUT)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        reply = s.stub.UpdateWeights(pb.UpdateWeightsRequest(path=str(other), version="v2"),
-                                     timeout=TIMEOUT)
+        reply = s.stub.UpdateWeights(
+            pb.UpdateWeightsRequest(path=str(other), version="v2"), timeout=TIMEOUT
+        )
         assert reply.policy_version == "v2" and reply.load_seconds >= 0
         with pytest.raises(grpc.RpcError) as info:
             s.stub.Score(_request(pairs, expected_policy_version="0"), timeout=TIMEOUT)
@@ -431,8 +483,7 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
 def test_bearer_token(model_dir: str, scorer: GatedScorer):
     with serving(_config(metrics_port=-1, auth_token="t0ken"), scorer) as s:
         req = _request(_pairs(1, 13))
-        for metadata in (None, (("authorization", "Bearer wrong"),),
-                         (("authorization", "t0ken"),)):
+        for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "t0ken"),)):
             with pytest.raises(grpc.RpcError) as info:
                 s.stub.Score(req, timeout=TIMEOUT, metadata=metadata)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -441,8 +492,7 @@ def test_bearer_token(model_dir: str, scorer: GatedScorer):
         # Probes cannot send metadata: health stays open.
         reply = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        assert s.sample("anchorcredit_request_failures_total",
-                        {"reason": "unauthenticated"}) == 3
+        assert s.sample("anchorcredit_request_failures_total", {"reason": "unauthenticated"}) == 3
 
 
 def test_errors_from_the_runner_map_to_invalid_argument(model_dir: str, scorer: GatedScorer):
@@ -455,11 +505,14 @@ def test_errors_from_the_runner_map_to_invalid_argument(model_dir: str, scorer: 
             return super().score(pairs, **kw)
 
     with serving(_config(metrics_port=-1), Picky(scorer._scorer)) as s:
-        for seed, code, needle in ((7, grpc.StatusCode.INVALID_ARGUMENT, "runner says no"),
-                                   (8, grpc.StatusCode.INTERNAL, "RuntimeError")):
+        for seed, code, needle in (
+            (7, grpc.StatusCode.INVALID_ARGUMENT, "runner says no"),
+            (8, grpc.StatusCode.INTERNAL, "RuntimeError"),
+        ):
             with pytest.raises(grpc.RpcError) as info:
-                s.stub.Score(_request(_pairs(1, 1), params=pb.CreditParams(seed=seed)),
-                             timeout=TIMEOUT)
+                s.stub.Score(
+                    _request(_pairs(1, 1), params=pb.CreditParams(seed=seed)), timeout=TIMEOUT
+                )
             assert info.value.code() == code and needle in info.value.details()
             assert "boom" not in info.value.details() and "Traceback" not in info.value.details()
         assert len(s.stub.Score(_request(_pairs(1, 1)), timeout=TIMEOUT).results) == 1
@@ -478,10 +531,29 @@ def test_tls(tmp_path: Any, scorer: GatedScorer):
     if shutil.which("openssl") is None:
         pytest.skip("openssl not available to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     with serving(_config(metrics_port=-1, tls_cert=str(cert), tls_key=str(key)), scorer) as s:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         options = (("grpc.ssl_target_name_override", "localhost"),)

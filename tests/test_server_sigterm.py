@@ -29,13 +29,33 @@ STARTUP_S = 120
 
 
 def _start(model: Path, **env_extra: str) -> tuple[subprocess.Popen, list[str]]:
-    env = {**os.environ, "ANCHORCREDIT_PORT": "0", "ANCHORCREDIT_METRICS_PORT": "0",
-           "ANCHORCREDIT_HOST": "127.0.0.1", "ANCHORCREDIT_METRICS_HOST": "127.0.0.1",
-           "ANCHORCREDIT_GRACE_S": "60", "PYTHONUNBUFFERED": "1", **env_extra}
+    env = {
+        **os.environ,
+        "ANCHORCREDIT_PORT": "0",
+        "ANCHORCREDIT_METRICS_PORT": "0",
+        "ANCHORCREDIT_HOST": "127.0.0.1",
+        "ANCHORCREDIT_METRICS_HOST": "127.0.0.1",
+        "ANCHORCREDIT_GRACE_S": "60",
+        "PYTHONUNBUFFERED": "1",
+        **env_extra,
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from anchorcredit.cli import main; sys.exit(main())",
-         "serve", "--model", str(model), "--device", "cpu"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from anchorcredit.cli import main; sys.exit(main())",
+            "serve",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
 
     def pump() -> None:
@@ -72,23 +92,31 @@ def test_sigterm_drains_inflight_request(tmp_path: Path):
         health = health_pb2_grpc.HealthStub(channel)
         rng = np.random.default_rng(0)
         # 2-10 s of CPU with the debug model: still in flight when the delay is over.
-        slow = pb.ScoreRequest(sequences=[
-            pb.Sequence(prompt_ids=rng.integers(0, 256, 24).tolist(),
-                        response_ids=rng.integers(0, 256, 1000).tolist()) for _ in range(8)])
+        slow = pb.ScoreRequest(
+            sequences=[
+                pb.Sequence(
+                    prompt_ids=rng.integers(0, 256, 24).tolist(),
+                    response_ids=rng.integers(0, 256, 1000).tolist(),
+                )
+                for _ in range(8)
+            ]
+        )
         future = stub.Score.future(slow, timeout=90)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # wait until the request is on the device
             text = urllib.request.urlopen(url, timeout=5).read().decode()
-            if re.search(r"^anchorcredit_inflight_requests 1\.0$", text, re.M) and \
-                    re.search(r"^anchorcredit_queue_size 0\.0$", text, re.M):
+            if re.search(r"^anchorcredit_inflight_requests 1\.0$", text, re.M) and re.search(
+                r"^anchorcredit_queue_size 0\.0$", text, re.M
+            ):
                 break
             time.sleep(0.01)
         assert not future.done(), "request finished before SIGTERM; make it slower"
         proc.send_signal(signal.SIGTERM)
         _wait_for(lines, r"draining", proc)
-        reply = health.Check(health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"),
-                             timeout=5)
+        reply = health.Check(
+            health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"), timeout=5
+        )
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert not future.done()
         resp = future.result(timeout=90)

@@ -31,8 +31,12 @@ from anchorcredit.v1 import credit_pb2 as pb
 def test_flags_env_defaults_precedence():
     parser = argparse.ArgumentParser()
     cfgmod.add_arguments(parser)
-    env = {"ANCHORCREDIT_PORT": "6000", "ANCHORCREDIT_MAX_WAIT_MS": "2.5",
-           "ANCHORCREDIT_AUTH_TOKEN": "s3cret", "ANCHORCREDIT_MAX_BATCH_TOKENS": "4096"}
+    env = {
+        "ANCHORCREDIT_PORT": "6000",
+        "ANCHORCREDIT_MAX_WAIT_MS": "2.5",
+        "ANCHORCREDIT_AUTH_TOKEN": "s3cret",
+        "ANCHORCREDIT_MAX_BATCH_TOKENS": "4096",
+    }
     args = parser.parse_args(["--port", "7000", "--model", "/m"])
     cfg = cfgmod.from_args(args, env)
     assert cfg.port == 7000  # flag beats env
@@ -83,24 +87,37 @@ def test_parse_defaults_and_key():
     assert e.with_entropy
 
 
-@pytest.mark.parametrize("request_kw, field", [
-    (dict(strategy="nope"), "strategy"),
-    (dict(params=pb.CreditParams(q=1.5)), "params.q"),
-    (dict(params=pb.CreditParams(q=math.nan)), "params.q"),
-    (dict(params=pb.CreditParams(k=0)), "params.k"),
-    (dict(params=pb.CreditParams(gamma_amp=0.5)), "params.gamma_amp"),
-    (dict(params=pb.CreditParams(alpha=-0.1)), "params.alpha"),
-    (dict(params=pb.CreditParams(h_lo=20, h_hi=5)), "params.h_hi"),
-    (dict(params=pb.CreditParams(h_hi=50, h_hi_to_end=True)), "params.h_hi"),
-    (dict(params=pb.CreditParams(head_quantile=0.0)), "params.head_quantile"),
-    (dict(params=pb.CreditParams(window=0)), "params.window"),
-    (dict(params=pb.CreditParams(tau_waad=math.inf)), "params.tau_waad"),
-    (dict(sequences=[]), "sequences"),
-    (dict(sequences=[pb.Sequence(prompt_ids=[1], response_ids=[2]),
-                     pb.Sequence(prompt_ids=[], response_ids=[2])]), "sequences[1].prompt_ids"),
-    (dict(sequences=[pb.Sequence(prompt_ids=[1], response_ids=[])]), "sequences[0].response_ids"),
-    (dict(sequences=[pb.Sequence(prompt_ids=[1] * 600, response_ids=[2] * 600)]), "sequences"),
-])
+@pytest.mark.parametrize(
+    "request_kw, field",
+    [
+        (dict(strategy="nope"), "strategy"),
+        (dict(params=pb.CreditParams(q=1.5)), "params.q"),
+        (dict(params=pb.CreditParams(q=math.nan)), "params.q"),
+        (dict(params=pb.CreditParams(k=0)), "params.k"),
+        (dict(params=pb.CreditParams(gamma_amp=0.5)), "params.gamma_amp"),
+        (dict(params=pb.CreditParams(alpha=-0.1)), "params.alpha"),
+        (dict(params=pb.CreditParams(h_lo=20, h_hi=5)), "params.h_hi"),
+        (dict(params=pb.CreditParams(h_hi=50, h_hi_to_end=True)), "params.h_hi"),
+        (dict(params=pb.CreditParams(head_quantile=0.0)), "params.head_quantile"),
+        (dict(params=pb.CreditParams(window=0)), "params.window"),
+        (dict(params=pb.CreditParams(tau_waad=math.inf)), "params.tau_waad"),
+        (dict(sequences=[]), "sequences"),
+        (
+            dict(
+                sequences=[
+                    pb.Sequence(prompt_ids=[1], response_ids=[2]),
+                    pb.Sequence(prompt_ids=[], response_ids=[2]),
+                ]
+            ),
+            "sequences[1].prompt_ids",
+        ),
+        (
+            dict(sequences=[pb.Sequence(prompt_ids=[1], response_ids=[])]),
+            "sequences[0].response_ids",
+        ),
+        (dict(sequences=[pb.Sequence(prompt_ids=[1] * 600, response_ids=[2] * 600)]), "sequences"),
+    ],
+)
 def test_parse_rejects_naming_the_field(request_kw, field):
     with pytest.raises(InputError) as info:
         convert.parse_request(_req(**request_kw), 16, 1000)
@@ -110,9 +127,15 @@ def test_parse_rejects_naming_the_field(request_kw, field):
 
 
 def test_encode_roundtrip_little_endian():
-    r = SimpleNamespace(waad=np.array([0.5, 2.0]), fai=np.array([1, 2], np.float32),
-                        gamma=np.array([1.0, 1.5], np.float32), entropy=None,
-                        local_heads=[(2, 1)], global_heads=[(3, 0), (4, 1)], policy_version="0")
+    r = SimpleNamespace(
+        waad=np.array([0.5, 2.0]),
+        fai=np.array([1, 2], np.float32),
+        gamma=np.array([1.0, 1.5], np.float32),
+        entropy=None,
+        local_heads=[(2, 1)],
+        global_heads=[(3, 0), (4, 1)],
+        policy_version="0",
+    )
     msg = convert.encode_result(r, (True, False, True, True))
     assert msg.response_len == 2 and msg.fai == b"" and msg.entropy == b""
     assert msg.waad == np.array([0.5, 2.0], "<f4").tobytes()
@@ -145,13 +168,20 @@ class FakeScorer:
             raise type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")
         if self.fail_on is not None and any(self.fail_on in p for p, _ in pairs):
             raise InputError("bad id", field="sequences[0].prompt_ids", index=0)
-        return [SimpleNamespace(gamma=np.ones(len(r), np.float32), tag=p[0],
-                                policy_version=self.policy_version) for p, r in pairs]
+        return [
+            SimpleNamespace(
+                gamma=np.ones(len(r), np.float32), tag=p[0], policy_version=self.policy_version
+            )
+            for p, r in pairs
+        ]
 
 
 def _parsed(tag: int, n_tokens: int = 4, version: str = "", strategy: str = "uniform"):
-    req = _req(sequences=[pb.Sequence(prompt_ids=[tag] + [0] * (n_tokens - 2), response_ids=[1])],
-               strategy=strategy, expected_policy_version=version)
+    req = _req(
+        sequences=[pb.Sequence(prompt_ids=[tag] + [0] * (n_tokens - 2), response_ids=[1])],
+        strategy=strategy,
+        expected_policy_version=version,
+    )
     return convert.parse_request(req, 16, 10**6)
 
 
@@ -161,8 +191,13 @@ def _run(coro_fn, scorer: FakeScorer, **kw):
     async def main():
         metrics = ServerMetrics()
         with ThreadPoolExecutor(1) as ex:
-            b = Batcher(lambda pairs, **k: (scorer.score(pairs, **k), None), ex, metrics,
-                        lambda: scorer.policy_version, **kw)
+            b = Batcher(
+                lambda pairs, **k: (scorer.score(pairs, **k), None),
+                ex,
+                metrics,
+                lambda: scorer.policy_version,
+                **kw,
+            )
             b.start()
             try:
                 return await asyncio.wait_for(coro_fn(b, metrics), 20)
@@ -269,14 +304,16 @@ def test_weight_reload_is_ordered_with_batches():
         running = asyncio.ensure_future(b.submit(_parsed(1, version="0")))
         await asyncio.sleep(0.05)
         before = asyncio.ensure_future(b.submit(_parsed(2, version="0")))
-        reload = asyncio.ensure_future(b.run_exclusive(lambda: setattr(scorer, "policy_version",
-                                                                       "1")))
+        reload = asyncio.ensure_future(
+            b.run_exclusive(lambda: setattr(scorer, "policy_version", "1"))
+        )
         after_new = asyncio.ensure_future(b.submit(_parsed(3, version="1")))
         after_old = asyncio.ensure_future(b.submit(_parsed(4, version="0")))
         await asyncio.sleep(0.02)
         scorer.gate.set()
-        outs = await asyncio.gather(running, before, reload, after_new, after_old,
-                                    return_exceptions=True)
+        outs = await asyncio.gather(
+            running, before, reload, after_new, after_old, return_exceptions=True
+        )
         return outs
 
     r1, r2, _, r3, r4 = _run(go, scorer, max_wait_s=0.0)

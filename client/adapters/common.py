@@ -42,13 +42,15 @@ def credit_for_batch(
     """
     prompts = rows_from_mask(prompt_ids, prompt_mask)
     responses = rows_from_mask(response_ids, response_mask)
-    live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-            if len(p) and len(r)]
+    live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
     gammas: list[np.ndarray] = [np.ones(len(r), np.float32) for r in responses]
     if live:
         results = client.score(
-            [prompts[i] for i in live], [responses[i] for i in live],
-            strategy=strategy, policy_version=policy_version, **(credit_params or {}),
+            [prompts[i] for i in live],
+            [responses[i] for i in live],
+            strategy=strategy,
+            policy_version=policy_version,
+            **(credit_params or {}),
         )
         for i, res in zip(live, results, strict=True):
             gammas[i] = res.gamma

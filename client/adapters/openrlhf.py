@@ -63,8 +63,9 @@ def apply_credit(
         spans.append((b, first - 1, last))  # action-index range [first-1, last)
     dense = np.ones(action.shape, np.float32)
     if spans:
-        results = client.score(prompts, responses, strategy=strategy,
-                               policy_version=policy_version, **credit_params)
+        results = client.score(
+            prompts, responses, strategy=strategy, policy_version=policy_version, **credit_params
+        )
         for (b, lo, hi), res in zip(spans, results, strict=True):
             dense[b, lo:hi] = res.gamma
     experience.advantages = reweight(experience.advantages, dense, action, sign=sign)
@@ -82,8 +83,9 @@ def _like(template: Any, values: np.ndarray) -> Any:
     return values
 
 
-def experience_maker_class(client: CreditClient | None = None, base: type | None = None,
-                           **kwargs: Any) -> type:
+def experience_maker_class(
+    client: CreditClient | None = None, base: type | None = None, **kwargs: Any
+) -> type:
     """A subclass of OpenRLHF's RemoteExperienceMaker (or `base`) that applies gamma after
     OpenRLHF's own advantages (and their normalisation). client None: from the environment
     (see install_from_env), created on first use in the process that runs it."""
@@ -127,7 +129,8 @@ def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
     if not targets:
         raise RuntimeError("set ANCHORCREDIT_TARGETS (comma-separated host:port list)")
     client = CreditClient(
-        targets, cache=env.get("ANCHORCREDIT_CACHE") or None,
+        targets,
+        cache=env.get("ANCHORCREDIT_CACHE") or None,
         timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
     )
     kwargs: dict[str, Any] = dict(json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")))

@@ -76,11 +76,16 @@ def make_trainer_class(base: type | None = None) -> type:
             out = super()._generate_and_score_completions(inputs)
             adv = out["advantages"]
             new_adv, gamma = credit_for_batch(
-                self.credit_client, adv,
-                out["prompt_ids"], out["prompt_mask"],
-                out["completion_ids"], out["completion_mask"],
-                strategy=self.credit_strategy, policy_version=self.credit_policy_version,
-                sign=self.credit_sign, credit_params=self.credit_params,
+                self.credit_client,
+                adv,
+                out["prompt_ids"],
+                out["prompt_mask"],
+                out["completion_ids"],
+                out["completion_mask"],
+                strategy=self.credit_strategy,
+                policy_version=self.credit_policy_version,
+                sign=self.credit_sign,
+                credit_params=self.credit_params,
             )
             out["advantages"] = new_adv
             metrics = getattr(self, "_metrics", None)
@@ -106,8 +111,9 @@ def _weight_sync_callback_class() -> type:
             self.path = Path(path)
             self.every_n_steps = max(1, int(every_n_steps))
 
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
-                        **kwargs: Any) -> None:
+        def on_step_end(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
             if model is None or state.global_step % self.every_n_steps:
                 return
             if getattr(state, "is_world_process_zero", True):

@@ -56,8 +56,16 @@ def apply_credit(
     attention = batch["attention_mask"]
     prompts = batch["prompts"] if "prompts" in batch.keys() else batch["input_ids"][:, :-t]
     new_adv, gamma = credit_for_batch(
-        client, batch["advantages"], prompts, attention[:, :-t], responses, attention[:, -t:],
-        strategy=strategy, policy_version=policy_version, sign=sign, credit_params=credit_params,
+        client,
+        batch["advantages"],
+        prompts,
+        attention[:, :-t],
+        responses,
+        attention[:, -t:],
+        strategy=strategy,
+        policy_version=policy_version,
+        sign=sign,
+        credit_params=credit_params,
     )
     batch["advantages"] = new_adv
     meta = getattr(data, "meta_info", None)
@@ -86,8 +94,9 @@ def install(client: CreditClient, **kwargs: Any) -> Callable[[], None]:
     """
     from verl.trainer.ppo import ray_trainer
 
-    original = getattr(ray_trainer.compute_advantage, "__anchorcredit_wrapped__",
-                       ray_trainer.compute_advantage)
+    original = getattr(
+        ray_trainer.compute_advantage, "__anchorcredit_wrapped__", ray_trainer.compute_advantage
+    )
     ray_trainer.compute_advantage = wrap_compute_advantage(original, client, **kwargs)
 
     def undo() -> None:

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = server_config.from_args(args)
     logging.basicConfig(
         level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from anchorcredit.server.app import serve
 
     return asyncio.run(serve(cfg))

@@ -428,6 +428,4 @@ def span_stats_triton(
     """One sequence through the packed kernel (the engine front's `backend="triton"`, which
     has already validated the arguments and scanned q and k for NaN/inf)."""
     cu, prompts = [0, q.shape[1]], [prompt_len]
-    return span_stats_packed(
-        q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False
-    )[0]
+    return span_stats_packed(q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False)[0]

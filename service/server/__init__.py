@@ -1,4 +1,4 @@
 """gRPC serving: config (flags == env vars), batcher, servicer, metrics, app (lifecycle).
 
-    from anchorcredit.server.app import CreditServer, serve
+from anchorcredit.server.app import CreditServer, serve
 """

@@ -55,9 +55,13 @@ def default_scorer_factory(config: ServeConfig) -> Callable[[], Any]:
 
         device = resolve_device(config.device)
         return Scorer.from_pretrained(
-            config.model, device=device, dtype=resolve_dtype(config.dtype, device),
-            layers=config.layer_list, max_batch_tokens=config.max_batch_tokens,
-            policy_version=config.policy_version)
+            config.model,
+            device=device,
+            dtype=resolve_dtype(config.dtype, device),
+            layers=config.layer_list,
+            max_batch_tokens=config.max_batch_tokens,
+            policy_version=config.policy_version,
+        )
 
     return build
 
@@ -68,8 +72,10 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.max_send_bytes),
         # Permit client keepalive pings (trainers hold long-lived channels) ...
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms",
-         int(config.keepalive_min_ping_s * 1000)),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(config.keepalive_min_ping_s * 1000),
+        ),
         ("grpc.http2.max_ping_strikes", 2),
         # ... and ping idle clients ourselves so dead peers are noticed.
         ("grpc.keepalive_time_ms", 60_000),
@@ -80,8 +86,10 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
     if config.max_connection_age_s > 0:
         # Clients reconnect (and re-resolve DNS) so new pods behind a headless Service get
         # traffic; the grace lets a long request on the old connection finish.
-        opts += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                 ("grpc.max_connection_age_grace_ms", int(max(config.grace_s, 1) * 1000))]
+        opts += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(config.grace_s, 1) * 1000)),
+        ]
     return opts
 
 
@@ -102,8 +110,11 @@ def stage_timings(last_run: Any) -> dict[str, float] | None:
     plus any `<stage>_seconds` keys it reports); read on the device thread after score()."""
     if not isinstance(last_run, dict):
         return None
-    out = {k.removesuffix("_seconds"): float(v) for k, v in last_run.items()
-           if k.endswith("_seconds") and isinstance(v, int | float)}
+    out = {
+        k.removesuffix("_seconds"): float(v)
+        for k, v in last_run.items()
+        if k.endswith("_seconds") and isinstance(v, int | float)
+    }
     if isinstance(last_run.get("seconds"), int | float):
         out["runner"] = float(last_run["seconds"])
     return out or None
@@ -112,8 +123,12 @@ def stage_timings(last_run: Any) -> dict[str, float] | None:
 class CreditServer:
     """One server instance. `scorer` (already built) or `scorer_factory` (built in load())."""
 
-    def __init__(self, config: ServeConfig, scorer: Any = None,
-                 scorer_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        scorer: Any = None,
+        scorer_factory: Callable[[], Any] | None = None,
+    ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
         self.state = ServerState(config=config, metrics=self.metrics)
@@ -139,8 +154,11 @@ class CreditServer:
         credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        names = (credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
-                 health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (
+            credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert and cfg.tls_key:
@@ -156,9 +174,13 @@ class CreditServer:
         if cfg.metrics_port >= 0:
             self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
             self.metrics_port = int(self._http[0].server_port)
-        log.info("gRPC on %s:%d (%s), metrics %s", cfg.host, self.port,
-                 "TLS" if cfg.tls_cert else "plaintext",
-                 f"on {cfg.metrics_host}:{self.metrics_port}" if self._http else "off")
+        log.info(
+            "gRPC on %s:%d (%s), metrics %s",
+            cfg.host,
+            self.port,
+            "TLS" if cfg.tls_cert else "plaintext",
+            f"on {cfg.metrics_host}:{self.metrics_port}" if self._http else "off",
+        )
         return self.port
 
     async def load(self) -> None:
@@ -176,9 +198,15 @@ class CreditServer:
             return results, stage_timings(getattr(scorer, "last_run", None))
 
         batcher = Batcher(
-            score_fn, self._executor, self.metrics, lambda: str(scorer.policy_version),
-            max_batch_tokens=cfg.max_batch_tokens, max_wait_s=cfg.max_wait_ms / 1000.0,
-            max_batch_requests=cfg.max_batch_requests, max_queue=cfg.max_queue)
+            score_fn,
+            self._executor,
+            self.metrics,
+            lambda: str(scorer.policy_version),
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_wait_s=cfg.max_wait_ms / 1000.0,
+            max_batch_requests=cfg.max_batch_requests,
+            max_queue=cfg.max_queue,
+        )
         batcher.start()
         self.state.info = info
         self.state.stat_version = stat_version_of(info)
@@ -189,8 +217,12 @@ class CreditServer:
         self.metrics.ready.set(1)
         if not self._stopping:
             await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("model %s (policy %s) loaded in %.1f s", info.get("model_id"),
-                 info.get("policy_version"), time.perf_counter() - t0)
+        log.info(
+            "model %s (policy %s) loaded in %.1f s",
+            info.get("model_id"),
+            info.get("policy_version"),
+            time.perf_counter() - t0,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, (delay), stop accepting, finish in-flight, drain, close."""
@@ -205,9 +237,12 @@ class CreditServer:
             await asyncio.sleep(cfg.shutdown_delay_s)
         if self._server is not None:
             inflight = self.metrics.registry.get_sample_value("anchorcredit_inflight_requests")
-            log.info("stopping: %d RPCs in flight, %d queued, grace %.0f s",
-                     int(inflight or 0), self.state.batcher.depth if self.state.batcher else 0,
-                     grace)
+            log.info(
+                "stopping: %d RPCs in flight, %d queued, grace %.0f s",
+                int(inflight or 0),
+                self.state.batcher.depth if self.state.batcher else 0,
+                grace,
+            )
             # New RPCs are refused from here; running handlers get `grace` seconds.
             await self._server.stop(grace)
         if self.state.batcher is not None:

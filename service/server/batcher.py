@@ -35,8 +35,9 @@ class QueueFull(Exception):
     """The bounded queue is full; `retry_after_s` is an estimate of when it drains."""
 
     def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"request queue full ({depth} waiting); retry after "
-                         f"~{retry_after_s * 1000:.0f} ms")
+        super().__init__(
+            f"request queue full ({depth} waiting); retry after ~{retry_after_s * 1000:.0f} ms"
+        )
         self.depth = depth
         self.retry_after_s = retry_after_s
 
@@ -129,8 +130,9 @@ class Batcher:
         batches_ahead = max(1.0, self.depth / max(1.0, self._ema_batch_requests))
         return min(30.0, max(0.05, batches_ahead * self._ema_batch_s))
 
-    async def submit(self, parsed: ParsedRequest, deadline: float | None = None,
-                     block: bool = False) -> Outcome:
+    async def submit(
+        self, parsed: ParsedRequest, deadline: float | None = None, block: bool = False
+    ) -> Outcome:
         """Queue one request and wait for its results. Cancelling the caller drops it.
 
         A full queue raises QueueFull, or with `block` waits for room (streams use that:
@@ -248,7 +250,7 @@ class Batcher:
                 continue
             if key is None:
                 key = w.parsed.key
-            fits = (not batch or tokens + w.parsed.num_tokens <= self.max_batch_tokens)
+            fits = not batch or tokens + w.parsed.num_tokens <= self.max_batch_tokens
             if w.parsed.key == key and fits and len(batch) < self.max_batch_requests:
                 batch.append(w)
                 tokens += w.parsed.num_tokens
@@ -281,7 +283,8 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             results, stages = await loop.run_in_executor(
-                self._executor, lambda: self._score_fn(pairs, **kwargs))
+                self._executor, lambda: self._score_fn(pairs, **kwargs)
+            )
         except Exception as exc:
             await self._recover(batch, exc)
             return
@@ -305,7 +308,7 @@ class Batcher:
         offset = 0
         for w in batch:
             n = len(w.parsed.pairs)
-            mine = results[offset:offset + n]
+            mine = results[offset : offset + n]
             offset += n
             if w.future.done():
                 continue  # its caller gave up while the batch ran
@@ -327,14 +330,20 @@ class Batcher:
             if is_oom(exc):
                 err: Exception = DeviceOutOfMemory(
                     f"request of {w.parsed.num_tokens} tokens does not fit on the device; "
-                    "send fewer or shorter sequences")
+                    "send fewer or shorter sequences"
+                )
             else:
                 err = exc
             w.future.set_exception(err)
             return
-        log.info("batch of %d requests failed (%s); retrying %s", len(live),
-                 type(exc).__name__, "in halves" if is_oom(exc) else "one by one")
-        groups = ([live[: len(live) // 2], live[len(live) // 2:]] if is_oom(exc)
-                  else [[w] for w in live])
+        log.info(
+            "batch of %d requests failed (%s); retrying %s",
+            len(live),
+            type(exc).__name__,
+            "in halves" if is_oom(exc) else "one by one",
+        )
+        groups = (
+            [live[: len(live) // 2], live[len(live) // 2 :]] if is_oom(exc) else [[w] for w in live]
+        )
         for group in groups:
             await self._run_batch(group)

@@ -27,8 +27,10 @@ class ServeConfig:
     """Everything `anchorcredit serve` can be told. Sizes in tokens, times in the unit named."""
 
     model: str | None = _opt(
-        None, "model directory (safetensors + config.json); omitted: the embedded default "
-        "(SmolLM2-135M-Instruct)")
+        None,
+        "model directory (safetensors + config.json); omitted: the embedded default "
+        "(SmolLM2-135M-Instruct)",
+    )
     host: str = _opt("0.0.0.0", "address to bind the gRPC server to")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(9400, "Prometheus /metrics port (0 picks a free one, -1 disables)")
@@ -43,19 +45,23 @@ class ServeConfig:
     max_queue: int = _opt(256, "most requests waiting; beyond it RESOURCE_EXHAUSTED")
     max_request_sequences: int = _opt(1024, "most sequences in one ScoreRequest")
     max_request_tokens: int = _opt(
-        0, "most tokens (prompt+response, all sequences) in one request; 0 = 8 x max_batch_tokens")
+        0, "most tokens (prompt+response, all sequences) in one request; 0 = 8 x max_batch_tokens"
+    )
     max_concurrent_rpcs: int = _opt(1024, "gRPC cap on concurrently handled RPCs")
     stream_window: int = _opt(8, "requests of one ScoreStream in flight at once")
     grace_s: float = _opt(30.0, "SIGTERM: seconds in-flight RPCs get to finish")
     shutdown_delay_s: float = _opt(
-        0.0, "SIGTERM: seconds to keep serving while NOT_SERVING propagates (k8s: ~5)")
+        0.0, "SIGTERM: seconds to keep serving while NOT_SERVING propagates (k8s: ~5)"
+    )
     max_connection_age_s: float = _opt(
-        300.0, "grpc.max_connection_age: clients reconnect and re-resolve (0 disables)")
+        300.0, "grpc.max_connection_age: clients reconnect and re-resolve (0 disables)"
+    )
     keepalive_min_ping_s: float = _opt(10.0, "shortest client keepalive ping interval allowed")
     tls_cert: str | None = _opt(None, "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str | None = _opt(None, "PEM private key for --tls-cert")
     auth_token: str | None = _opt(
-        None, "require `authorization: Bearer <token>` on CreditService calls", secret=True)
+        None, "require `authorization: Bearer <token>` on CreditService calls", secret=True
+    )
     log_level: str = _opt("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -133,7 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.metadata.get("secret"):
             shown = "(unset)"
         parser.add_argument(
-            flag_name(f.name), dest=f.name, type=_kind(f), default=None,
+            flag_name(f.name),
+            dest=f.name,
+            type=_kind(f),
+            default=None,
             metavar=f.name.split("_")[-1].upper(),
             help=f"{f.metadata['help']} [env {env_name(f.name)}; default {shown}]",
         )
@@ -141,8 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def env_table() -> list[tuple[str, str, str]]:
     """(flag, env var, default) rows for docs and --help epilogs."""
-    return [(flag_name(f.name), env_name(f.name), "" if f.default is None else str(f.default))
-            for f in fields(ServeConfig)]
+    return [
+        (flag_name(f.name), env_name(f.name), "" if f.default is None else str(f.default))
+        for f in fields(ServeConfig)
+    ]
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeConfig:

@@ -21,9 +21,19 @@ from anchorcredit.v1 import credit_pb2 as pb
 STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled_rhythm", "random", "entropy")
 DEFAULT_STRATEGY = "coupled_rhythm"
 # SPEC.md defaults of the runner's score() keywords.
-DEFAULTS: dict[str, Any] = dict(q=0.4, gamma_amp=1.5, alpha=0.5, k=3, tau_waad=None,
-                                tau_delta=None, seed=0, window=10, h_lo=10, h_hi=100,
-                                head_quantile=0.3)
+DEFAULTS: dict[str, Any] = dict(
+    q=0.4,
+    gamma_amp=1.5,
+    alpha=0.5,
+    k=3,
+    tau_waad=None,
+    tau_delta=None,
+    seed=0,
+    window=10,
+    h_lo=10,
+    h_hi=100,
+    head_quantile=0.3,
+)
 _LE_F32 = np.dtype("<f4")
 
 
@@ -67,8 +77,9 @@ def parse_params(msg: pb.CreditParams) -> dict[str, Any]:
     if msg.HasField("gamma_amp"):
         p["gamma_amp"] = _finite("gamma_amp", msg.gamma_amp)
         if p["gamma_amp"] < 1.0:
-            raise InputError(f"must be >= 1 (gamma is >= 1), got {msg.gamma_amp}",
-                             field="params.gamma_amp")
+            raise InputError(
+                f"must be >= 1 (gamma is >= 1), got {msg.gamma_amp}", field="params.gamma_amp"
+            )
     if msg.HasField("alpha"):
         p["alpha"] = _unit("alpha", msg.alpha)
     if msg.HasField("k"):
@@ -104,29 +115,35 @@ def parse_request(req: pb.ScoreRequest, max_sequences: int, max_tokens: int) -> 
     """Validate the proto fields of a ScoreRequest; raise InputError naming the bad field."""
     strategy = req.strategy or DEFAULT_STRATEGY
     if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {req.strategy!r}; choose one of "
-                         f"{', '.join(STRATEGIES)}", field="strategy")
+        raise InputError(
+            f"unknown strategy {req.strategy!r}; choose one of {', '.join(STRATEGIES)}",
+            field="strategy",
+        )
     n = len(req.sequences)
     if n == 0:
         raise InputError("at least one sequence is required", field="sequences")
     if n > max_sequences:
-        raise InputError(f"{n} sequences exceed the limit of {max_sequences} per request "
-                         "(split the request)", field="sequences")
+        raise InputError(
+            f"{n} sequences exceed the limit of {max_sequences} per request (split the request)",
+            field="sequences",
+        )
     pairs: list[tuple[Any, Any]] = []
     total = 0
     for i, seq in enumerate(req.sequences):
         if len(seq.prompt_ids) == 0:
-            raise InputError("needs at least 1 token", field=f"sequences[{i}].prompt_ids",
-                             index=i)
+            raise InputError("needs at least 1 token", field=f"sequences[{i}].prompt_ids", index=i)
         if len(seq.response_ids) == 0:
-            raise InputError("needs at least 1 token", field=f"sequences[{i}].response_ids",
-                             index=i)
+            raise InputError(
+                "needs at least 1 token", field=f"sequences[{i}].response_ids", index=i
+            )
         prompt, response = list(seq.prompt_ids), list(seq.response_ids)
         total += len(prompt) + len(response)
         pairs.append((prompt, response))
     if total > max_tokens:
-        raise InputError(f"{total} tokens exceed the limit of {max_tokens} per request "
-                         "(split the request)", field="sequences")
+        raise InputError(
+            f"{total} tokens exceed the limit of {max_tokens} per request (split the request)",
+            field="sequences",
+        )
     params = parse_params(req.params)
     o = req.outputs
     outputs = (o.waad, o.fai, o.gamma, o.entropy)
@@ -135,10 +152,17 @@ def parse_request(req: pb.ScoreRequest, max_sequences: int, max_tokens: int) -> 
     with_entropy = bool(o.entropy) or strategy == "entropy"
     # Requests with equal keys can share one score() call.
     key = (strategy, with_entropy, tuple(sorted(params.items())))
-    return ParsedRequest(pairs=pairs, strategy=strategy, params=params,
-                         with_entropy=with_entropy, outputs=outputs,
-                         expected_policy_version=req.expected_policy_version,
-                         request_id=req.request_id, num_tokens=total, key=key)
+    return ParsedRequest(
+        pairs=pairs,
+        strategy=strategy,
+        params=params,
+        with_entropy=with_entropy,
+        outputs=outputs,
+        expected_policy_version=req.expected_policy_version,
+        request_id=req.request_id,
+        num_tokens=total,
+        key=key,
+    )
 
 
 def f32_bytes(x: Any) -> bytes:
@@ -172,8 +196,9 @@ def encode_result(result: Any, outputs: tuple[bool, bool, bool, bool]) -> pb.Seq
     return msg
 
 
-def model_info(info: dict[str, Any], max_request_sequences: int, server_version: str,
-               stat_version: str) -> pb.ModelInfo:
+def model_info(
+    info: dict[str, Any], max_request_sequences: int, server_version: str, stat_version: str
+) -> pb.ModelInfo:
     """Scorer.info() dict -> ModelInfo (unknown keys ignored, missing ones left empty)."""
 
     def s(k: str) -> str:
@@ -185,12 +210,22 @@ def model_info(info: dict[str, Any], max_request_sequences: int, server_version:
         return int(v) if v is not None else 0
 
     return pb.ModelInfo(
-        model_id=s("model_id"), revision=s("revision"), architecture=s("architecture"),
-        dtype=s("dtype"), device=s("device"), num_layers=u("num_layers"),
-        layers=[int(x) for x in info.get("layers") or ()], num_heads=u("num_heads"),
-        num_kv_heads=u("num_kv_heads"), head_dim=u("head_dim"), vocab_size=u("vocab_size"),
-        max_positions=u("max_positions"), max_batch_tokens=u("max_batch_tokens"),
-        max_request_sequences=max_request_sequences, policy_version=s("policy_version"),
-        kernel_backend=s("kernel_backend"), server_version=server_version,
+        model_id=s("model_id"),
+        revision=s("revision"),
+        architecture=s("architecture"),
+        dtype=s("dtype"),
+        device=s("device"),
+        num_layers=u("num_layers"),
+        layers=[int(x) for x in info.get("layers") or ()],
+        num_heads=u("num_heads"),
+        num_kv_heads=u("num_kv_heads"),
+        head_dim=u("head_dim"),
+        vocab_size=u("vocab_size"),
+        max_positions=u("max_positions"),
+        max_batch_tokens=u("max_batch_tokens"),
+        max_request_sequences=max_request_sequences,
+        policy_version=s("policy_version"),
+        kernel_backend=s("kernel_backend"),
+        server_version=server_version,
         stat_version=stat_version,
     )

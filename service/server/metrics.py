@@ -42,60 +42,95 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "anchorcredit_request_duration_seconds", "RPC latency by method and status code",
-            ["method", "code"], buckets=SECONDS, registry=r)
+            "anchorcredit_request_duration_seconds",
+            "RPC latency by method and status code",
+            ["method", "code"],
+            buckets=SECONDS,
+            registry=r,
+        )
         self.queue_duration = Histogram(
-            "anchorcredit_queue_duration_seconds", "time a request waits for the device",
-            buckets=SECONDS, registry=r)
+            "anchorcredit_queue_duration_seconds",
+            "time a request waits for the device",
+            buckets=SECONDS,
+            registry=r,
+        )
         self.inference_duration = Histogram(
             "anchorcredit_inference_duration_seconds",
             "wall time of one device batch (forward + statistics + credit)",
-            buckets=SECONDS, registry=r)
+            buckets=SECONDS,
+            registry=r,
+        )
         self.stage_duration = Histogram(
             "anchorcredit_stage_duration_seconds",
             "per-batch time of a runner stage, when the runner reports it",
-            ["stage"], buckets=SECONDS, registry=r)
+            ["stage"],
+            buckets=SECONDS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "anchorcredit_batch_size", "requests merged into one device batch",
-            buckets=REQUESTS, registry=r)
+            "anchorcredit_batch_size",
+            "requests merged into one device batch",
+            buckets=REQUESTS,
+            registry=r,
+        )
         self.batch_tokens = Histogram(
-            "anchorcredit_batch_tokens", "tokens (prompt + response) in one device batch",
-            buckets=TOKENS, registry=r)
+            "anchorcredit_batch_tokens",
+            "tokens (prompt + response) in one device batch",
+            buckets=TOKENS,
+            registry=r,
+        )
         self.tokens = Counter(
-            "anchorcredit_tokens", "tokens scored (prompt + response)", registry=r)
-        self.sequences = Counter(
-            "anchorcredit_sequences", "sequences scored", registry=r)
+            "anchorcredit_tokens", "tokens scored (prompt + response)", registry=r
+        )
+        self.sequences = Counter("anchorcredit_sequences", "sequences scored", registry=r)
         self.queue_size = Gauge(
-            "anchorcredit_queue_size", "requests waiting for the device", registry=r)
-        self.inflight = Gauge(
-            "anchorcredit_inflight_requests", "RPCs being handled", registry=r)
+            "anchorcredit_queue_size", "requests waiting for the device", registry=r
+        )
+        self.inflight = Gauge("anchorcredit_inflight_requests", "RPCs being handled", registry=r)
         self.failures = Counter(
-            "anchorcredit_request_failures", "failed or dropped requests by reason",
-            ["reason"], registry=r)
+            "anchorcredit_request_failures",
+            "failed or dropped requests by reason",
+            ["reason"],
+            registry=r,
+        )
         self.dropped = Counter(
-            "anchorcredit_queue_dropped", "requests dropped from the queue unserved "
-            "(caller cancelled, deadline passed)", ["reason"], registry=r)
+            "anchorcredit_queue_dropped",
+            "requests dropped from the queue unserved (caller cancelled, deadline passed)",
+            ["reason"],
+            registry=r,
+        )
         self.weight_updates = Counter(
-            "anchorcredit_weight_updates", "successful UpdateWeights calls", registry=r)
+            "anchorcredit_weight_updates", "successful UpdateWeights calls", registry=r
+        )
         self.model_info = Info(
-            "anchorcredit_model", "model, policy version and limits served", registry=r)
+            "anchorcredit_model", "model, policy version and limits served", registry=r
+        )
         self.ready = Gauge(
-            "anchorcredit_ready", "1 once the model is loaded and serving", registry=r)
+            "anchorcredit_ready", "1 once the model is loaded and serving", registry=r
+        )
         self.device_memory = Gauge(
-            "anchorcredit_device_memory_bytes", "accelerator memory (cuda) and host RSS",
-            ["kind"], registry=r)
+            "anchorcredit_device_memory_bytes",
+            "accelerator memory (cuda) and host RSS",
+            ["kind"],
+            registry=r,
+        )
         self._memory_probe: Callable[[], dict[str, float]] | None = None
 
     def set_model_info(self, info: dict[str, Any]) -> None:
-        self.model_info.info({k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
-                              for k, v in info.items()})
+        self.model_info.info(
+            {
+                k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+                for k, v in info.items()
+            }
+        )
 
     def watch_memory(self, probe: Callable[[], dict[str, float]]) -> None:
         """Register a callable returning {kind: bytes}; sampled on every scrape."""
         self._memory_probe = probe
         for kind in probe():
             self.device_memory.labels(kind).set_function(
-                lambda kind=kind: float(self._sample(kind)))
+                lambda kind=kind: float(self._sample(kind))
+            )
 
     def _sample(self, kind: str) -> float:
         try:
@@ -145,8 +180,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     reflection stay open: Kubernetes probes cannot send metadata).
     """
 
-    def __init__(self, metrics: ServerMetrics, auth_token: str | None = None,
-                 protected_prefix: str = "/anchorcredit.v1.CreditService/") -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        auth_token: str | None = None,
+        protected_prefix: str = "/anchorcredit.v1.CreditService/",
+    ) -> None:
         self.metrics = metrics
         self._token = auth_token.encode() if auth_token else None
         self._prefix = protected_prefix
@@ -158,8 +197,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 raw = value.encode() if isinstance(value, str) else value
                 scheme, _, token = raw.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
-                                                                           self._token)
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    token.strip(), self._token
+                )
         return False
 
     async def intercept_service(
@@ -179,12 +219,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def _deny(self, context: grpc.aio.ServicerContext) -> None:
         self.metrics.failures.labels("unauthenticated").inc()
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong `authorization: Bearer <token>` metadata")
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong `authorization: Bearer <token>` metadata",
+        )
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, ours: bool,
-              deny: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None
-              ) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self,
+        handler: grpc.RpcMethodHandler,
+        method: str,
+        ours: bool,
+        deny: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None,
+    ) -> grpc.RpcMethodHandler:
         m = self.metrics
 
         def finish(start: float, context: grpc.aio.ServicerContext, code: str | None) -> None:
@@ -219,8 +265,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     finish(start, context, code)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         # Only our own streams are wrapped: other services' stream handlers need not be
         # async generators (reflection's may write through the context instead).
@@ -247,8 +295,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     finish(start, context, code)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         # Anything else (health Watch, reflection) passes through untimed; only CreditService
         # is protected and all its methods are wrapped above.

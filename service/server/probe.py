@@ -22,7 +22,8 @@ def check(target: str, service: str, timeout: float = 3.0, tls: bool = False) ->
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -31,12 +32,12 @@ def check(target: str, service: str, timeout: float = 3.0, tls: bool = False) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("ANCHORCREDIT_PORT",
-                                                                       50051)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("ANCHORCREDIT_PORT", 50051)))
     parser.add_argument("--service", default="anchorcredit.v1.CreditService")
     parser.add_argument("--timeout", type=float, default=3.0)
-    parser.add_argument("--tls", action="store_true",
-                        default=bool(os.environ.get("ANCHORCREDIT_TLS_CERT")))
+    parser.add_argument(
+        "--tls", action="store_true", default=bool(os.environ.get("ANCHORCREDIT_TLS_CERT"))
+    )
     args = parser.parse_args(argv)
     ok = check(f"{args.host}:{args.port}", args.service, args.timeout, args.tls)
     print("SERVING" if ok else "NOT_SERVING")

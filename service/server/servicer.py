@@ -57,8 +57,9 @@ class ServerState:
 class _Failure(Exception):
     """A status to end the RPC with (used to carry errors out of stream reader tasks)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str,
-                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.trailers = code, message, trailers
 
@@ -83,23 +84,31 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         if isinstance(exc, QueueFull):
             fails.labels("queue_full").inc()
             ms = str(max(1, round(exc.retry_after_s * 1000)))
-            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                            ((RETRY_PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)))
+            return _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(exc),
+                ((RETRY_PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)),
+            )
         if isinstance(exc, DeviceOutOfMemory):
             fails.labels("oom").inc()
             return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if isinstance(exc, DeadlineExpired | TimeoutError):
             fails.labels("deadline").inc()
-            return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the "
-                            "request reached the device")
+            return _Failure(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline expired before the request reached the device",
+            )
         if isinstance(exc, ShuttingDown):
             fails.labels("unavailable").inc()
-            return _Failure(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry "
-                            "on another replica")
+            return _Failure(
+                grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"
+            )
         fails.labels("internal").inc()
         log.error("internal error (request_id=%r)", request_id, exc_info=exc)
-        return _Failure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); "
-                        f"see the server log, request_id={request_id!r}")
+        return _Failure(
+            grpc.StatusCode.INTERNAL,
+            f"internal error ({type(exc).__name__}); see the server log, request_id={request_id!r}",
+        )
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
@@ -121,30 +130,37 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         parsed.pairs = self.state.scorer.validate(parsed.pairs)
         return parsed
 
-    async def _score_one(self, parsed: convert.ParsedRequest,
-                         context: grpc.aio.ServicerContext, block: bool = False
-                         ) -> pb.ScoreResponse:
+    async def _score_one(
+        self, parsed: convert.ParsedRequest, context: grpc.aio.ServicerContext, block: bool = False
+    ) -> pb.ScoreResponse:
         assert self.state.batcher is not None
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         # wait_for: the caller's deadline bounds the wait even if the transport is slow to
         # cancel us; the batcher drops the request when it finds it cancelled or expired.
         outcome = await asyncio.wait_for(
-            self.state.batcher.submit(parsed, deadline, block=block), remaining)
+            self.state.batcher.submit(parsed, deadline, block=block), remaining
+        )
         return self._response(parsed, outcome)
 
     def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
         results = [convert.encode_result(r, parsed.outputs) for r in outcome.results]
-        version = (str(getattr(outcome.results[0], "policy_version", "")) if outcome.results
-                   else "") or str(self.state.scorer.policy_version)
+        version = (
+            str(getattr(outcome.results[0], "policy_version", "")) if outcome.results else ""
+        ) or str(self.state.scorer.policy_version)
         return pb.ScoreResponse(
-            results=results, policy_version=version,
-            model_id=str(self.state.info.get("model_id", "")), request_id=parsed.request_id,
-            queue_seconds=outcome.queue_seconds, compute_seconds=outcome.compute_seconds,
-            stat_version=self.state.stat_version)
+            results=results,
+            policy_version=version,
+            model_id=str(self.state.info.get("model_id", "")),
+            request_id=parsed.request_id,
+            queue_seconds=outcome.queue_seconds,
+            compute_seconds=outcome.compute_seconds,
+            stat_version=self.state.stat_version,
+        )
 
-    async def Score(self, request: pb.ScoreRequest,
-                    context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
         await self._require_ready(context)
         try:
             parsed = self._parse(request)
@@ -153,8 +169,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             await self._abort(context, self._failure(exc, request.request_id))
             raise AssertionError("unreachable") from None
 
-    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
         """Responses in request order; up to `stream_window` requests of a stream in flight.
 
         A stream ends with one status, so the first failing request ends it (its message
@@ -170,8 +187,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                     try:
                         parsed = self._parse(request)
                     except Exception as exc:
-                        await pending.put(self._failure(_with_id(exc, request.request_id),
-                                                        request.request_id))
+                        await pending.put(
+                            self._failure(_with_id(exc, request.request_id), request.request_id)
+                        )
                         return
                     # block: a full queue slows the stream down instead of failing it.
                     task = asyncio.ensure_future(self._score_one(parsed, context, block=True))
@@ -191,8 +209,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 try:
                     response = await task
                 except Exception as exc:
-                    await self._abort(context, self._failure(_with_id(exc, request_id),
-                                                             request_id))
+                    await self._abort(context, self._failure(_with_id(exc, request_id), request_id))
                 yield response
         finally:
             reading.cancel()
@@ -202,14 +219,20 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                     item[1].cancel()
 
     # -- model --------------------------------------------------------------------------------
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         await self._require_ready(context)
-        return convert.model_info(self.state.scorer.info(), self.state.config.max_request_sequences,
-                                  __version__, self.state.stat_version)
+        return convert.model_info(
+            self.state.scorer.info(),
+            self.state.config.max_request_sequences,
+            __version__,
+            self.state.stat_version,
+        )
 
-    async def UpdateWeights(self, request: pb.UpdateWeightsRequest,
-                            context: grpc.aio.ServicerContext) -> pb.UpdateWeightsResponse:
+    async def UpdateWeights(
+        self, request: pb.UpdateWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
         await self._require_ready(context)
         state = self.state
         try:
@@ -226,8 +249,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 except (ValueError, OSError, KeyError, RuntimeError) as exc:
                     # Missing/garbled checkpoints are the caller's input; the runner keeps
                     # the old weights when a load fails.
-                    raise InputError(f"cannot load weights from {path!r}: {exc}",
-                                     field="path") from exc
+                    raise InputError(
+                        f"cannot load weights from {path!r}: {exc}", field="path"
+                    ) from exc
                 return time.perf_counter() - t0
 
             assert state.batcher is not None
@@ -239,8 +263,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         state.metrics.set_model_info(state.info)
         state.metrics.weight_updates.inc()
         log.info("policy weights now at version %r (%.2f s)", state.scorer.policy_version, seconds)
-        return pb.UpdateWeightsResponse(policy_version=str(state.scorer.policy_version),
-                                        load_seconds=seconds)
+        return pb.UpdateWeightsResponse(
+            policy_version=str(state.scorer.policy_version), load_seconds=seconds
+        )
 
 
 def _with_id(exc: BaseException, request_id: str) -> BaseException:
