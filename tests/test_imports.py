@@ -23,3 +23,15 @@ def test_lazy_scorer_export_is_declared():
     assert "Scorer" in anchorcredit.__all__
     with pytest.raises(AttributeError):
         anchorcredit.no_such_thing  # noqa: B018
+
+
+def test_cli_help_lists_every_subcommand_without_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from anchorcredit.cli import SUBCOMMANDS, build_parser\n"
+        "text = build_parser().format_help()\n"
+        "assert all(name in text for name in SUBCOMMANDS), text\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -1,6 +1,7 @@
 """`anchorcredit` command line: one module per subcommand, imported only when it runs.
 
-Each subcommand module defines `HELP: str`, `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand module defines `HELP: str`, `add_arguments(parser)` and `run(args) -> int`,
+and imports torch (and anything heavy) only inside run(): `anchorcredit --help` stays fast.
 """
 
 from __future__ import annotations
@@ -17,26 +18,22 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorcredit",
         description="Per-token credit (WAAD, FAI, gamma_t) from a policy model's attention.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Import only the module that runs (they pull in torch); list the rest by name.
-    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, module_name in SUBCOMMANDS.items():
-        if name == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
-        else:
-            sub.add_parser(name, help=f"see `anchorcredit {name} --help`", add_help=False)
+        # Subcommand modules keep torch imports inside run(), so importing all is cheap.
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command])
     return int(module.run(args) or 0)
 
