@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+# No network in tests: libraries that would reach a hub or send telemetry stay offline.
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+for _var in (*OFFLINE_VARS, "HF_HUB_DISABLE_TELEMETRY"):
+    os.environ.setdefault(_var, "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
