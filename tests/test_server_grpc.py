@@ -79,6 +79,10 @@ class ServerThread:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
+    def registry_value(self, name: str) -> float | None:
+        """A sample without labels, None when absent (unlike sample(), which reads 0)."""
+        return self.server.metrics.registry.get_sample_value(name)
+
     def close(self) -> None:
         self.channel.close()
         try:
@@ -397,6 +401,10 @@ def test_server_still_serves_after_fuzz(srv: ServerThread):
 
 
 def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
+    # One good and one bad request of its own, so the test stands alone.
+    srv.stub.Score(_request(_pairs(1, 13)), timeout=TIMEOUT)
+    with pytest.raises(grpc.RpcError):
+        srv.stub.Score(_request([([1], [])]), timeout=TIMEOUT)
     url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     for name in (
@@ -414,6 +422,8 @@ def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
     ):
         assert name in text, name
     assert 'code="OK",method="Score"' in text and 'code="INVALID_ARGUMENT"' in text
+    # Every observed RPC left the in-flight gauge, failed ones included.
+    assert srv.registry_value("anchorcredit_inflight_requests") == 0
     assert 'policy_version="0"' in text
     for line in text.splitlines():
         if not line.startswith("#") and line.strip():

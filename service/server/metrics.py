@@ -8,10 +8,11 @@ are 1-2-5 series. py-grpc-prometheus has no grpc.aio interceptor, hence `Metrics
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -233,36 +234,39 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         m = self.metrics
 
-        def finish(start: float, context: grpc.aio.ServicerContext, code: str | None) -> None:
-            m.inflight.dec()
-            if code is None:
-                code = _code_of(context)
-            m.request_duration.labels(method, code).observe(time.perf_counter() - start)
-
         def cancelled_code(context: grpc.aio.ServicerContext) -> str:
             remaining = context.time_remaining()
             return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+        @contextlib.asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            """In-flight gauge, auth check and the latency histogram around one RPC."""
+            start, code = time.perf_counter(), None
+            m.inflight.inc()
+            try:
+                if deny is not None:
+                    await deny(context)
+                yield
+            except asyncio.CancelledError:
+                code = cancelled_code(context)
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = "UNKNOWN"
+                raise
+            finally:
+                m.inflight.dec()
+                if code is None:
+                    code = _code_of(context)
+                m.request_duration.labels(method, code).observe(time.perf_counter() - start)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, code = time.perf_counter(), None
-                m.inflight.inc()
-                try:
-                    if deny is not None:
-                        await deny(context)
+                async with observed(context):
                     return await inner(request, context)
-                except asyncio.CancelledError:
-                    code = cancelled_code(context)
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = "UNKNOWN"
-                    raise
-                finally:
-                    finish(start, context, code)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -276,23 +280,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, code = time.perf_counter(), None
-                m.inflight.inc()
-                try:
-                    if deny is not None:
-                        await deny(context)
+                async with observed(context):
                     async for response in inner_ss(request_iterator, context):
                         yield response
-                except asyncio.CancelledError:
-                    code = cancelled_code(context)
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = "UNKNOWN"
-                    raise
-                finally:
-                    finish(start, context, code)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream,
