@@ -233,3 +233,25 @@ def test_default_model_goes_through_anchorcredit_models(tmp_path, monkeypatch):
     scorer = Scorer.from_pretrained(None)
     assert scorer.info()["model_id"] == models.EMBEDDED_MODEL_ID
     assert len(scorer.score(pairs())[0].gamma) == PAIRS_SHAPES[0][1]
+
+
+def test_last_run_reports_stage_seconds():
+    from anchorcredit.runner.timing import StageTimer
+
+    scorer = Scorer.from_pretrained(build_debug_model("llama", seed=0))
+    pairs = [([1, 2, 3], list(range(4, 60))), ([5], list(range(7, 40)))]
+    scorer.score(pairs)
+    run = scorer.last_run
+    assert run["sequences"] == 2 and "entropy_seconds" not in run
+    for stage in ("forward", "statistics", "credit"):
+        assert run[f"{stage}_seconds"] > 0, stage
+    # Statistics run inside the forward, and every stage inside the whole call.
+    assert run["statistics_seconds"] <= run["forward_seconds"] <= run["seconds"]
+    scorer.score(pairs, with_entropy=True)
+    assert 0 < scorer.last_run["entropy_seconds"] <= scorer.last_run["seconds"]
+
+    timer = StageTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer.stage("a"):
+            pass
+    assert set(timer.seconds()) == {"a"}

@@ -422,6 +422,8 @@ def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
     ):
         assert name in text, name
     assert 'code="OK",method="Score"' in text and 'code="INVALID_ARGUMENT"' in text
+    for stage in ("runner", "forward", "statistics", "credit"):  # the span kernel's own time
+        assert f'anchorcredit_stage_duration_seconds_count{{stage="{stage}"}}' in text, stage
     # Every observed RPC left the in-flight gauge, failed ones included.
     assert srv.registry_value("anchorcredit_inflight_requests") == 0
     assert 'policy_version="0"' in text

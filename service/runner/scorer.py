@@ -38,6 +38,7 @@ from anchorcredit.runner.capture import (
 from anchorcredit.runner.entropy import response_entropy
 from anchorcredit.runner.layers import select_layers
 from anchorcredit.runner.packing import PackedBatch, pack_inputs, plan_batches
+from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.weights import load_weights_into
 
 KERNEL_BACKENDS = ("auto", "triton", "chunked", "reference")
@@ -155,6 +156,9 @@ class Scorer:
         self.model_id = model_id or str(getattr(model.config, "_name_or_path", "") or "")
         self.revision = revision or str(getattr(model.config, "_commit_hash", "") or "")
         self._lock = threading.Lock()  # score() and load_weights() never interleave
+        # The last score() call: sequences, tokens, splits, seconds (wall) and per-stage
+        # <stage>_seconds: forward (the decoder, statistics included), statistics (the span
+        # kernel / chunked path), entropy (LM head, when asked) and credit (aggregate + gamma).
         self.last_run: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction
@@ -322,6 +326,7 @@ class Scorer:
         with self._lock, torch.inference_mode():
             version = self.policy_version
             t0 = time.perf_counter()
+            timer = StageTimer(self.device)
             stats: list[list[SpanStats]] = [[] for _ in arrays]
             entropies: list[torch.Tensor | None] = [None] * len(arrays)
             todo = plan_batches(arrays, self.max_batch_tokens)
@@ -329,7 +334,7 @@ class Scorer:
             while todo:
                 batch = todo.pop(0)
                 try:
-                    got = self._run_batch(arrays, batch, horizon, with_entropy)
+                    got = self._run_batch(arrays, batch, horizon, with_entropy, timer)
                 except torch.OutOfMemoryError:
                     if len(batch.indices) == 1:
                         raise
@@ -344,34 +349,36 @@ class Scorer:
                     stats[i], entropies[i] = s, e
 
             results = []
-            for i, (_, _r) in enumerate(arrays):
-                agg = aggregate(
-                    stats[i],
-                    head_quantile,
-                    layer_ids=self.layers,
-                    local_heads=local_heads,
-                    global_heads=global_heads,
-                )
-                waad = agg.waad.float().cpu().numpy()
-                fai = agg.fai.float().cpu().numpy()
-                ent = None if entropies[i] is None else entropies[i].float().cpu().numpy()
-                gamma = credit(strategy, waad=waad, fai=fai, entropy=ent, **credit_params)
-                results.append(
-                    ScoreResult(
-                        waad=waad,
-                        fai=fai,
-                        gamma=np.asarray(gamma, dtype=np.float32),
-                        entropy=ent,
-                        local_heads=[tuple(h) for h in agg.local_heads],
-                        global_heads=[tuple(h) for h in agg.global_heads],
-                        policy_version=version,
+            with timer.stage("credit"):  # head classes, aggregation and gamma
+                for i, (_, _r) in enumerate(arrays):
+                    agg = aggregate(
+                        stats[i],
+                        head_quantile,
+                        layer_ids=self.layers,
+                        local_heads=local_heads,
+                        global_heads=global_heads,
                     )
-                )
+                    waad = agg.waad.float().cpu().numpy()
+                    fai = agg.fai.float().cpu().numpy()
+                    ent = None if entropies[i] is None else entropies[i].float().cpu().numpy()
+                    gamma = credit(strategy, waad=waad, fai=fai, entropy=ent, **credit_params)
+                    results.append(
+                        ScoreResult(
+                            waad=waad,
+                            fai=fai,
+                            gamma=np.asarray(gamma, dtype=np.float32),
+                            entropy=ent,
+                            local_heads=[tuple(h) for h in agg.local_heads],
+                            global_heads=[tuple(h) for h in agg.global_heads],
+                            policy_version=version,
+                        )
+                    )
             self.last_run = {
                 "sequences": len(arrays),
                 "tokens": sum(len(p) + len(r) for p, r in arrays),
                 "splits": splits,
                 "seconds": time.perf_counter() - t0,
+                **{f"{stage}_seconds": sec for stage, sec in timer.seconds().items()},
             }
         return results
 
@@ -425,6 +432,7 @@ class Scorer:
         batch: PackedBatch,
         horizon: dict[str, Any],
         with_entropy: bool,
+        timer: StageTimer,
     ) -> list[tuple[list[SpanStats], torch.Tensor | None]]:
         """One packed forward: span stats of every selected layer (and entropy) per sequence."""
         ids, pos = pack_inputs(arrays, batch, self.device)
@@ -434,6 +442,10 @@ class Scorer:
         per_seq: list[list[SpanStats | None]] = [[None] * len(self.layers) for _ in batch.indices]
 
         def sink(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+            with timer.stage("statistics"):
+                statistics(layer, q, k, scale)
+
+        def statistics(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
             if self.backend == "triton":
                 from anchorcredit.engine.triton_span import span_stats_packed
 
@@ -467,7 +479,7 @@ class Scorer:
             stop_after=None if with_entropy else self.layers[-1],
         )
         hidden = None
-        with capturing(state):
+        with capturing(state), timer.stage("forward"):
             try:
                 out = self.decoder(input_ids=ids, position_ids=pos, use_cache=False)
                 hidden = out.last_hidden_state[0]
@@ -483,7 +495,8 @@ class Scorer:
         if with_entropy:
             assert hidden is not None
             softcap = getattr(self._cfg, "final_logit_softcapping", None)
-            ents = list(response_entropy(hidden, self.lm_head, cu, batch.prompt_lens, softcap))
+            with timer.stage("entropy"):
+                ents = list(response_entropy(hidden, self.lm_head, cu, batch.prompt_lens, softcap))
         return [(list(s), e) for s, e in zip(per_seq, ents, strict=True)]  # type: ignore[arg-type]
 
 
