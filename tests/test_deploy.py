@@ -225,3 +225,18 @@ def test_dockerfile_hadolint_and_contract():
         [exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prometheus_adapter_rule_serves_the_hpa_metric_from_a_real_server_metric():
+    values = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
+    [rule] = values["rules"]["custom"]
+    hpa = _one(render(BASE), "HorizontalPodAutoscaler", "anchorcredit")
+    [metric] = hpa["spec"]["metrics"]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    # The series the rule reads must be one the server exports (its queue-wait histogram).
+    from anchorcredit.server.metrics import ServerMetrics
+
+    exported = {m.name for m in ServerMetrics().registry.collect()}
+    assert "anchorcredit_queue_duration_seconds" in exported
+    for series in ("anchorcredit_queue_duration_seconds_count", "_sum{"):
+        assert series in rule["seriesQuery"] + rule["metricsQuery"], series
