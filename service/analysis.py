@@ -11,10 +11,11 @@ Peak (`find_peaks`)
     Position t of a response series x[0..R-1] is a peak iff
       (1) x[t] > thr, thr = the `quantile` of x over the response (default 0.5: the median,
           numpy's linear interpolation, i.e. the mean of the two middle values for even R), and
-      (2) x[t] is a local maximum with both neighbours: 0 < t < R-1, x[t] > x[t-1] and
-          x[t] >= x[t+1]. The strict/non-strict pair counts a plateau once, at its first
-          position; the ends never count (as in scipy.signal.find_peaks), so a monotone
-          series has no peaks rather than one at its edge.
+      (2) x[t] starts a local maximum with neighbours on both sides: t > 0, x[t] > x[t-1],
+          and after the run of values equal to x[t] that starts at t the series drops. A
+          plateau counts once, at its first position; a step that keeps rising, or a run
+          that reaches either end, never counts (as in scipy.signal.find_peaks), so a
+          monotone series has no peaks rather than one at its edge.
 
 Statistic 1: entropy at WAAD peaks
     observed = mean entropy over all WAAD-peak tokens, pooled over responses (token-weighted);
@@ -70,9 +71,16 @@ def find_peaks(x: np.ndarray, quantile: float = 0.5) -> np.ndarray:
     thr = float(np.quantile(x, quantile))
     if x.size < 3:
         return np.zeros(0, dtype=np.int64)
-    mid = x[1:-1]
-    is_peak = (mid > thr) & (mid > x[:-2]) & (mid >= x[2:])
-    return np.flatnonzero(is_peak) + 1
+    # Each position's run of equal values ends at run_end[i]; a peak rises into its run and
+    # drops right after it. Runs are found with one vectorised pass over value changes.
+    change = np.flatnonzero(x[1:] != x[:-1])  # i where x[i+1] differs from x[i]
+    run_end = np.full(x.size, x.size - 1)
+    starts = np.concatenate(([0], change + 1))
+    ends = np.concatenate((change, [x.size - 1]))
+    run_end[starts] = ends
+    cand = starts[(starts > 0) & (ends < x.size - 1)]
+    cand = cand[(x[cand] > x[cand - 1]) & (x[run_end[cand] + 1] < x[cand]) & (x[cand] > thr)]
+    return cand.astype(np.int64)
 
 
 def eligible_positions(fai: np.ndarray) -> np.ndarray:

@@ -70,3 +70,17 @@ def test_real_statistics_pipeline_shapes():
         (layer, h): float(layers[i].span[h]) for i, layer in enumerate([2, 3, 4]) for h in range(4)
     }
     assert max(spans[x] for x in m.local_heads) <= min(spans[x] for x in m.global_heads)
+
+
+def test_non_finite_span_is_an_error_not_a_silent_misclassification():
+    bad = fake_stats([5.0, float("nan"), 9.0, 3.0])
+    with pytest.raises(ValueError, match="finite"):
+        aggregate([bad, fake_stats([1.0, 2.0, 3.0, 4.0])])
+
+
+def test_class_size_is_robust_to_float_noise():
+    from anchorcredit.engine.aggregate import num_class_heads
+
+    assert num_class_heads(180, 0.35) == 63  # 0.35 * 180 = 62.99999999999999 in binary
+    assert num_class_heads(90, 0.7) == 63
+    assert num_class_heads(8, 0.3) == 2 and num_class_heads(2, 0.3) == 1

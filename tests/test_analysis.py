@@ -42,6 +42,10 @@ def test_find_peaks_by_hand():
     assert find_peaks(np.array([3, 0])).tolist() == []
     assert find_peaks(np.array([0, 2, 2, 0])).tolist() == [1]  # plateau counted once
     assert find_peaks(np.array([1.0, 1.0, 1.0])).tolist() == []  # nothing above the median
+    # A step that keeps rising is not a local maximum; the top of the step is.
+    assert find_peaks(np.array([0, 1, 3, 3, 5, 0]), quantile=0.0).tolist() == [4]
+    assert find_peaks(np.array([0, 1, 3, 3, 2, 0]), quantile=0.0).tolist() == [2]
+    assert find_peaks(np.array([0, 2, 2]), quantile=0.0).tolist() == []  # run reaches the end
     assert find_peaks(np.array([])).tolist() == []
     # quantile 0 keeps every local maximum above the minimum
     assert find_peaks(np.array(WAAD_A), quantile=0.0).tolist() == [1, 3, 6]
@@ -151,3 +155,27 @@ def test_paper_constants():
 def test_length_mismatch_raises():
     with pytest.raises(ValueError, match="lengths differ"):
         entropy_at_waad_peaks([[1, 2, 3]], [[1, 2]])
+
+
+def test_find_peaks_matches_a_plateau_walk():
+    """The vectorised rule equals walking each run of equal values, on random small series."""
+
+    def walk(x: np.ndarray, q: float) -> list[int]:
+        thr, out, i = np.quantile(x, q), [], 1
+        while i < len(x) - 1:
+            if x[i] > x[i - 1]:
+                j = i
+                while j + 1 < len(x) and x[j + 1] == x[i]:
+                    j += 1
+                if j + 1 < len(x) and x[j + 1] < x[i] and x[i] > thr:
+                    out.append(i)
+                i = j + 1
+            else:
+                i += 1
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        x = rng.integers(0, 4, rng.integers(1, 12)).astype(float)
+        q = float(rng.random())
+        assert find_peaks(x, q).tolist() == walk(x, q), (x, q)

@@ -255,3 +255,15 @@ def test_last_run_reports_stage_seconds():
         with timer.stage("a"):
             pass
     assert set(timer.seconds()) == {"a"}
+
+
+def test_random_baseline_draws_per_sequence_and_ignores_batching():
+    scorer = Scorer.from_pretrained(build_debug_model("llama", seed=0))
+    pairs = [([1, 2], list(range(10, 50))), ([3, 4], list(range(60, 100)))]
+    a, b = scorer.score(pairs, strategy="random", seed=7)
+    assert int((a.gamma > 1).sum()) == int((b.gamma > 1).sum()) == 16  # ceil(0.4 * 40)
+    assert not np.array_equal(a.gamma, b.gamma)  # one shared seed would give the same positions
+    [alone] = scorer.score(pairs[1:], strategy="random", seed=7)
+    np.testing.assert_array_equal(alone.gamma, b.gamma)  # the batch does not matter
+    [other] = scorer.score(pairs[1:], strategy="random", seed=8)
+    assert not np.array_equal(other.gamma, b.gamma)

@@ -266,3 +266,18 @@ def test_gpu_fp32_and_fp16_inputs():
     qh, kh = q.half(), k.half()
     got = span_stats(qh, kh, 300, backend="triton")
     assert_matches(got, oracle_float64(qh, kh, 300, 100), 2e-3)
+
+
+def test_mixed_dtypes_overflow_and_huge_horizons(interpret):
+    q, k = random_qk(2, 1, 40, 16, seed=4)
+    with pytest.raises(ValueError, match="share a dtype"):
+        span_stats_packed(q.bfloat16(), k.float(), [0, 40], [5])
+    with pytest.raises(ValueError, match="overflow float32"):
+        span_stats_packed(q * 1e300, k, [0, 40], [5])
+    # Horizons past the sequence are clamped on the host (no int32 wrap in the kernel) and
+    # mean the same as "to the end" / "never".
+    got = span_stats_packed(q.float(), k.float(), [0, 40], [5], window=2**31, h_lo=3,
+                            h_hi=2**31 - 1)[0]  # fmt: skip
+    assert_matches(got, reference(q, k, 5, window=2**31, h_lo=3, h_hi=None), 1e-4)
+    far = span_stats_packed(q.float(), k.float(), [0, 40], [5], h_lo=2**31, h_hi=2**31)[0]
+    assert torch.count_nonzero(far.fai) == 0

@@ -10,8 +10,8 @@ from anchorcredit.engine.types import Aggregate, SpanStats
 
 
 def num_class_heads(total_heads: int, head_quantile: float) -> int:
-    """n = max(1, floor(quantile * number_of_heads))."""
-    return max(1, math.floor(head_quantile * total_heads))
+    """n = max(1, floor(quantile * number_of_heads)), robust to float noise (0.35 * 180)."""
+    return max(1, math.floor(round(head_quantile * total_heads, 9)))
 
 
 def classify_heads(
@@ -21,6 +21,9 @@ def classify_heads(
 
     head_span is [num_layers, Hq]. "n highest" is the last n of that same ascending order.
     """
+    if not bool(torch.isfinite(head_span).all()):
+        # A NaN would make the sort order meaningless and misclassify finite heads silently.
+        raise ValueError("head spans must be finite (non-finite q/k reached the statistics?)")
     spans = head_span.detach().to("cpu", torch.float64).tolist()
     order = sorted(
         ((d, li, h) for li, row in enumerate(spans) for h, d in enumerate(row)),

@@ -291,6 +291,9 @@ def _check_packed(
         raise ValueError(f"q and k are on different devices: {q.device} vs {k.device}")
     if not q.is_floating_point() or not k.is_floating_point():
         raise ValueError("q and k must be floating point tensors")
+    if q.dtype != k.dtype:
+        # Casting one to the other's 16-bit type could overflow (inf -> NaN) or lose precision.
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != n:
         raise ValueError(f"cu_seqlens must start at 0 and end at total_N={n}, got {cu}")
     if len(prompts) != len(cu) - 1:
@@ -346,9 +349,10 @@ def span_stats_packed(
             "TRITON_INTERPRET=1 before the first call to run it on CPU, or use backend='chunked'"
         )
 
-    if q.dtype == torch.float64 or q.dtype != k.dtype:
-        dtype = torch.float32 if torch.float64 in (q.dtype, k.dtype) else q.dtype
-        q, k = q.to(dtype), k.to(dtype)
+    if q.dtype == torch.float64:  # the kernel computes in fp32
+        q, k = q.float(), k.float()
+        if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
+            raise ValueError("q and k overflow float32, the kernel's precision")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -360,7 +364,11 @@ def span_stats_packed(
     hq, n, d = q.shape
     group = hq // k.shape[0]
     block_d = max(16, triton.next_power_of_2(d))
-    window, h_lo = int(window), int(h_lo)
+    # Distances never exceed the longest sequence, so clamping the horizon there changes no
+    # number and keeps the kernel's int32 index arithmetic (s + h_hi, ...) from wrapping.
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    window, h_lo = min(int(window), longest), min(int(h_lo), longest)
+    h_hi = None if h_hi is None else min(int(h_hi), longest)
 
     # Block tables over response rows (row pass) and response columns (column pass), the
     # heaviest blocks first so the long causal rows do not trail at the end of the grid.

@@ -28,6 +28,8 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> None:
         raise ValueError(f"q and k are on different devices: {q.device} vs {k.device}")
     if not q.is_floating_point() or not k.is_floating_point():
         raise ValueError("q and k must be floating point tensors")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     check_lengths(n, prompt_len)
     if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
         raise ValueError("q and k must be finite (found NaN or inf)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,7 +362,10 @@ class Scorer:
                     waad = agg.waad.float().cpu().numpy()
                     fai = agg.fai.float().cpu().numpy()
                     ent = None if entropies[i] is None else entropies[i].float().cpu().numpy()
-                    gamma = credit(strategy, waad=waad, fai=fai, entropy=ent, **credit_params)
+                    seed = sequence_seed(credit_params["seed"], *arrays[i])
+                    gamma = credit(
+                        strategy, waad=waad, fai=fai, entropy=ent, **{**credit_params, "seed": seed}
+                    )
                     results.append(
                         ScoreResult(
                             waad=waad,
@@ -498,6 +502,16 @@ class Scorer:
             with timer.stage("entropy"):
                 ents = list(response_entropy(hidden, self.lm_head, cu, batch.prompt_lens, softcap))
         return [(list(s), e) for s, e in zip(per_seq, ents, strict=True)]  # type: ignore[arg-type]
+
+
+def sequence_seed(seed: int, prompt: np.ndarray, response: np.ndarray) -> list[int]:
+    """The random baseline's seed for one sequence: the request's seed and the sequence's ids.
+
+    One shared seed would boost the same positions in every response of a batch; the batch
+    index would make a cached result depend on its batch. The ids' crc32 does neither.
+    """
+    return [int(seed), zlib.crc32(np.asarray(prompt, "<u4").tobytes()),
+            zlib.crc32(np.asarray(response, "<u4").tobytes())]  # fmt: skip
 
 
 def _embedded_model_id() -> str | None:
