@@ -267,3 +267,12 @@ def test_random_baseline_draws_per_sequence_and_ignores_batching():
     np.testing.assert_array_equal(alone.gamma, b.gamma)  # the batch does not matter
     [other] = scorer.score(pairs[1:], strategy="random", seed=8)
     assert not np.array_equal(other.gamma, b.gamma)
+
+
+def test_non_finite_activations_fail_loudly():
+    model = build_debug_model("llama", seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")  # token 5 poisons every later row
+    scorer = Scorer.from_pretrained(model)
+    with pytest.raises(ValueError, match="finite"):
+        scorer.score([([1, 2], [3, 4, 5, 6, 7, 8])])

@@ -467,7 +467,7 @@ class Scorer:
                 # The backend functions directly, not the span_stats() front: its per-call
                 # checks (an isfinite pass over q and k) cost ~25% of the statistics on CPU,
                 # and shapes/horizon are known-good here. A non-finite q/k still fails
-                # loudly: it makes WAAD/FAI non-finite and credit() rejects them.
+                # loudly: it makes a head's span non-finite, which aggregate() rejects.
                 fn = span_stats_chunked if self.backend == "chunked" else span_stats_reference
                 got = [
                     fn(q[:, a:b], k[:, a:b], p, win, h_lo, h_hi, scale)
