@@ -276,3 +276,30 @@ def test_non_finite_activations_fail_loudly():
     scorer = Scorer.from_pretrained(model)
     with pytest.raises(ValueError, match="finite"):
         scorer.score([([1, 2], [3, 4, 5, 6, 7, 8])])
+
+
+def test_reload_failing_half_way_refuses_to_score_until_a_good_reload():
+    from anchorcredit.runner.weights import PartialWeightsError
+
+    model = build_debug_model("llama", seed=0)
+    scorer = Scorer.from_pretrained(model, policy_version="v0")
+    good = {k: v.clone() for k, v in build_debug_model("llama", seed=1).state_dict().items()}
+
+    class FailsOnThird(dict):
+        reads = 0
+
+        def __getitem__(self, key):
+            FailsOnThird.reads += 1
+            if FailsOnThird.reads == 3:
+                raise OSError("disk read error")
+            return super().__getitem__(key)
+
+    pairs = [([1, 2], list(range(3, 30)))]
+    with pytest.raises(PartialWeightsError, match="after 2 of"):
+        scorer.load_weights(FailsOnThird(good), version="v1")
+    assert scorer.policy_version == "v0"
+    with pytest.raises(PartialWeightsError, match="load_weights again"):
+        scorer.score(pairs)
+    scorer.load_weights(good, version="v1")
+    [r] = scorer.score(pairs)
+    assert r.policy_version == "v1"

@@ -40,7 +40,7 @@ from anchorcredit.runner.entropy import response_entropy
 from anchorcredit.runner.layers import select_layers
 from anchorcredit.runner.packing import PackedBatch, pack_inputs, plan_batches
 from anchorcredit.runner.timing import StageTimer
-from anchorcredit.runner.weights import load_weights_into
+from anchorcredit.runner.weights import PartialWeightsError, load_weights_into
 
 KERNEL_BACKENDS = ("auto", "triton", "chunked", "reference")
 _DTYPES = {
@@ -161,6 +161,7 @@ class Scorer:
         # <stage>_seconds: forward (the decoder, statistics included), statistics (the span
         # kernel / chunked path), entropy (LM head, when asked) and credit (aggregate + gamma).
         self.last_run: dict[str, float] = {}
+        self._weights_broken: str | None = None  # set by a reload that failed half way
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -252,7 +253,14 @@ class Scorer:
     ) -> None:
         """Swap in new policy weights (checked before any copy); later results carry `version`."""
         with self._lock:
-            load_weights_into(self.model, path_or_state_dict)
+            try:
+                load_weights_into(self.model, path_or_state_dict)
+            except PartialWeightsError as err:
+                # Mixed old/new weights carry no honest version: refuse to score until a
+                # reload succeeds, rather than answer under either label.
+                self._weights_broken = str(err)
+                raise
+            self._weights_broken = None
             self.policy_version = str(version)
 
     # ------------------------------------------------------------------ inputs
@@ -325,6 +333,11 @@ class Scorer:
         horizon = dict(window=int(window), h_lo=int(h_lo), h_hi=None if h_hi is None else int(h_hi))
 
         with self._lock, torch.inference_mode():
+            if self._weights_broken is not None:
+                raise PartialWeightsError(
+                    f"the last weight reload failed half way ({self._weights_broken}); "
+                    "call load_weights again before scoring"
+                )
             version = self.policy_version
             t0 = time.perf_counter()
             timer = StageTimer(self.device)

@@ -17,6 +17,10 @@ import torch
 from anchorcredit.errors import InputError
 
 
+class PartialWeightsError(RuntimeError):
+    """A copy failed after some tensors were already replaced: the model holds mixed weights."""
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -79,8 +83,18 @@ def load_weights_into(model: torch.nn.Module, source: Any) -> int:
                 f"{len(missing)} model tensors missing from the new weights, e.g. {missing[:3]}",
                 field="weights",
             )
+        copied = 0
         with torch.no_grad():
             for name in shapes:
                 dst = targets[name]
-                dst.copy_(load(name).to(device=dst.device, dtype=dst.dtype))
+                try:
+                    dst.copy_(load(name).to(device=dst.device, dtype=dst.dtype))
+                except Exception as err:  # a read error or device OOM half way through
+                    if copied == 0:
+                        raise
+                    raise PartialWeightsError(
+                        f"loading {name!r} failed after {copied} of {len(shapes)} tensors "
+                        f"were replaced: {err}"
+                    ) from err
+                copied += 1
     return len(shapes)
