@@ -325,7 +325,10 @@ class CreditClient:
         if not pairs:
             return []
         for attempt in range(3):
-            info = self.model_info()
+            # policy_version=None: re-read the served version on every call, so cache keys
+            # never name a version the server has since replaced (another process may have
+            # called UpdateWeights). One small GetModelInfo per score() call.
+            info = self.model_info(refresh=policy_version is None)
             version = info.policy_version if policy_version is None else policy_version
             try:
                 return self._score(pairs, strategy, params, version, info, with_entropy)
