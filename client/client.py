@@ -286,12 +286,51 @@ class CreditClient:
             self._info = None
 
     def update_weights(self, path: str, version: str) -> list[pb.UpdateWeightsResponse]:
-        """Load new policy weights on every target (each server holds its own copy)."""
+        """Load new policy weights on every target (each server holds its own copy).
+
+        Each target is called exactly once, in order, with no failover to another target (a
+        load on the wrong server would leave the dead one on old weights). Every target is
+        tried; if any failed, one CreditServiceError names all failed targets (`.failed`:
+        {target: error}) after the others have loaded.
+        """
         req = pb.UpdateWeightsRequest(path=path, version=version)
+        out: list[pb.UpdateWeightsResponse] = []
+        failed: dict[str, CreditServiceError] = {}
         try:
-            return [self._call("UpdateWeights", req, start=i) for i in range(len(self.targets))]
+            for ti, target in enumerate(self.targets):
+                try:
+                    out.append(self._call_one(ti, "UpdateWeights", req))
+                except CreditServiceError as err:
+                    failed[target] = err
         finally:
             self.invalidate_model_info()
+        if failed:
+            first = next(iter(failed.values()))
+            detail = "; ".join(str(e) for e in failed.values())
+            err = CreditServiceError(
+                first.code,
+                f"UpdateWeights failed on {len(failed)} of {len(self.targets)} targets "
+                f"({', '.join(failed)}): {detail}",
+            )
+            err.failed = failed  # type: ignore[attr-defined]
+            raise err
+        return out
+
+    def _call_one(self, ti: int, method: str, request: Any) -> Any:
+        """One call on target ti only: no failover, no retries."""
+        try:
+            fn: Callable[..., Any] = getattr(self._stubs[ti], method)
+            return fn(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self._down_until[ti] = time.monotonic() + 1.0
+            cls = (
+                StalePolicyVersionError
+                if code == grpc.StatusCode.FAILED_PRECONDITION
+                else CreditServiceError
+            )
+            raise cls(code, err.details() or "", self.targets[ti]) from None
 
     # -- scoring -------------------------------------------------------------------------
     def score(

@@ -5,10 +5,11 @@ name the caller's index.
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
-from anchorcredit.client import CreditClient, LRUBytesCache
-from test_client_support import ServerThread
+from anchorcredit.client import CreditClient, CreditServiceError, LRUBytesCache
+from test_client_support import ServerThread, free_port
 
 P = [[1, 2, 3, 4], [7, 8, 9]]
 R = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]]
@@ -58,3 +59,21 @@ def test_cached_calls_follow_weights_updated_by_another_client(server, models):
             assert not np.array_equal(after[0].waad, before[0].waad)
         finally:
             trainer.update_weights(models[0], "0")
+
+
+def test_update_weights_calls_each_target_once_and_names_the_dead_one(server, models):
+    dead = f"127.0.0.1:{free_port()}"
+    reg = server.server.metrics.registry
+    n0 = reg.get_sample_value("anchorcredit_weight_updates_total") or 0.0
+    try:
+        with CreditClient([dead, server.target], cache=False, timeout_s=5) as client:
+            with pytest.raises(CreditServiceError) as e:
+                client.update_weights(models[0], "7")
+            assert dead in str(e.value) and list(e.value.failed) == [dead]
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            # the live server loaded exactly once: no failover of the dead target's load to it
+            assert (reg.get_sample_value("anchorcredit_weight_updates_total") or 0.0) == n0 + 1
+            assert client.model_info().policy_version == "7"
+    finally:
+        with CreditClient([server.target], cache=False) as client:
+            client.update_weights(models[0], "0")
