@@ -574,3 +574,27 @@ def test_tls(tmp_path: Any, scorer: GatedScorer):
             assert len(stub.Score(_request(_pairs(1, 14)), timeout=TIMEOUT).results) == 1
         with pytest.raises(grpc.RpcError):  # plaintext is refused
             s.stub.Score(_request(_pairs(1, 14)), timeout=5)
+
+
+def test_large_head_lists_are_sent(tmp_path: Any):
+    # Head lists scale with len(layers) x num_heads per sequence; the response must be sent
+    # however large they get (it used to exceed a fixed per-sequence send budget).
+    wide = save_debug_model(
+        tmp_path / "wide",
+        arch="llama",
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        hidden_size=64,
+        head_dim=16,
+    )
+    scorer = Scorer.from_pretrained(str(wide), layers=[0, 1, 2, 3])
+    n, budget = 256, 64
+    cfg = _config(metrics_port=-1, max_request_sequences=n, max_batch_tokens=budget)
+    old_cap = 16 * cfg.max_request_tokens + 512 * n + (1 << 16)
+    with serving(cfg, scorer) as s:
+        req = _request([([1], [2])] * n, params=pb.CreditParams(head_quantile=1.0))
+        resp = s.stub.Score(req, timeout=TIMEOUT)
+        assert len(resp.results) == n
+        heads = len(resp.results[0].local_heads) + len(resp.results[0].global_heads)
+        assert heads >= 4 * 32  # every head of the layers, in one list or both
+        assert resp.ByteSize() > old_cap

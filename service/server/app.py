@@ -69,7 +69,12 @@ def default_scorer_factory(config: ServeConfig) -> Callable[[], Any]:
 def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_receive_bytes),
-        ("grpc.max_send_message_length", config.max_send_bytes),
+        # No send cap: a response is bounded by the request limits above, but its head lists
+        # scale with len(layers) x num_heads per sequence (model-dependent), so any fixed cap
+        # could turn a finished computation into RESOURCE_EXHAUSTED. Sizing it from the model
+        # would only re-derive a bound the receive limit and the model already impose; the
+        # client's own receive limit is what protects the client.
+        ("grpc.max_send_message_length", -1),
         # Permit client keepalive pings (trainers hold long-lived channels) ...
         ("grpc.keepalive_permit_without_calls", 1),
         (

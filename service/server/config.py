@@ -87,11 +87,6 @@ class ServeConfig:
         # A uint32 id is at most 5 varint bytes; each sequence adds a few bytes of framing.
         return 5 * self.max_request_tokens + 16 * self.max_request_sequences + (1 << 16)
 
-    @property
-    def max_send_bytes(self) -> int:
-        # Four float32 outputs per response token plus head lists per sequence.
-        return 16 * self.max_request_tokens + 512 * self.max_request_sequences + (1 << 16)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeConfig:
         """Defaults, then env vars, then `overrides` (used by tests and the CLI)."""
