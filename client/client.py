@@ -402,6 +402,7 @@ class CreditClient:
                 params,
                 ("entropy",) if with_entropy else (),
                 self.namespace,
+                value_dtype=self.cache_dtype,
             )
             keys = [kb.key(p, r) for p, r in pairs]
             try:
@@ -410,7 +411,7 @@ class CreditClient:
                 log.warning("cache read failed (%s); computing everything", exc)
                 values = [None] * len(keys)
             for i, v in enumerate(values):
-                arrays = codec.decode(v, len(pairs[i][1]), need)
+                arrays = codec.decode(v, len(pairs[i][1]), need, self.cache_dtype)
                 if arrays is not None:
                     results[i] = CreditResult(
                         arrays["waad"],

@@ -39,9 +39,10 @@ def encode(arrays: dict[str, np.ndarray], n_tokens: int, dtype: str = "float32")
 
 
 def decode(
-    value: bytes | None, n_tokens: int, need: tuple[str, ...]
+    value: bytes | None, n_tokens: int, need: tuple[str, ...], dtype: str | None = None
 ) -> dict[str, np.ndarray] | None:
-    """Unpack a value into float32 arrays; None if absent, corrupt, or missing a needed array."""
+    """Unpack a value into float32 arrays; None if absent, corrupt, missing a needed array, or
+    (dtype given) stored in another dtype than `dtype`."""
     if value is None or len(value) < HEADER_BYTES:
         return None
     try:
@@ -50,6 +51,8 @@ def decode(
         return None
     dt = _BY_CODE.get(code)
     if magic != MAGIC or version != CODEC_VERSION or dt is None or n != n_tokens:
+        return None
+    if dtype is not None and DTYPES[dtype][0] != code:
         return None
     names = [name for bit, name in enumerate(ARRAYS) if mask >> bit & 1]
     if mask >> len(ARRAYS) or any(name not in names for name in need):

@@ -2,7 +2,9 @@
 
 Everything that changes the numbers goes into the digest: the model (id, revision, dtype,
 layers), the policy version, the statistic version, the strategy with every parameter sent,
-the prompt length and the prompt/response ids as little-endian uint32 bytes. Each field is
+the prompt length and the prompt/response ids as little-endian uint32 bytes. The dtype the
+values are stored in (float32/float16) is part of the key too: a float32 client must never
+read float16-rounded values. Each field is
 prefixed by its byte length (8-byte little-endian) so no two different inputs encode the
 same (a plain concatenation of "ab"+"c" and "a"+"bc" would collide). Python's hash() is
 salted per process and never used.
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the stored value dtype joined the digest
 DEFAULT_NAMESPACE = "anchorcredit"
 
 # Proto type of every CreditParams field (credit.proto): parameters are coerced to it, so
@@ -126,6 +128,8 @@ class KeyBuilder:
         params: Mapping[str, Any],
         outputs: tuple[str, ...] = (),
         namespace: str = DEFAULT_NAMESPACE,
+        *,
+        value_dtype: str = "float32",
     ):
         self.prefix = f"{namespace}:v{SCHEMA_VERSION}:"
         h = hashlib.sha256()
@@ -136,6 +140,7 @@ class KeyBuilder:
                 _params_bytes(strategy, params),
                 # entropy is only computed on request; the other arrays always come together
                 ",".join(sorted(outputs)).encode(),
+                value_dtype.encode(),
             )
         )
         self._base = h

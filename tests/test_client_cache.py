@@ -16,13 +16,14 @@ import time
 import numpy as np
 import pytest
 from anchorcredit.client import CreditClient, LRUBytesCache, RedisCache, codec
-from anchorcredit.client.keys import KeyBuilder, ModelKey, canonical_params
+from anchorcredit.client.keys import SCHEMA_VERSION, KeyBuilder, ModelKey, canonical_params
 from test_client_support import RedisProcess, ServerThread
 
 MODEL = ModelKey("m", "rev", "float32", (2, 3, 4), "1")
 RNG = np.random.default_rng(0)
 PROMPTS = [RNG.integers(0, 256, n).tolist() for n in (4, 7, 5)]
 RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (20, 33, 26)]
+PREFIX = f"anchorcredit:v{SCHEMA_VERSION}:"
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def test_key_changes_with_everything_that_changes_the_numbers():
         _key(r=(3, 5)),
     ]
     assert len({base, *others}) == len(others) + 1
-    assert base.startswith("anchorcredit:v1:") and len(base) == len("anchorcredit:v1:") + 64
+    assert base.startswith(PREFIX) and len(base) == len(PREFIX) + 64
 
 
 def test_key_is_canonical_and_stable_across_processes():
@@ -135,7 +136,7 @@ def test_redis_hits_misses_ttl_and_corrupt_values(server, redis_proc):
     with CreditClient([server.target], cache=redis_proc.url, cache_ttl_s=600) as client:
         first = client.score(PROMPTS, RESPONSES)
         assert client.last_stats == {"hits": 0, "misses": 3}
-        keys = r.keys("anchorcredit:v1:*")
+        keys = r.keys(PREFIX + "*")
         assert len(keys) == 3
         assert all(0 < r.ttl(k) <= 600 for k in keys)  # SET ... EX ttl
         second = client.score(PROMPTS, RESPONSES)
@@ -153,7 +154,7 @@ def test_redis_hits_misses_ttl_and_corrupt_values(server, redis_proc):
         # Other parameters: other keys, nothing reused.
         client.score(PROMPTS, RESPONSES, q=0.3)
         assert client.last_stats == {"hits": 0, "misses": 3}
-        assert len(r.keys("anchorcredit:v1:*")) == 6
+        assert len(r.keys(PREFIX + "*")) == 6
 
 
 def test_redis_keys_follow_the_served_policy_version(server, redis_proc, model_dir):
@@ -168,7 +169,7 @@ def test_redis_keys_follow_the_served_policy_version(server, redis_proc, model_d
             res = client.score(PROMPTS, RESPONSES)
             assert client.last_stats["misses"] == 3
             assert {x.policy_version for x in res} == {"1"}
-            assert len(r.keys("anchorcredit:v1:*")) == 6
+            assert len(r.keys(PREFIX + "*")) == 6
             again = client.score(PROMPTS, RESPONSES, policy_version="1")
             assert client.last_stats["hits"] == 3
             _same(res, again)

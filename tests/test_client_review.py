@@ -77,3 +77,31 @@ def test_update_weights_calls_each_target_once_and_names_the_dead_one(server, mo
     finally:
         with CreditClient([server.target], cache=False) as client:
             client.update_weights(models[0], "0")
+
+
+def test_float32_client_never_reads_float16_values(server):
+    from anchorcredit.client import codec
+    from anchorcredit.client.keys import KeyBuilder, ModelKey
+
+    m = ModelKey("m", "rev", "float32", (2,), "1")
+    ids = np.array([1, 2], np.uint32), np.array([3, 4], np.uint32)
+    k32 = KeyBuilder(m, "0", "coupled_rhythm", {}).key(*ids)
+    k16 = KeyBuilder(m, "0", "coupled_rhythm", {}, value_dtype="float16").key(*ids)
+    assert k32 != k16
+    arrays = {n: np.full(2, 0.1, np.float32) for n in ("waad", "fai", "gamma")}
+    v16 = codec.encode(arrays, 2, "float16")
+    assert codec.decode(v16, 2, ("gamma",), "float32") is None  # mismatch on decode: a miss
+    assert codec.decode(v16, 2, ("gamma",), "float16") is not None
+
+    shared = LRUBytesCache()
+    with CreditClient([server.target], cache=shared, cache_dtype="float16") as c16:
+        c16.score(P, R)
+    with (
+        CreditClient([server.target], cache=shared) as c32,
+        CreditClient([server.target], cache=False) as plain,
+    ):
+        got = c32.score(P, R)
+        assert c32.last_stats == {"hits": 0, "misses": 2}
+        for g, ref in zip(got, plain.score(P, R), strict=True):
+            np.testing.assert_array_equal(g.waad, ref.waad)  # full float32, not f16-rounded
+        assert all(x.cached for x in c32.score(P, R))
