@@ -40,6 +40,9 @@ PARAM_TYPES: dict[str, type] = {
     "h_hi_to_end": bool,
     "head_quantile": float,
 }
+# Exclusive upper bound of each int field: uint32 in the proto, seed uint64.
+_INT_LIMIT: dict[str, int] = {"seed": 2**64}
+_UINT32 = 2**32
 
 
 def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,6 +68,9 @@ def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
         elif kind is int:
             if isinstance(value, bool) or int(value) != value or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            limit = _INT_LIMIT.get(name, _UINT32)
+            if int(value) >= limit:
+                raise ValueError(f"{name} must be < 2**{limit.bit_length() - 1}, got {value!r}")
             out[name] = int(value)
         else:
             value = float(value)
@@ -102,14 +108,18 @@ def _fields(*parts: bytes) -> bytes:
 
 
 def _params_bytes(strategy: str, params: Mapping[str, Any]) -> bytes:
-    # Sorted names; floats by their exact IEEE bits (repr-free), ints/bools as int64.
+    # Sorted names; floats by their exact IEEE bits (repr-free), ints/bools as uint64 (the
+    # same bytes int64 gave for every value below 2**63, so those keys did not change).
     items = []
     for name in sorted(params):
         v = params[name]
         if isinstance(v, float):
             enc = b"f" + struct.pack("<d", v)
         else:
-            enc = b"i" + struct.pack("<q", int(v))
+            v = int(v)
+            if not 0 <= v < 2**64:
+                raise ValueError(f"{name} must be in [0, 2**64), got {v!r}")
+            enc = b"i" + struct.pack("<Q", v)
         items.append(_fields(name.encode(), enc))
     return _fields(strategy.encode(), b"".join(items))
 
