@@ -335,6 +335,10 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
         (_request([([1, 2], [3]), ([1], [VOCAB])]), "sequences[1].response_ids"),
         (_request([([1], [2]), ([], [2])]), "sequences[1].prompt_ids"),
         (_request([([1] * 600, [2] * 600)]), "sequences[0]"),  # over max_positions=1024
+        (_request([([1], [2])], params=pb.CreditParams(window=2**32 - 1)), "params.window"),
+        (_request([([1], [2])], params=pb.CreditParams(h_lo=1025)), "params.h_lo"),
+        (_request([([1], [2])], params=pb.CreditParams(h_hi=2**32 - 1)), "params.h_hi"),
+        (_request([([1], [2])], params=pb.CreditParams(gamma_amp=1e308)), "params.gamma_amp"),
         (pb.ScoreRequest(), "sequences"),
     ],
 )
@@ -527,6 +531,23 @@ def test_errors_from_the_runner_map_to_invalid_argument(model_dir: str, scorer: 
                 )
             assert info.value.code() == code and needle in info.value.details()
             assert "boom" not in info.value.details() and "Traceback" not in info.value.details()
+        assert len(s.stub.Score(_request(_pairs(1, 1)), timeout=TIMEOUT).results) == 1
+
+
+def test_non_finite_results_are_never_sent(scorer: GatedScorer):
+    class Broken(GatedScorer):
+        def score(self, pairs: Any, **kw: Any) -> Any:
+            out = super().score(pairs, **kw)
+            if kw.get("seed") == 5:
+                out[0].gamma = np.full_like(out[0].gamma, np.nan)
+            return out
+
+    with serving(_config(metrics_port=-1), Broken(scorer._scorer)) as s:
+        with pytest.raises(grpc.RpcError) as info:
+            s.stub.Score(_request(_pairs(1, 1), params=pb.CreditParams(seed=5)), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "NonFiniteResult" in info.value.details()
+        assert s.sample("anchorcredit_request_failures_total", {"reason": "non_finite"}) == 1
         assert len(s.stub.Score(_request(_pairs(1, 1)), timeout=TIMEOUT).results) == 1
 
 

@@ -126,6 +126,43 @@ def test_parse_rejects_naming_the_field(request_kw, field):
         assert info.value.index == int(field[10]) and "sequence " in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (pb.CreditParams(window=2**32 - 1), "params.window"),
+        (pb.CreditParams(h_lo=513), "params.h_lo"),
+        (pb.CreditParams(h_hi=2**32 - 1), "params.h_hi"),
+        (pb.CreditParams(gamma_amp=1e308), "params.gamma_amp"),
+        (pb.CreditParams(gamma_amp=convert.MAX_GAMMA_AMP * 2), "params.gamma_amp"),
+    ],
+)
+def test_parse_bounds_horizons_and_gamma_amp(params, field):
+    with pytest.raises(InputError) as info:
+        convert.parse_request(_req(params=params), 16, 1000, max_positions=512)
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_parse_accepts_horizons_up_to_max_positions():
+    msg = pb.CreditParams(window=512, h_lo=512, h_hi=512, gamma_amp=convert.MAX_GAMMA_AMP)
+    p = convert.parse_request(_req(params=msg), 16, 1000, max_positions=512).params
+    assert (p["window"], p["h_lo"], p["h_hi"], p["gamma_amp"]) == (512, 512, 512, 1e6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])  # 1e39 overflows float32
+def test_encode_refuses_non_finite(bad):
+    r = SimpleNamespace(
+        waad=np.array([0.5, bad]),
+        fai=np.zeros(2),
+        gamma=np.ones(2),
+        entropy=None,
+        local_heads=[],
+        global_heads=[],
+    )
+    with pytest.raises(convert.NonFiniteResult, match="waad"):
+        convert.encode_result(r, (True, True, True, False))
+    assert convert.encode_result(r, (False, True, True, False)).gamma  # waad not asked for
+
+
 def test_encode_roundtrip_little_endian():
     r = SimpleNamespace(
         waad=np.array([0.5, 2.0]),

@@ -35,6 +35,12 @@ DEFAULTS: dict[str, Any] = dict(
     head_quantile=0.3,
 )
 _LE_F32 = np.dtype("<f4")
+# gamma is in [1, gamma_amp]; this keeps it (and products with it) far inside float32.
+MAX_GAMMA_AMP = 1e6
+
+
+class NonFiniteResult(Exception):
+    """The runner produced a NaN/inf output; it is never sent back (the RPC fails INTERNAL)."""
 
 
 @dataclass
@@ -69,16 +75,32 @@ def _unit(name: str, value: float, lo_open: bool = False) -> float:
     return value
 
 
-def parse_params(msg: pb.CreditParams) -> dict[str, Any]:
-    """CreditParams -> score() keywords with SPEC defaults for unset fields."""
+def _horizon(name: str, value: int, max_positions: int | None) -> int:
+    # Distances never exceed the model's max positions, so a larger horizon means nothing;
+    # it is rejected (not clamped) so that the caller learns the real limit.
+    if max_positions and value > max_positions:
+        raise InputError(
+            f"must be <= the model's max positions ({max_positions}), got {value}",
+            field=f"params.{name}",
+        )
+    return int(value)
+
+
+def parse_params(msg: pb.CreditParams, max_positions: int | None = None) -> dict[str, Any]:
+    """CreditParams -> score() keywords with SPEC defaults for unset fields.
+
+    `max_positions` (the model's) bounds window, h_lo and h_hi; None or 0 skips that check.
+    """
     p = dict(DEFAULTS)
     if msg.HasField("q"):
         p["q"] = _unit("q", msg.q)
     if msg.HasField("gamma_amp"):
         p["gamma_amp"] = _finite("gamma_amp", msg.gamma_amp)
-        if p["gamma_amp"] < 1.0:
+        if not 1.0 <= p["gamma_amp"] <= MAX_GAMMA_AMP:
             raise InputError(
-                f"must be >= 1 (gamma is >= 1), got {msg.gamma_amp}", field="params.gamma_amp"
+                f"must be in [1, {MAX_GAMMA_AMP:g}] (gamma is in [1, gamma_amp]), "
+                f"got {msg.gamma_amp}",
+                field="params.gamma_amp",
             )
     if msg.HasField("alpha"):
         p["alpha"] = _unit("alpha", msg.alpha)
@@ -95,15 +117,15 @@ def parse_params(msg: pb.CreditParams) -> dict[str, Any]:
     if msg.HasField("window"):
         if msg.window < 1:
             raise InputError(f"must be >= 1, got {msg.window}", field="params.window")
-        p["window"] = int(msg.window)
+        p["window"] = _horizon("window", msg.window, max_positions)
     if msg.HasField("h_lo"):
-        p["h_lo"] = int(msg.h_lo)
+        p["h_lo"] = _horizon("h_lo", msg.h_lo, max_positions)
     if msg.h_hi_to_end:
         if msg.HasField("h_hi"):
             raise InputError("give h_hi or h_hi_to_end, not both", field="params.h_hi")
         p["h_hi"] = None
     elif msg.HasField("h_hi"):
-        p["h_hi"] = int(msg.h_hi)
+        p["h_hi"] = _horizon("h_hi", msg.h_hi, max_positions)
     if p["h_hi"] is not None and p["h_hi"] < p["h_lo"]:
         raise InputError(f"must be >= h_lo={p['h_lo']}, got {p['h_hi']}", field="params.h_hi")
     if msg.HasField("head_quantile"):
@@ -111,7 +133,9 @@ def parse_params(msg: pb.CreditParams) -> dict[str, Any]:
     return p
 
 
-def parse_request(req: pb.ScoreRequest, max_sequences: int, max_tokens: int) -> ParsedRequest:
+def parse_request(
+    req: pb.ScoreRequest, max_sequences: int, max_tokens: int, max_positions: int | None = None
+) -> ParsedRequest:
     """Validate the proto fields of a ScoreRequest; raise InputError naming the bad field."""
     strategy = req.strategy or DEFAULT_STRATEGY
     if strategy not in STRATEGIES:
@@ -144,7 +168,7 @@ def parse_request(req: pb.ScoreRequest, max_sequences: int, max_tokens: int) -> 
             f"{total} tokens exceed the limit of {max_tokens} per request (split the request)",
             field="sequences",
         )
-    params = parse_params(req.params)
+    params = parse_params(req.params, max_positions)
     o = req.outputs
     outputs = (o.waad, o.fai, o.gamma, o.entropy)
     if not any(outputs):
@@ -165,9 +189,16 @@ def parse_request(req: pb.ScoreRequest, max_sequences: int, max_tokens: int) -> 
     )
 
 
-def f32_bytes(x: Any) -> bytes:
-    """Little-endian float32 bytes of a 1-D array (what the proto's bytes fields carry)."""
-    return np.ascontiguousarray(np.asarray(x, dtype=_LE_F32).reshape(-1)).tobytes()
+def f32_bytes(x: Any, name: str = "output") -> bytes:
+    """Little-endian float32 bytes of a 1-D array (what the proto's bytes fields carry).
+
+    Raises NonFiniteResult rather than encode a NaN/inf (also one that overflows float32).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+        arr = np.ascontiguousarray(np.asarray(x, dtype=_LE_F32).reshape(-1))
+    if not np.isfinite(arr).all():
+        raise NonFiniteResult(f"non-finite {name} from the runner")
+    return arr.tobytes()
 
 
 def from_f32_bytes(raw: bytes) -> np.ndarray:
@@ -181,14 +212,14 @@ def encode_result(result: Any, outputs: tuple[bool, bool, bool, bool]) -> pb.Seq
     gamma = np.asarray(result.gamma)
     msg = pb.SequenceResult(response_len=int(gamma.shape[-1]))
     if want_waad:
-        msg.waad = f32_bytes(result.waad)
+        msg.waad = f32_bytes(result.waad, "waad")
     if want_fai:
-        msg.fai = f32_bytes(result.fai)
+        msg.fai = f32_bytes(result.fai, "fai")
     if want_gamma:
-        msg.gamma = f32_bytes(gamma)
+        msg.gamma = f32_bytes(gamma, "gamma")
     entropy = getattr(result, "entropy", None)
     if want_entropy and entropy is not None:
-        msg.entropy = f32_bytes(entropy)
+        msg.entropy = f32_bytes(entropy, "entropy")
     for layer, head in getattr(result, "local_heads", None) or ():
         msg.local_heads.add(layer=int(layer), head=int(head))
     for layer, head in getattr(result, "global_heads", None) or ():

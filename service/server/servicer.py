@@ -103,7 +103,8 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             return _Failure(
                 grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"
             )
-        fails.labels("internal").inc()
+        # A NaN/inf output is never sent back: INTERNAL, counted under its own reason.
+        fails.labels("non_finite" if isinstance(exc, convert.NonFiniteResult) else "internal").inc()
         log.error("internal error (request_id=%r)", request_id, exc_info=exc)
         return _Failure(
             grpc.StatusCode.INTERNAL,
@@ -124,7 +125,12 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
     # -- scoring ---------------------------------------------------------------------------------
     def _parse(self, request: pb.ScoreRequest) -> convert.ParsedRequest:
         cfg = self.state.config
-        parsed = convert.parse_request(request, cfg.max_request_sequences, cfg.max_request_tokens)
+        parsed = convert.parse_request(
+            request,
+            cfg.max_request_sequences,
+            cfg.max_request_tokens,
+            self.state.info.get("max_positions"),
+        )
         # Ids against the vocabulary and lengths against the model (names sequences[i]);
         # the int64 arrays it returns are what the batcher hands to score().
         parsed.pairs = self.state.scorer.validate(parsed.pairs)
