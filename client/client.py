@@ -42,17 +42,29 @@ _LE_F32 = np.dtype("<f4")
 # Retry hints servers may send: trailing metadata, or "retry after ~N ms" in the details.
 _HINT_KEYS = {"grpc-retry-pushback-ms": 1e-3, "retry-after-ms": 1e-3, "retry-after": 1.0}
 _HINT_TEXT = re.compile(r"retry after ~?\s*([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
+# Where the server's INVALID_ARGUMENT names a sequence: "sequences[3].response_ids / ...".
+_SEQ_INDEX = re.compile(r"sequences\[(\d+)\]")
 
 
 class CreditServiceError(RuntimeError):
-    """A call the client could not complete; `code` is the gRPC status code."""
+    """A call the client could not complete; `code` is the gRPC status code.
 
-    def __init__(self, code: grpc.StatusCode, details: str, target: str | None = None):
+    `index`: the caller's index of the sequence at fault (bad input), None when unknown.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        target: str | None = None,
+        index: int | None = None,
+    ):
         where = f" from {target}" if target else ""
         super().__init__(f"{code.name}{where}: {details}")
         self.code = code
         self.details = details
         self.target = target
+        self.index = index
 
 
 class StalePolicyVersionError(CreditServiceError):
@@ -133,6 +145,19 @@ def _chunks(idx: list[int], lengths: list[int], max_seqs: int, max_tokens: int) 
     if cur:
         out.append(cur)
     return out
+
+
+def _caller_index_error(err: CreditServiceError, chunk: list[int]) -> CreditServiceError:
+    """The server names the index within the request it got (cache hits removed, batches
+    split); re-raise naming the caller's index instead, as `.index` and in the message."""
+    m = _SEQ_INDEX.search(err.details) if err.code == grpc.StatusCode.INVALID_ARGUMENT else None
+    if m is None or int(m.group(1)) >= len(chunk):
+        return err
+    sent = int(m.group(1))
+    caller = chunk[sent]
+    return CreditServiceError(
+        err.code, f"sequence {caller} (sent as {sent}): {err.details}", err.target, caller
+    )
 
 
 class CreditClient:
@@ -468,7 +493,12 @@ class CreditClient:
                 expected_policy_version=version,
                 request_id=uuid.uuid4().hex,
             )
-            return chunk, self._call("Score", req)
+            try:
+                return chunk, self._call("Score", req)
+            except StalePolicyVersionError:
+                raise
+            except CreditServiceError as err:
+                raise _caller_index_error(err, chunk) from None
 
         if len(chunks) == 1:
             done = [run(chunks[0])]

@@ -151,3 +151,23 @@ def test_uint64_seed_reaches_the_server(server):
         b = client.score(P, R, strategy="random", seed=2**64 - 1)
         assert all(x.cached for x in b)
         np.testing.assert_array_equal(a[0].gamma, b[0].gamma)
+
+
+def test_bad_input_error_names_the_callers_index(models):
+    s = ServerThread(models[0], max_request_sequences=2)  # split the misses into chunks
+    try:
+        with CreditClient([s.target]) as client:
+            good_p, good_r = [[1, 2]] * 4, [[3, 4], [3, 5], [3, 6], [3, 7]]
+            client.score(good_p, good_r)  # cached: removed from what is sent next
+            prompts = [*good_p, [1, 2], [1, 2], [1, 2]]
+            responses = [*good_r, [4, 4], [4, 5], [4, 999]]  # caller 6 = chunk 1, index 0
+            with pytest.raises(CreditServiceError) as e:
+                client.score(prompts, responses)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.index == 6
+            assert str(e.value).count("sequence 6 (sent as 0): ") == 1
+            with pytest.raises(CreditServiceError) as e:
+                client.score([[1, 2]] * 3, [[3, 4], [9, 999], [3, 5]])  # 0 and 2 are hits
+            assert e.value.index == 1 and "sequence 1 (sent as 0)" in str(e.value)
+    finally:
+        s.stop()
