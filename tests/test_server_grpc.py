@@ -476,6 +476,25 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "path" in info.value.details()
+        # Garbage and truncated safetensors (SafetensorError, not an OSError): the caller's
+        # input, no traceback, and the old weights keep serving.
+        garbage = tmp_path / "garbage"
+        garbage.mkdir()
+        (garbage / "model.safetensors").write_bytes(b"\x07not a safetensors file" * 100)
+        truncated = tmp_path / "truncated"
+        truncated.mkdir()
+        whole = (other / "model.safetensors").read_bytes()
+        (truncated / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+        for bad in (garbage, truncated):
+            with pytest.raises(grpc.RpcError) as info:
+                s.stub.UpdateWeights(
+                    pb.UpdateWeightsRequest(path=str(bad), version="v2"), timeout=TIMEOUT
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "path" in info.value.details() and str(bad) in info.value.details()
+            assert "Traceback" not in info.value.details()
+        again = s.stub.Score(_request(pairs, expected_policy_version="0"), timeout=TIMEOUT)
+        assert [r.waad for r in again.results] == [r.waad for r in v0.results]
         with pytest.raises(grpc.RpcError) as info:
             s.stub.UpdateWeights(pb.UpdateWeightsRequest(path=str(other)), timeout=TIMEOUT)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

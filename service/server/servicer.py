@@ -26,6 +26,7 @@ from anchorcredit.server.batcher import (
     Outcome,
     QueueFull,
     ShuttingDown,
+    is_oom,
 )
 from anchorcredit.server.config import ServeConfig
 from anchorcredit.server.metrics import ServerMetrics
@@ -252,11 +253,18 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 t0 = time.perf_counter()
                 try:
                     scorer.load_weights(path, version)
-                except (ValueError, OSError, KeyError, RuntimeError) as exc:
-                    # Missing/garbled checkpoints are the caller's input; the runner keeps
-                    # the old weights when a load fails.
+                except Exception as exc:
+                    # The runner keeps the old weights when a load fails. Running out of
+                    # device memory is the server's problem; anything else (missing file,
+                    # garbled or truncated safetensors: SafetensorError, wrong shapes, ...)
+                    # is the caller's checkpoint, reported with the loader's message.
+                    if is_oom(exc):
+                        raise DeviceOutOfMemory(
+                            f"not enough device memory to load weights from {path!r}"
+                        ) from exc
+                    message = " ".join(str(exc).split()) or type(exc).__name__
                     raise InputError(
-                        f"cannot load weights from {path!r}: {exc}", field="path"
+                        f"cannot load weights from {path!r}: {message}", field="path"
                     ) from exc
                 return time.perf_counter() - t0
 
