@@ -302,6 +302,7 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
         srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
         for r in ("cancelled", "deadline")
     )
+    by_deadline = srv.sample("anchorcredit_queue_dropped_total", {"reason": "deadline"})
     scorer.gate.clear()
     scorer.entered.clear()
     try:
@@ -320,6 +321,8 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
         for r in ("cancelled", "deadline")
     )
     assert after == dropped + 1
+    # counted as a deadline drop even though the handler cancelled the future at the deadline
+    assert srv.sample("anchorcredit_queue_dropped_total", {"reason": "deadline"}) == by_deadline + 1
     assert len(scorer.calls) == calls + 2  # holder + the last one; the expired never ran
 
 
@@ -510,6 +513,14 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
         assert v2.policy_version == "v2"
         assert s.stub.Score(_request(pairs), timeout=TIMEOUT).policy_version == "v2"
         assert s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).policy_version == "v2"
+        # the model-info metric keeps its stat_version label across reloads
+        labels = {"policy_version": "v2", "stat_version": s.server.state.stat_version}
+        assert any(
+            all(smp.labels.get(k) == v for k, v in labels.items())
+            for mf in s.server.metrics.registry.collect()
+            if mf.name == "anchorcredit_model"
+            for smp in mf.samples
+        )
         assert any(a.waad != b.waad for a, b in zip(v0.results, v2.results, strict=True))
         want = Scorer.from_pretrained(str(other)).score(pairs)
         _assert_matches(v2, want)

@@ -318,19 +318,25 @@ def test_cancelled_and_expired_requests_are_dropped_and_counted():
         await asyncio.sleep(0.05)
         cancelled = asyncio.ensure_future(b.submit(_parsed(2)))
         expired = asyncio.ensure_future(b.submit(_parsed(3), deadline=time.monotonic() + 0.01))
+        # What the handler does: wait_for cancels the future at the deadline, before the
+        # batcher sees it; still a deadline drop, not a cancel.
+        deadline = time.monotonic() + 0.01
+        timed_out = asyncio.ensure_future(asyncio.wait_for(b.submit(_parsed(4), deadline), 0.01))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         scorer.gate.set()
         await running
         with pytest.raises(DeadlineExpired):
             await expired
+        with pytest.raises(TimeoutError):
+            await timed_out
         return metrics
 
     metrics = _run(go, scorer, max_wait_s=0.0)
     assert scorer.calls == [1]  # neither dropped request reached the device
     reg = metrics.registry
     assert reg.get_sample_value("anchorcredit_queue_dropped_total", {"reason": "cancelled"}) == 1
-    assert reg.get_sample_value("anchorcredit_queue_dropped_total", {"reason": "deadline"}) == 1
+    assert reg.get_sample_value("anchorcredit_queue_dropped_total", {"reason": "deadline"}) == 2
 
 
 def test_weight_reload_is_ordered_with_batches():
@@ -370,11 +376,15 @@ def test_bad_request_in_merged_batch_fails_alone():
         others = [asyncio.ensure_future(b.submit(_parsed(t))) for t in (2, 66, 3)]
         await asyncio.sleep(0.02)
         scorer.gate.set()
-        return await asyncio.gather(running, *others, return_exceptions=True)
+        outs = await asyncio.gather(running, *others, return_exceptions=True)
+        return outs, metrics
 
-    outs = _run(go, scorer, max_wait_s=0.0)
+    outs, metrics = _run(go, scorer, max_wait_s=0.0)
     assert isinstance(outs[2], InputError)
     assert [o.results[0].tag for i, o in enumerate(outs) if i != 2] == [1, 2, 3]
+    assert scorer.calls == [1, 3, 1, 1, 1]  # the merged batch failed and was re-run
+    # queue time is observed once per request, not again for the re-runs
+    assert _hist_count(metrics, "anchorcredit_queue_duration_seconds")[0] == 4
 
 
 def test_oom_is_split_then_resource_exhausted():

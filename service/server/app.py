@@ -213,11 +213,9 @@ class CreditServer:
             max_queue=cfg.max_queue,
         )
         batcher.start()
-        self.state.info = info
-        self.state.stat_version = stat_version_of(info)
+        self.state.set_info(info, stat_version_of(info))
         self.state.batcher = batcher
         self.state.scorer = scorer  # last: `ready` flips here
-        self.metrics.set_model_info({**info, "stat_version": self.state.stat_version})
         self.metrics.watch_memory(memory_probe(str(info.get("device", "cpu"))))
         self.metrics.ready.set(1)
         if not self._stopping:

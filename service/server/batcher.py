@@ -74,6 +74,7 @@ class _Work:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() based
     enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when it first reached the device (retries keep it)
 
 
 @dataclass
@@ -220,12 +221,15 @@ class Batcher:
                 return
 
     def _drop_if_dead(self, w: _Work, now: float) -> bool:
-        if w.future.done():  # cancelled by its caller (client cancel or deadline)
-            self._metrics.dropped.labels("cancelled").inc()
-            return True
+        # Deadline first: the handler's wait_for cancels the future at the deadline, so a
+        # done future past its deadline is a deadline drop, not a caller's cancel.
         if w.deadline is not None and now >= w.deadline:
             self._metrics.dropped.labels("deadline").inc()
-            w.future.set_exception(DeadlineExpired("deadline expired while queued"))
+            if not w.future.done():
+                w.future.set_exception(DeadlineExpired("deadline expired while queued"))
+            return True
+        if w.future.done():  # cancelled by its caller
+            self._metrics.dropped.labels("cancelled").inc()
             return True
         return False
 
@@ -276,7 +280,9 @@ class Batcher:
         m = self._metrics
         start = time.monotonic()
         for w in batch:
-            m.queue_duration.observe(start - w.enqueued)
+            if w.started is None:  # once per request: _recover re-runs failed batches
+                w.started = start
+                m.queue_duration.observe(start - w.enqueued)
         pairs = [p for w in batch for p in w.parsed.pairs]
         kwargs = batch[0].parsed.score_kwargs()
         loop = asyncio.get_running_loop()
@@ -318,7 +324,8 @@ class Batcher:
                 # Belt and braces: never hand out numbers from other weights than asked for.
                 w.future.set_exception(PolicyVersionMismatch(expected, ",".join(sorted(served))))
                 continue
-            w.future.set_result(Outcome(mine, start - w.enqueued, elapsed))
+            queued = (w.started if w.started is not None else start) - w.enqueued
+            w.future.set_result(Outcome(mine, queued, elapsed))
 
     async def _recover(self, batch: list[_Work], exc: Exception) -> None:
         """Isolate failures: halve on OOM, one by one otherwise; a lone failure is final."""

@@ -54,6 +54,14 @@ class ServerState:
     def ready(self) -> bool:
         return self.scorer is not None and self.batcher is not None
 
+    def set_info(self, info: dict[str, Any], stat_version: str | None = None) -> None:
+        """Record the model's info (at load and after every reload) and publish it as the
+        `anchorcredit_model` metric, always with the stat_version label."""
+        self.info = dict(info)
+        if stat_version is not None:
+            self.stat_version = stat_version
+        self.metrics.set_model_info({**self.info, "stat_version": self.stat_version})
+
 
 class _Failure(Exception):
     """A status to end the RPC with (used to carry errors out of stream reader tasks)."""
@@ -273,8 +281,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         except Exception as exc:
             await self._abort(context, self._failure(exc))
             raise AssertionError("unreachable") from None
-        state.info = dict(state.scorer.info())
-        state.metrics.set_model_info(state.info)
+        state.set_info(state.scorer.info())
         state.metrics.weight_updates.inc()
         log.info("policy weights now at version %r (%.2f s)", state.scorer.policy_version, seconds)
         return pb.UpdateWeightsResponse(
