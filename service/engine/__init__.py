@@ -9,6 +9,8 @@ span_stats() is the one front that picks a backend:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 
 import torch
@@ -47,11 +49,24 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int = 128) -> 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        # Triton only where it compiles to a GPU; a CUDA box without triton still works.
-        has_triton = importlib.util.find_spec("triton") is not None
-        fits = head_dim <= TRITON_MAX_HEAD_DIM
-        return "triton" if device.type == "cuda" and has_triton and fits else "chunked"
+        # Triton only where it compiles to a GPU and the head fits; a CUDA box without a
+        # working triton still works. The import is tried on CUDA only, so choosing a backend
+        # on the CPU never imports triton.
+        usable = device.type == "cuda" and head_dim <= TRITON_MAX_HEAD_DIM and _triton_imports()
+        return "triton" if usable else "chunked"
     return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_imports() -> bool:
+    """True when the span kernel's module imports (triton present and initialising)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("anchorcredit.engine.triton_span")
+    except Exception:  # ImportError, or triton failing to initialise
+        return False
+    return True
 
 
 def span_stats(

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from anchorcredit.engine import STRATEGIES, aggregate, credit
+from anchorcredit.engine import STRATEGIES, aggregate, credit, resolve_backend
 from anchorcredit.engine.chunked import span_stats_chunked
 from anchorcredit.engine.reference import span_stats_reference
 from anchorcredit.engine.types import SpanStats
@@ -42,7 +42,6 @@ from anchorcredit.runner.packing import PackedBatch, pack_inputs, plan_batches
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.weights import PartialWeightsError, load_weights_into
 
-KERNEL_BACKENDS = ("auto", "triton", "chunked", "reference")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -78,24 +77,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16") from None
-
-
-def triton_packed_available() -> bool:
-    """True when the packed Triton span kernel imports (it needs CUDA and triton)."""
-    try:
-        from anchorcredit.engine.triton_span import span_stats_packed  # noqa: F401
-    except Exception:  # ImportError, or triton failing to initialise without a GPU
-        return False
-    return True
-
-
-def resolve_kernel_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' (packed kernel) on CUDA when importable, else 'chunked'."""
-    if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {KERNEL_BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_packed_available() else "chunked"
-    return backend
 
 
 def _as_ids(x: Any, field: str, index: int, vocab: int) -> np.ndarray:
@@ -147,10 +128,8 @@ class Scorer:
         self.policy_version = str(policy_version)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.backend = resolve_kernel_backend(backend, self.device)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if backend == "auto" and self.backend == "triton" and head_dim > 256:
-            self.backend = "chunked"  # the kernel's limit (engine/triton_span.py)
+        self.backend = resolve_backend(backend, self.device, head_dim)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         mp = getattr(cfg, "max_position_embeddings", None)
         self.max_positions = int(mp) if mp else None
