@@ -44,7 +44,13 @@ from collections.abc import Sequence
 
 import torch
 from anchorcredit.engine.types import SpanStats
-from anchorcredit.engine.validate import check_horizon, check_lengths, check_scale
+from anchorcredit.engine.validate import (
+    check_finite_qk,
+    check_horizon,
+    check_lengths,
+    check_qk_pair,
+    check_scale,
+)
 
 try:  # triton is optional: importing anchorcredit.engine must work without it
     import triton
@@ -272,28 +278,10 @@ def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
 def _check_packed(
     q: torch.Tensor, k: torch.Tensor, cu: list[int], prompts: list[int], check_finite: bool
 ) -> None:
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
-        raise ValueError("q and k must be torch tensors")
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(
-            f"q must be [Hq, total_N, d] and k [Hkv, total_N, d], got {tuple(q.shape)} "
-            f"and {tuple(k.shape)}"
-        )
-    hq, n, d = q.shape
-    hkv = k.shape[0]
-    if k.shape[1] != n or k.shape[2] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: N and d must agree")
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv} (GQA)")
+    check_qk_pair(q, k)
+    n, d = q.shape[1], q.shape[2]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the kernel")
-    if q.device != k.device:
-        raise ValueError(f"q and k are on different devices: {q.device} vs {k.device}")
-    if not q.is_floating_point() or not k.is_floating_point():
-        raise ValueError("q and k must be floating point tensors")
-    if q.dtype != k.dtype:
-        # Casting one to the other's 16-bit type could overflow (inf -> NaN) or lose precision.
-        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != n:
         raise ValueError(f"cu_seqlens must start at 0 and end at total_N={n}, got {cu}")
     if len(prompts) != len(cu) - 1:
@@ -303,8 +291,8 @@ def _check_packed(
             check_lengths(cu[b + 1] - cu[b], p)
         except ValueError as err:
             raise ValueError(f"sequence {b}: {err}") from None
-    if check_finite and (not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all())):
-        raise ValueError("q and k must be finite (found NaN or inf)")
+    if check_finite:
+        check_finite_qk(q, k)
 
 
 def _check_block(value: int, name: str) -> int:

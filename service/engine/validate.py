@@ -9,6 +9,16 @@ import torch
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> None:
     """Validate one sequence's post-RoPE q [Hq, N, d] and k [Hkv, N, d]."""
+    check_qk_pair(q, k)
+    check_lengths(q.shape[1], prompt_len)
+    check_finite_qk(q, k)
+
+
+def check_qk_pair(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q [Hq, N, d] and k [Hkv, N, d] fit together: shapes, GQA, device, one float dtype.
+
+    N is one sequence's length or, for a packed batch, the total over its sequences.
+    """
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         raise ValueError("q and k must be torch tensors")
     if q.dim() != 3:
@@ -29,8 +39,11 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> None:
     if not q.is_floating_point() or not k.is_floating_point():
         raise ValueError("q and k must be floating point tensors")
     if q.dtype != k.dtype:
+        # Casting one to the other's dtype could overflow (inf -> NaN) or lose precision.
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    check_lengths(n, prompt_len)
+
+
+def check_finite_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
         raise ValueError("q and k must be finite (found NaN or inf)")
 
