@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from anchorcredit.client import CreditClient
-    from anchorcredit.debug_model import save_debug_model
+    from anchorcredit.offline.debug_model import save_debug_model
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, args.prompt).tolist() for _ in range(args.batch)]

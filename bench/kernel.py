@@ -76,7 +76,7 @@ def eager_stats(q, k, prompt_len, window, h_lo, h_hi, scale):
 def smoke(args: argparse.Namespace) -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     from anchorcredit.engine import span_stats
-    from anchorcredit.engine.triton_span import span_stats_packed
+    from anchorcredit.engine.span.triton_kernel import span_stats_packed
 
     gen = torch.Generator().manual_seed(0)
     n, prompt_len = 96, 8
@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch.nn.functional as F
-    from anchorcredit.engine.triton_span import span_stats_packed
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
+
+    from anchorcredit.engine.span.triton_kernel import span_stats_packed
 
     dtype = getattr(torch, args.dtype)
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim

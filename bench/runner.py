@@ -84,9 +84,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
     import transformers
+
     from anchorcredit import Scorer
     from anchorcredit.engine import aggregate, credit
-    from anchorcredit.engine.reference import stats_from_attention
+    from anchorcredit.engine.span.reference import stats_from_attention
     from anchorcredit.runner import select_layers
     from anchorcredit.runner.scorer import parse_dtype
 

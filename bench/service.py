@@ -121,6 +121,7 @@ def start_server(model: str, device: str, args: argparse.Namespace) -> tuple:
 
 async def load(port: int, requests: list, clients: int) -> tuple[float, list[float]]:
     import grpc
+
     from anchorcredit.v1 import credit_pb2 as pb
     from anchorcredit.v1 import credit_pb2_grpc
 
@@ -170,7 +171,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from anchorcredit.debug_model import save_debug_model
+            from anchorcredit.offline.debug_model import save_debug_model
 
             model = str(save_debug_model(Path(tmp) / "llama", arch="llama"))
         from anchorcredit.runner import Scorer

@@ -1,4 +1,6 @@
-"""Regenerate the committed gRPC stubs (service/v1/) from proto/ with the pinned grpcio-tools.
+"""Regenerate the committed gRPC stubs (service/anchorcredit/v1/) from proto/.
+
+With the pinned grpcio-tools:
 
     python scripts/gen_proto.py            # write stubs
     python scripts/gen_proto.py --check    # exit 1 if the committed stubs are stale
@@ -16,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
-STUB_DIR = ROOT / "service" / "v1"
+STUB_DIR = ROOT / "service" / "anchorcredit" / "v1"
 PINNED_GRPCIO_TOOLS = "1.85.1"
 STUBS = ("credit_pb2.py", "credit_pb2.pyi", "credit_pb2_grpc.py")
 

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from anchorcredit.models import embedded_default_path, load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from anchorcredit.offline.models import embedded_default_path, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

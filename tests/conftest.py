@@ -1,8 +1,22 @@
-"""Shared fixtures. GPU-marked tests skip on machines without CUDA (CI has none)."""
+"""Shared fixtures and helpers of the whole suite (tests/ mirrors the source tree).
+
+- GPU-marked tests skip on machines without CUDA (CI has none); in CI nothing else may skip.
+- `free_port`, `redis_process` and `start_server` give tests a loopback port, a private
+  redis-server and a real CreditServer in its own thread, each stopped at teardown.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +56,139 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         lines = "\n  ".join(_unexpected_skips)
         print(f"\nCI forbids skipped tests that are not GPU-only:\n  {lines}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """`redis-server --port <free> --save '' --appendonly no` on loopback; kill() stops it."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (CI installs it with apt-get)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        pytest.fail("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class ServerThread:
+    """A real anchorcredit CreditServer (grpc.aio) on 127.0.0.1:<free>, in its own loop/thread."""
+
+    def __init__(self, model: str | Path | None = None, scorer: Any = None, **config: Any):
+        from anchorcredit.server.app import CreditServer
+        from anchorcredit.server.config import ServeConfig
+
+        cfg = ServeConfig(
+            model=str(model) if model else None,
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            device="cpu",
+            dtype="float32",
+            **config,
+        )
+        self.server = CreditServer(cfg, scorer=scorer)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._started.wait(120):
+            raise TimeoutError("server did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+            self.loop.run_until_complete(self.server.load())
+        except BaseException as e:  # report to the constructor
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            fut = asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop)
+            fut.result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+
+
+@pytest.fixture(name="free_port", scope="session")
+def free_port_fixture() -> Callable[[], int]:
+    """A function returning a loopback port nothing listens on (yet)."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[Callable[[], RedisProcess]]:
+    """Start a private redis-server on loopback; every one started is killed at the end."""
+    started: list[RedisProcess] = []
+
+    def start() -> RedisProcess:
+        started.append(RedisProcess())
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.kill()
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator[Callable[..., ServerThread]]:
+    """Start a real CreditServer: start_server(model_dir_or_None, scorer=None, **config)."""
+    started: list[ServerThread] = []
+
+    def start(model: str | Path | None = None, scorer: Any = None, **config: Any) -> ServerThread:
+        started.append(ServerThread(model, scorer, **config))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()

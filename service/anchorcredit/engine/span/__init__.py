@@ -1,0 +1,128 @@
+"""Span statistics (SPEC.md: per-head span, WAAD, FAI) and the one front that picks a backend.
+
+The room holds every way we compute them, side by side:
+  reference.py      materialised attention, the oracle (float64 capable)
+  chunked.py        blocks of query rows, O(N * block) memory: the CPU path
+  triton_kernel.py  fused GPU kernel (its docstring states contract, limits, hardware)
+  checks.py         argument checks every backend shares
+  benchmark.py      one table: every backend against SDPA, same run
+Their tests are tests/engine/span/.
+
+span_stats()         one sequence
+span_stats_packed()  a packed batch (the runner's entry point): sequences end to end
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from anchorcredit.engine.span.checks import check_horizon, check_qk, check_scale
+from anchorcredit.engine.span.chunked import span_stats_chunked
+from anchorcredit.engine.span.reference import span_stats_reference
+from anchorcredit.engine.types import SpanStats
+
+BACKENDS = ("reference", "chunked", "triton", "auto")
+# The kernel's largest head dim (triton_kernel.MAX_HEAD_DIM, kept here so that choosing a
+# backend never imports triton).
+TRITON_MAX_HEAD_DIM = 256
+
+__all__ = [
+    "BACKENDS",
+    "TRITON_MAX_HEAD_DIM",
+    "resolve_backend",
+    "span_stats",
+    "span_stats_packed",
+]
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 128) -> str:
+    """The backend `backend` means on `device`: "auto" is triton where it can run, else chunked."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        # Triton only where it compiles to a GPU and the head fits; a CUDA box without a
+        # working triton still works. The import is tried on CUDA only, so choosing a backend
+        # on the CPU never imports triton.
+        usable = device.type == "cuda" and head_dim <= TRITON_MAX_HEAD_DIM and _triton_imports()
+        return "triton" if usable else "chunked"
+    return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_imports() -> bool:
+    """True when the span kernel's module imports (triton present and initialising)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("anchorcredit.engine.span.triton_kernel")
+    except Exception:  # ImportError, or triton failing to initialise
+        return False
+    return True
+
+
+def span_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_len: int,
+    window: int = 10,
+    h_lo: int = 10,
+    h_hi: int | None = 100,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> SpanStats:
+    """Per-head span [Hq], WAAD [Hq, R] and FAI [Hq, R] of one sequence (SPEC.md).
+
+    q: [Hq, N, d], k: [Hkv, N, d] post-RoPE (Hq a multiple of Hkv). h_hi=None runs the FAI
+    horizon to the end of the response. scale defaults to 1/sqrt(d).
+    """
+    check_qk(q, k, prompt_len)
+    check_horizon(window, h_lo, h_hi)
+    scale = check_scale(scale, q.shape[-1])
+    backend = resolve_backend(backend, q.device, q.shape[-1])
+    args = (q, k, prompt_len, int(window), int(h_lo), None if h_hi is None else int(h_hi), scale)
+    if backend == "reference":
+        return span_stats_reference(*args)
+    if backend == "chunked":
+        return span_stats_chunked(*args)
+    from anchorcredit.engine.span.triton_kernel import span_stats_triton
+
+    return span_stats_triton(*args)
+
+
+def span_stats_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: Sequence[int],
+    prompt_lens: Sequence[int],
+    window: int,
+    h_lo: int,
+    h_hi: int | None,
+    scale: float,
+    backend: str,
+) -> list[SpanStats]:
+    """SpanStats of every sequence of a packed batch: q [Hq, T, d], k [Hkv, T, d] with the
+    sequences end to end (cu_seqlens [B+1], prompt_lens [B]); `backend` already resolved.
+
+    The runner's hot path: shapes and horizons were checked when the request was parsed, so
+    this skips span_stats()' per-call checks (an isfinite pass over q and k costs ~25% of the
+    statistics on the CPU). A non-finite q/k still fails loudly: it makes a head's span
+    non-finite, which aggregate() rejects.
+    """
+    if backend == "triton":
+        from anchorcredit.engine.span import triton_kernel
+
+        return triton_kernel.span_stats_packed(
+            q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale
+        )
+    if backend not in ("chunked", "reference"):
+        raise ValueError(f"span_stats_packed needs a resolved backend, got {backend!r}")
+    fn = span_stats_chunked if backend == "chunked" else span_stats_reference
+    return [
+        fn(q[:, a:b], k[:, a:b], p, window, h_lo, h_hi, scale)
+        for a, b, p in zip(cu_seqlens[:-1], cu_seqlens[1:], prompt_lens, strict=True)
+    ]

@@ -1,0 +1,428 @@
+"""Fused Triton span kernel: SPEC.md's per-head span, WAAD and FAI without the N x N matrix.
+
+Contract
+    Inputs: post-RoPE q [Hq, total_N, d] and k [Hkv, total_N, d] (bf16, fp16 or fp32;
+    float64 is computed in fp32), Hq a multiple of Hkv (query head h reads kv head
+    h // (Hq / Hkv)). Several sequences may be packed along the token axis: cu_seqlens [B+1]
+    (cumulative lengths, 0 first, total_N last) and prompt_lens [B] (1 <= P_b < len_b). The
+    mask is block-diagonal causal: a token attends only to earlier tokens of its sequence.
+    Outputs: one SpanStats per sequence, float32, exactly SPEC.md's span [Hq], WAAD [Hq, R_b]
+    and FAI [Hq, R_b] (per head; FAI already divided by |T(s)|, 0 where T(s) is empty).
+    Accumulation is fp32 throughout; the result is deterministic (no atomics).
+
+Passes (docs/KERNEL.md has the derivation)
+    1. Row pass, one program per (response query block, q head), shaped like a
+       FlashAttention forward without V: an online max/sum in base 2 with the softmax scale
+       folded into one multiplier, plus two accumulators rescaled alongside the row sum:
+       sum p * (t - s) (span, unclipped) and sum_{t-s<W} (W - (t-s)) p (WAAD, read only on
+       the few tiles at the diagonal). Stores the row log-sum-exp, the row's mean distance
+       and WAAD.
+    2. Column pass, one program per (response key tile, q head), shaped like the dK/dV loop
+       of a FlashAttention backward: with the row LSE known, recompute exact probabilities
+       for the query tiles with h_lo <= t - s <= h_hi and sum the columns. For a finite h_hi
+       this touches only ~(BLOCK_N + h_hi - h_lo) rows per key tile (the band epilogue); for
+       h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
+       per query block keeps FAI deterministic without an atomics buffer.
+    Memory: O(Hq * total_N) fp32 (LSE, per-row span, WAAD, FAI) plus the block tables.
+    The stored LSE is internal: base 2, of the scaled scores times log2(e).
+
+Limits
+    head dim <= 256 (padded to a power of two >= 16); block sizes powers of two >= 16.
+    fp32 inputs use IEEE fp32 dot products (no TF32), so they are slow but exact to ~1e-6.
+    Every request is validated on the host (one device sync to read cu_seqlens).
+
+Tested on
+    Correctness verified under TRITON_INTERPRET=1 on CPU (fp32/bf16/fp16 inputs, N <= 512)
+    against the materialised reference, and compiled ahead of time to sm_80 / sm_90 cubins
+    (tests/test_triton_span.py). NOT yet run on a GPU: the bf16 correctness tests (marked
+    gpu) and bench/kernel.py are written but unmeasured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from anchorcredit.engine.span.checks import (
+    check_finite_qk,
+    check_horizon,
+    check_lengths,
+    check_qk_pair,
+    check_scale,
+)
+from anchorcredit.engine.types import SpanStats
+
+try:  # triton is optional: importing anchorcredit.engine must work without it
+    import triton
+    import triton.language as tl
+
+    # The combine functions behind tl.sum / tl.max, used through tl.reduce: tl.sum itself is
+    # jitted when triton is imported, so it cannot run under an interpreter switched on
+    # later, while the interpreter maps these two objects onto numpy reductions.
+    _SUM = tl.standard._sum_combine
+    _MAX = tl.standard._elementwise_max
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = _SUM = _MAX = None
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _row_pass(
+    Q, K, LSE, SPAN, WAAD,
+    BLK_SEQ, BLK_START, CU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
+    qk_scale, group, head_dim, window, near,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(BLK_SEQ + blk)
+    t0 = tl.load(BLK_START + blk)
+    seq_start = tl.load(CU + seq)
+    seq_end = tl.load(CU + seq + 1)
+    kvh = h // group
+
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_end
+    d_ok = offs_d < head_dim
+    q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + kvh.to(tl.int64) * stride_kh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    dist_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum p * (t - s)
+    near_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
+
+    # Stage 1: key tiles ending at least `near` = max(W, 1) before the block's first row:
+    # no causal mask, no WAAD weight, always in bounds.
+    gap = tl.maximum(t0 - seq_start - near + 1, 0)
+    split = seq_start + (gap // BLOCK_N) * BLOCK_N
+    # This loop is the bulk of the work: keep it at one FMA + exp2 + two multiply-adds per
+    # score. sum_s p (t - s) = (t - n0) sum_s p - sum_s p (s - n0) over a tile starting at
+    # n0 reads a per-column vector instead of a per-element distance; both terms are of the
+    # tile's size, so the difference loses nothing worth measuring in fp32.
+    col_rel = tl.arange(0, BLOCK_N).to(tl.float32)
+    row_f = offs_m.to(tl.float32)
+    for start_n in range(seq_start, split, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+        kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)  # qk_scale > 0
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_tile = tl.reduce(p, 1, _SUM)
+        moment = tl.reduce(p * col_rel[None, :], 1, _SUM)
+        dist_i = dist_i * alpha + ((row_f - start_n) * l_tile - moment)
+        l_i = l_i * alpha + l_tile
+        # near_i stays 0 here: no key in these tiles is within W of any row.
+        m_i = m_new
+
+    # Stage 2: the diagonal tiles (the first holds a key <= every row, so m_i turns finite).
+    hi = tl.minimum(t0 + BLOCK_M, seq_end)
+    for start_n in range(split, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seq_end
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+        kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        delta = offs_m[:, None] - offs_n[None, :]
+        valid = (delta >= 0) & col_ok[None, :]  # causal, inside the sequence
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        dist = delta.to(tl.float32)
+        weight = tl.maximum(window - dist, 0.0)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        dist_i = dist_i * alpha + tl.reduce(p * dist, 1, _SUM)
+        near_i = near_i * alpha + tl.reduce(p * weight, 1, _SUM)
+        m_i = m_new
+
+    out = h.to(tl.int64) * stride_oh + offs_m
+    tl.store(LSE + out, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(SPAN + out, dist_i / l_i, mask=row_ok)
+    # Mass further than W back (prompt included) counts as W: WAAD = W - sum (W-d) p.
+    tl.store(WAAD + out, window - near_i / l_i, mask=row_ok)
+
+
+def _col_pass(
+    Q, K, LSE, FAI,
+    BLK_SEQ, BLK_START, CU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
+    qk_scale, group, head_dim, h_lo, h_hi,
+    HAS_HI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(BLK_SEQ + blk)
+    j0 = tl.load(BLK_START + blk)
+    seq_end = tl.load(CU + seq + 1)
+    kvh = h // group
+
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_end
+    d_ok = offs_d < head_dim
+    k_ptrs = K + kvh.to(tl.int64) * stride_kh + offs_n[None, :].to(tl.int64) * stride_kn
+    kt = tl.load(k_ptrs + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    q_base = Q + h.to(tl.int64) * stride_qh
+    lse_base = LSE + h.to(tl.int64) * stride_oh
+
+    # Rows that can see these columns inside the horizon; j0 is a response position and
+    # h_lo >= 0, so every such row is a response row (its LSE was stored by the row pass).
+    t_lo = j0 + h_lo
+    if HAS_HI:
+        t_hi = tl.minimum(seq_end, j0 + BLOCK_N + h_hi)  # exclusive
+        t_mid = t_hi
+    else:
+        t_hi = seq_end
+        # Rows from t_mid on are >= h_lo past every column of the tile: no band mask.
+        t_mid = tl.minimum(t_hi, j0 + BLOCK_N - 1 + h_lo)
+    acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
+    for start_m in range(t_lo, t_mid, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < t_mid
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        delta = offs_m[:, None] - offs_n[None, :]
+        band = row_ok[:, None] & col_ok[None, :] & (delta >= h_lo)
+        if HAS_HI:
+            band = band & (delta <= h_hi)
+        # Mask before exp2: entries outside the band (the future included) would overflow.
+        p = tl.exp2(tl.where(band, s * qk_scale - lse[:, None], float("-inf")))
+        acc += tl.reduce(p, 0, _SUM)
+    if not HAS_HI:
+        # The horizon runs to the end: the bulk of a causal pass, unmasked. Rows past the
+        # end get LSE +inf (probability 0); columns past the end are never stored.
+        for start_m in range(t_mid, t_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < t_hi
+            q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            if UPCAST:
+                q = q.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            acc += tl.reduce(tl.exp2(s * qk_scale - lse[:, None]), 0, _SUM)
+
+    # |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1, clipped at 0 (empty -> FAI 0).
+    if HAS_HI:
+        last = tl.minimum(seq_end - 1, offs_n + h_hi)
+    else:
+        last = seq_end - 1 + offs_n * 0
+    count = (last - offs_n - h_lo + 1).to(tl.float32)
+    fai = tl.where(count > 0, acc / tl.maximum(count, 1.0), 0.0)
+    tl.store(FAI + h.to(tl.int64) * stride_oh + offs_n, fai, mask=col_ok)
+
+
+# Jitted kernels per interpreter mode: TRITON_INTERPRET is read when a function is jitted,
+# so jitting lazily (not at import) lets tests switch the interpreter on at any time.
+_KERNELS: dict[bool, tuple] = {}
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError(
+            "the triton span backend needs the `triton` package (pip install triton, Linux + "
+            "CUDA); use backend='chunked' on machines without it"
+        )
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernels() -> tuple:
+    mode = _interpreting()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = (triton.jit(_row_pass), triton.jit(_col_pass))
+    return _KERNELS[mode]
+
+
+def _default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages); hand-picked, bench/kernel.py can sweep."""
+    if device.type != "cuda":  # interpreter: bigger tiles mean fewer (slow) Python steps
+        return 32, 32, 4, 1
+    if dtype == torch.float32:  # fp32 tiles are twice the shared memory
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
+def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1 or x.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {x.dtype} {tuple(x.shape)}")
+        return [int(v) for v in x.tolist()]
+    return [int(v) for v in x]
+
+
+def _check_packed(
+    q: torch.Tensor, k: torch.Tensor, cu: list[int], prompts: list[int], check_finite: bool
+) -> None:
+    check_qk_pair(q, k)
+    n, d = q.shape[1], q.shape[2]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the kernel")
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != n:
+        raise ValueError(f"cu_seqlens must start at 0 and end at total_N={n}, got {cu}")
+    if len(prompts) != len(cu) - 1:
+        raise ValueError(f"{len(prompts)} prompt lengths for {len(cu) - 1} sequences")
+    for b, p in enumerate(prompts):
+        try:
+            check_lengths(cu[b + 1] - cu[b], p)
+        except ValueError as err:
+            raise ValueError(f"sequence {b}: {err}") from None
+    if check_finite:
+        check_finite_qk(q, k)
+
+
+def _check_block(value: int, name: str) -> int:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
+
+
+def span_stats_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    prompt_lens: torch.Tensor | Sequence[int],
+    window: int = 10,
+    h_lo: int = 10,
+    h_hi: int | None = 100,
+    scale: float | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    check_finite: bool = True,
+) -> list[SpanStats]:
+    """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
+
+    q [Hq, total_N, d], k [Hkv, total_N, d]; sequence b occupies tokens
+    cu_seqlens[b]:cu_seqlens[b+1] with its first prompt_lens[b] tokens the prompt.
+    Block sizes (powers of two >= 16) and launch options default to hand-picked values per
+    device and dtype. check_finite=False skips the NaN/inf scan of q and k (a full read and
+    a device sync) for callers whose inputs come straight from a model forward.
+    """
+    _require_triton()
+    cu = _as_int_list(cu_seqlens, "cu_seqlens")
+    prompts = _as_int_list(prompt_lens, "prompt_lens")
+    _check_packed(q, k, cu, prompts, check_finite)
+    check_horizon(window, h_lo, h_hi)
+    scale = check_scale(scale, q.shape[-1])
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"the triton span kernel needs CUDA tensors (got {q.device}); set "
+            "TRITON_INTERPRET=1 before the first call to run it on CPU, or use backend='chunked'"
+        )
+
+    if q.dtype == torch.float64:  # the kernel computes in fp32
+        q, k = q.float(), k.float()
+        if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
+            raise ValueError("q and k overflow float32, the kernel's precision")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+
+    bm, bn, warps, stages = _default_blocks(q.device, q.dtype)
+    bm, bn = _check_block(block_m or bm, "block_m"), _check_block(block_n or bn, "block_n")
+    warps, stages = num_warps or warps, num_stages or stages
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    block_d = max(16, triton.next_power_of_2(d))
+    # Distances never exceed the longest sequence, so clamping the horizon there changes no
+    # number and keeps the kernel's int32 index arithmetic (s + h_hi, ...) from wrapping.
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    window, h_lo = min(int(window), longest), min(int(h_lo), longest)
+    h_hi = None if h_hi is None else min(int(h_hi), longest)
+
+    # Block tables over response rows (row pass) and response columns (column pass), the
+    # heaviest blocks first so the long causal rows do not trail at the end of the grid.
+    rows: list[tuple[int, int, int]] = []
+    cols: list[tuple[int, int, int]] = []
+    for b in range(len(prompts)):
+        start, end = cu[b] + prompts[b], cu[b + 1]
+        rows += [(t0 - cu[b], b, t0) for t0 in range(start, end, bm)]
+        cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
+    rows.sort(key=lambda r: -r[0])
+    if h_hi is None:
+        cols.sort(key=lambda c: -c[0])
+    dev = q.device
+    row_seq = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=dev)
+    row_start = torch.tensor([r[2] for r in rows], dtype=torch.int32, device=dev)
+    col_seq = torch.tensor([c[1] for c in cols], dtype=torch.int32, device=dev)
+    col_start = torch.tensor([c[2] for c in cols], dtype=torch.int32, device=dev)
+    cu_dev = torch.tensor(cu, dtype=torch.int32, device=dev)
+
+    # Per-position outputs (prompt slots unused): O(Hq * total_N) fp32.
+    lse = torch.empty(hq, n, dtype=torch.float32, device=dev)
+    span_row = torch.empty_like(lse)
+    waad = torch.empty_like(lse)
+    fai = torch.empty_like(lse)
+    qk_scale = scale * LOG2E  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2 e)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
+    # Triton 3.9's interpreter multiplies bf16 tiles wrongly; it gets exact fp32 copies
+    # (bf16 -> fp32 is lossless, and the GPU's bf16 MMA accumulates in fp32 too).
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+
+    row_kernel, col_kernel = _kernels()
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0))
+    # FMA contraction on explicitly (it is what `s * scale - m` is written for).
+    launch = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
+    row_kernel[(len(rows), hq)](
+        q, k, lse, span_row, waad, row_seq, row_start, cu_dev, *strides,
+        qk_scale, group, d, window, max(window, 1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
+    )  # fmt: skip
+    col_kernel[(len(cols), hq)](
+        q, k, lse, fai, col_seq, col_start, cu_dev, *strides,
+        qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi),
+        HAS_HI=h_hi is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
+    )  # fmt: skip
+
+    out = []
+    for b in range(len(prompts)):
+        lo, hi = cu[b] + prompts[b], cu[b + 1]
+        out.append(
+            SpanStats(span=span_row[:, lo:hi].mean(-1), waad=waad[:, lo:hi], fai=fai[:, lo:hi])
+        )
+    return out
+
+
+def span_stats_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_len: int,
+    window: int,
+    h_lo: int,
+    h_hi: int | None,
+    scale: float,
+) -> SpanStats:
+    """One sequence through the packed kernel (the engine front's `backend="triton"`, which
+    has already validated the arguments and scanned q and k for NaN/inf)."""
+    cu, prompts = [0, q.shape[1]], [prompt_len]
+    return span_stats_packed(q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False)[0]

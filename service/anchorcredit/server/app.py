@@ -1,0 +1,302 @@
+"""Build, start and stop the grpc.aio server: CreditService + health + reflection + /metrics.
+
+Lifecycle
+  start()  bind the port, serve health (CreditService NOT_SERVING) and /metrics at once, so
+           probes and clients get answers (UNAVAILABLE) while the model loads.
+  load()   build the Scorer on the device thread, start the batcher, flip health to SERVING.
+  stop()   health NOT_SERVING everywhere, optionally keep serving `shutdown_delay_s` while
+           that propagates, stop accepting RPCs, give in-flight ones `grace_s` to finish,
+           drain the batcher, close /metrics.
+`serve(config)` runs that under SIGTERM/SIGINT handlers and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from anchorcredit.server.batcher import Batcher
+from anchorcredit.server.config import SERVICE_NAME, ServeConfig
+from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
+from anchorcredit.server.servicer import CreditServicer, ServerState
+from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
+
+log = logging.getLogger(__name__)
+DEFAULT_STAT_VERSION = "1"
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def default_scorer_factory(config: ServeConfig) -> Callable[[], Any]:
+    """A zero-argument callable building the runner's Scorer from the config (blocking)."""
+
+    def build() -> Any:
+        from anchorcredit.runner import Scorer
+
+        device = resolve_device(config.device)
+        return Scorer.from_pretrained(
+            config.model,
+            device=device,
+            dtype=resolve_dtype(config.dtype, device),
+            layers=config.layer_list,
+            max_batch_tokens=config.max_batch_tokens,
+            policy_version=config.policy_version,
+        )
+
+    return build
+
+
+def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
+        # No send cap: a response is bounded by the request limits above, but its head lists
+        # scale with len(layers) x num_heads per sequence (model-dependent), so any fixed cap
+        # could turn a finished computation into RESOURCE_EXHAUSTED. Sizing it from the model
+        # would only re-derive a bound the receive limit and the model already impose; the
+        # client's own receive limit is what protects the client.
+        ("grpc.max_send_message_length", -1),
+        # Permit client keepalive pings (trainers hold long-lived channels) ...
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(config.keepalive_min_ping_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", 2),
+        # ... and ping idle clients ourselves so dead peers are noticed.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Refuse to share a port with another process silently.
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_s > 0:
+        # Clients reconnect (and re-resolve DNS) so new pods behind a headless Service get
+        # traffic; the grace lets a long request on the old connection finish.
+        opts += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(config.grace_s, 1) * 1000)),
+        ]
+    return opts
+
+
+def stat_version_of(info: dict[str, Any]) -> str:
+    """Version of the statistics' definition: the runner's, else the engine's, else 1."""
+    if info.get("stat_version"):
+        return str(info["stat_version"])
+    try:
+        import anchorcredit.engine as engine
+
+        return str(getattr(engine, "STAT_VERSION", DEFAULT_STAT_VERSION))
+    except Exception:
+        return DEFAULT_STAT_VERSION
+
+
+def stage_timings(last_run: Any) -> dict[str, float] | None:
+    """The runner's per-call record -> {stage: seconds} ("runner" = its own wall time,
+    plus any `<stage>_seconds` keys it reports); read on the device thread after score()."""
+    if not isinstance(last_run, dict):
+        return None
+    out = {
+        k.removesuffix("_seconds"): float(v)
+        for k, v in last_run.items()
+        if k.endswith("_seconds") and isinstance(v, int | float)
+    }
+    if isinstance(last_run.get("seconds"), int | float):
+        out["runner"] = float(last_run["seconds"])
+    return out or None
+
+
+class CreditServer:
+    """One server instance. `scorer` (already built) or `scorer_factory` (built in load())."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        scorer: Any = None,
+        scorer_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.state = ServerState(config=config, metrics=self.metrics)
+        self._prebuilt = scorer
+        self._factory = scorer_factory or default_scorer_factory(config)
+        # The device thread: every model call (load, score, reload) runs here, one at a time.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._http: Any = None
+        self.port = 0
+        self.metrics_port = -1
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound gRPC port."""
+        cfg = self.config
+        server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics, cfg.auth_token)],
+            options=grpc_options(cfg),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
+        )
+        credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        names = (
+            credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        await server.start()
+        self._server = server
+        if cfg.metrics_port >= 0:
+            self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+            self.metrics_port = int(self._http[0].server_port)
+        log.info(
+            "gRPC on %s:%d (%s), metrics %s",
+            cfg.host,
+            self.port,
+            "TLS" if cfg.tls_cert else "plaintext",
+            f"on {cfg.metrics_host}:{self.metrics_port}" if self._http else "off",
+        )
+        return self.port
+
+    async def load(self) -> None:
+        """Build the scorer on the device thread, then start batching and report SERVING."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        scorer = self._prebuilt
+        if scorer is None:
+            scorer = await loop.run_in_executor(self._executor, self._factory)
+        info = dict(scorer.info())
+        cfg = self.config
+
+        def score_fn(pairs: list, **kwargs: Any) -> tuple[list, dict[str, float] | None]:
+            results = scorer.score(pairs, **kwargs)
+            return results, stage_timings(getattr(scorer, "last_run", None))
+
+        batcher = Batcher(
+            score_fn,
+            self._executor,
+            self.metrics,
+            lambda: str(scorer.policy_version),
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_wait_s=cfg.max_wait_ms / 1000.0,
+            max_batch_requests=cfg.max_batch_requests,
+            max_queue=cfg.max_queue,
+        )
+        batcher.start()
+        self.state.set_info(info, stat_version_of(info))
+        self.state.batcher = batcher
+        self.state.scorer = scorer  # last: `ready` flips here
+        self.metrics.watch_memory(memory_probe(str(info.get("device", "cpu"))))
+        self.metrics.ready.set(1)
+        if not self._stopping:
+            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "model %s (policy %s) loaded in %.1f s",
+            info.get("model_id"),
+            info.get("policy_version"),
+            time.perf_counter() - t0,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, (delay), stop accepting, finish in-flight, drain, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        cfg = self.config
+        grace = cfg.grace_s if grace is None else grace
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if cfg.shutdown_delay_s > 0:
+            await asyncio.sleep(cfg.shutdown_delay_s)
+        if self._server is not None:
+            inflight = self.metrics.registry.get_sample_value("anchorcredit_inflight_requests")
+            log.info(
+                "stopping: %d RPCs in flight, %d queued, grace %.0f s",
+                int(inflight or 0),
+                self.state.batcher.depth if self.state.batcher else 0,
+                grace,
+            )
+            # New RPCs are refused from here; running handlers get `grace` seconds.
+            await self._server.stop(grace)
+        if self.state.batcher is not None:
+            try:  # normally instant: the handlers that fed the queue are done by now
+                await asyncio.wait_for(self.state.batcher.close(), max(grace, 1.0))
+            except TimeoutError:
+                log.warning("batcher still busy after the grace period; exiting anyway")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._http is not None:
+            http_server, thread = self._http
+            http_server.shutdown()
+            http_server.server_close()
+            thread.join(timeout=5)
+            self._http = None
+        log.info("server stopped")
+
+    async def __aenter__(self) -> CreditServer:
+        await self.start()
+        try:
+            await self.load()
+        except BaseException:
+            await self.stop(0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(config: ServeConfig, scorer: Any = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load."""
+    server = CreditServer(config, scorer=scorer)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    loading = asyncio.ensure_future(server.load())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loading.done() and loading.exception() is not None:
+        log.error("model failed to load: %s", loading.exception())
+        code = 1
+    else:
+        await stop.wait()
+        log.info("signal received: draining (grace %.0f s)", config.grace_s)
+    if not loading.done():
+        loading.cancel()  # the device thread finishes its load; nothing waits for it
+    await server.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    return code

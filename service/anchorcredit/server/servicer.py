@@ -1,0 +1,297 @@
+"""CreditService handlers: parse, queue through the batcher, encode, map errors to status codes.
+
+Every failure becomes a status with a one-line message (the field and sequence index for
+bad input); exceptions never reach the client as stack traces, and the server keeps
+serving after any bad request. Unexpected errors are logged here with their traceback and
+reported as INTERNAL with the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from anchorcredit import __version__
+from anchorcredit.errors import InputError, PolicyVersionMismatch
+from anchorcredit.server import convert
+from anchorcredit.server.batcher import (
+    Batcher,
+    DeadlineExpired,
+    DeviceOutOfMemory,
+    Outcome,
+    QueueFull,
+    ShuttingDown,
+    is_oom,
+)
+from anchorcredit.server.config import ServeConfig
+from anchorcredit.server.metrics import ServerMetrics
+from anchorcredit.v1 import credit_pb2 as pb
+from anchorcredit.v1 import credit_pb2_grpc
+
+log = logging.getLogger(__name__)
+# Standard gRPC retry-pushback trailer (honoured by gRPC retry policies) plus a plain one.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+@dataclass
+class ServerState:
+    """What the handlers share; `scorer` and `batcher` are None until the model is loaded."""
+
+    config: ServeConfig
+    metrics: ServerMetrics
+    scorer: Any = None
+    batcher: Batcher | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    stat_version: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.scorer is not None and self.batcher is not None
+
+    def set_info(self, info: dict[str, Any], stat_version: str | None = None) -> None:
+        """Record the model's info (at load and after every reload) and publish it as the
+        `anchorcredit_model` metric, always with the stat_version label."""
+        self.info = dict(info)
+        if stat_version is not None:
+            self.stat_version = stat_version
+        self.metrics.set_model_info({**self.info, "stat_version": self.stat_version})
+
+
+class _Failure(Exception):
+    """A status to end the RPC with (used to carry errors out of stream reader tasks)."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.code, self.message, self.trailers = code, message, trailers
+
+
+class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
+    """grpc.aio implementation of anchorcredit.v1.CreditService."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    # -- error mapping --------------------------------------------------------------------------
+    def _failure(self, exc: BaseException, request_id: str = "") -> _Failure:
+        fails = self.state.metrics.failures
+        if isinstance(exc, _Failure):
+            return exc
+        if isinstance(exc, InputError | ValueError):
+            fails.labels("invalid_argument").inc()
+            return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, PolicyVersionMismatch):
+            fails.labels("policy_version").inc()
+            return _Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if isinstance(exc, QueueFull):
+            fails.labels("queue_full").inc()
+            ms = str(max(1, round(exc.retry_after_s * 1000)))
+            return _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(exc),
+                ((RETRY_PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)),
+            )
+        if isinstance(exc, DeviceOutOfMemory):
+            fails.labels("oom").inc()
+            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if isinstance(exc, DeadlineExpired | TimeoutError):
+            fails.labels("deadline").inc()
+            return _Failure(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline expired before the request reached the device",
+            )
+        if isinstance(exc, ShuttingDown):
+            fails.labels("unavailable").inc()
+            return _Failure(
+                grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"
+            )
+        # A NaN/inf output is never sent back: INTERNAL, counted under its own reason.
+        fails.labels("non_finite" if isinstance(exc, convert.NonFiniteResult) else "internal").inc()
+        log.error("internal error (request_id=%r)", request_id, exc_info=exc)
+        return _Failure(
+            grpc.StatusCode.INTERNAL,
+            f"internal error ({type(exc).__name__}); see the server log, request_id={request_id!r}",
+        )
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
+        if failure.trailers:
+            context.set_trailing_metadata(failure.trailers)
+        await context.abort(failure.code, failure.message)
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.state.ready:
+            self.state.metrics.failures.labels("unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; retry shortly")
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _parse(self, request: pb.ScoreRequest) -> convert.ParsedRequest:
+        cfg = self.state.config
+        parsed = convert.parse_request(
+            request,
+            cfg.max_request_sequences,
+            cfg.max_request_tokens,
+            self.state.info.get("max_positions"),
+        )
+        # Ids against the vocabulary and lengths against the model (names sequences[i]);
+        # the int64 arrays it returns are what the batcher hands to score().
+        parsed.pairs = self.state.scorer.validate(parsed.pairs)
+        return parsed
+
+    async def _score_one(
+        self, parsed: convert.ParsedRequest, context: grpc.aio.ServicerContext, block: bool = False
+    ) -> pb.ScoreResponse:
+        assert self.state.batcher is not None
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        # wait_for: the caller's deadline bounds the wait even if the transport is slow to
+        # cancel us; the batcher drops the request when it finds it cancelled or expired.
+        outcome = await asyncio.wait_for(
+            self.state.batcher.submit(parsed, deadline, block=block), remaining
+        )
+        return self._response(parsed, outcome)
+
+    def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
+        results = [convert.encode_result(r, parsed.outputs) for r in outcome.results]
+        version = (
+            str(getattr(outcome.results[0], "policy_version", "")) if outcome.results else ""
+        ) or str(self.state.scorer.policy_version)
+        return pb.ScoreResponse(
+            results=results,
+            policy_version=version,
+            model_id=str(self.state.info.get("model_id", "")),
+            request_id=parsed.request_id,
+            queue_seconds=outcome.queue_seconds,
+            compute_seconds=outcome.compute_seconds,
+            stat_version=self.state.stat_version,
+        )
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        await self._require_ready(context)
+        try:
+            parsed = self._parse(request)
+            return await self._score_one(parsed, context)
+        except Exception as exc:  # every error becomes a status, never a traceback
+            await self._abort(context, self._failure(exc, request.request_id))
+            raise AssertionError("unreachable") from None
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        """Responses in request order; up to `stream_window` requests of a stream in flight.
+
+        A stream ends with one status, so the first failing request ends it (its message
+        carries the request_id); responses before it have been delivered.
+        """
+        await self._require_ready(context)
+        pending: asyncio.Queue = asyncio.Queue(maxsize=self.state.config.stream_window)
+        done = object()
+
+        async def reader() -> None:
+            try:
+                async for request in request_iterator:
+                    try:
+                        parsed = self._parse(request)
+                    except Exception as exc:
+                        await pending.put(
+                            self._failure(_with_id(exc, request.request_id), request.request_id)
+                        )
+                        return
+                    # block: a full queue slows the stream down instead of failing it.
+                    task = asyncio.ensure_future(self._score_one(parsed, context, block=True))
+                    await pending.put((request.request_id, task))
+            finally:
+                await pending.put(done)
+
+        reading = asyncio.ensure_future(reader())
+        try:
+            while True:
+                item = await pending.get()
+                if item is done:
+                    break
+                if isinstance(item, _Failure):
+                    await self._abort(context, item)
+                request_id, task = item
+                try:
+                    response = await task
+                except Exception as exc:
+                    await self._abort(context, self._failure(_with_id(exc, request_id), request_id))
+                yield response
+        finally:
+            reading.cancel()
+            while not pending.empty():
+                item = pending.get_nowait()
+                if isinstance(item, tuple):
+                    item[1].cancel()
+
+    # -- model --------------------------------------------------------------------------------
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        await self._require_ready(context)
+        return convert.model_info(
+            self.state.scorer.info(),
+            self.state.config.max_request_sequences,
+            __version__,
+            self.state.stat_version,
+        )
+
+    async def UpdateWeights(
+        self, request: pb.UpdateWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        await self._require_ready(context)
+        state = self.state
+        try:
+            if not request.path:
+                raise InputError("a checkpoint path is required", field="path")
+            if not request.version:
+                raise InputError("the new policy version must be non-empty", field="version")
+            scorer, path, version = state.scorer, request.path, request.version
+
+            def load() -> float:
+                t0 = time.perf_counter()
+                try:
+                    scorer.load_weights(path, version)
+                except Exception as exc:
+                    # The runner keeps the old weights when a load fails. Running out of
+                    # device memory is the server's problem; anything else (missing file,
+                    # garbled or truncated safetensors: SafetensorError, wrong shapes, ...)
+                    # is the caller's checkpoint, reported with the loader's message.
+                    if is_oom(exc):
+                        raise DeviceOutOfMemory(
+                            f"not enough device memory to load weights from {path!r}"
+                        ) from exc
+                    message = " ".join(str(exc).split()) or type(exc).__name__
+                    raise InputError(
+                        f"cannot load weights from {path!r}: {message}", field="path"
+                    ) from exc
+                return time.perf_counter() - t0
+
+            assert state.batcher is not None
+            seconds = await state.batcher.run_exclusive(load)
+        except Exception as exc:
+            await self._abort(context, self._failure(exc))
+            raise AssertionError("unreachable") from None
+        state.set_info(state.scorer.info())
+        state.metrics.weight_updates.inc()
+        log.info("policy weights now at version %r (%.2f s)", state.scorer.policy_version, seconds)
+        return pb.UpdateWeightsResponse(
+            policy_version=str(state.scorer.policy_version), load_seconds=seconds
+        )
+
+
+def _with_id(exc: BaseException, request_id: str) -> BaseException:
+    """Prefix stream errors with the request id so the caller knows which one failed."""
+    if request_id and isinstance(exc, InputError | ValueError):
+        return InputError(f"request_id={request_id!r}: {exc}")
+    return exc

@@ -1,0 +1,163 @@
+"""End to end with TRL: two GRPO steps of a tiny random model on the CPU, live service.
+
+Asserts that the advantages reaching TRL's loss are exactly A * gamma, with A what TRL
+computed and gamma what the service returns for those very (prompt, completion) token ids
+(asked again through a separate, uncached client). Also checks the weight-sync callback
+moves the service to the trained policy version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+trl = pytest.importorskip("trl")
+torch = pytest.importorskip("torch")
+
+from anchorcredit.client import CreditClient, gamma_matrix  # noqa: E402
+from anchorcredit.client.adapters.trl import WeightSyncCallback, make_trainer_class  # noqa: E402
+
+VOCAB = 256
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    model_dir = save_debug_model(tmp_path / "policy0", arch="llama")
+    tokenizer = _tokenizer()
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 5)) for _ in range(8)]
+    dataset = Dataset.from_dict({"prompt": prompts})
+
+    def reward(completions, **kwargs):  # varied, deterministic rewards -> non-zero advantages
+        return [
+            float(sum(int(w[1:]) for w in c.split() if w[1:].isdigit()) % 7) for c in completions
+        ]
+
+    server = start_server(model_dir)
+    try:
+        client = CreditClient([server.target], cache=None)
+        checker = CreditClient([server.target], cache=False)
+        seen: list[dict] = []
+
+        class Recorder(trl.GRPOTrainer):
+            """Keeps TRL's own [B] advantages (below the adapter in the MRO)."""
+
+            def _generate_and_score_completions(self, inputs):
+                out = super()._generate_and_score_completions(inputs)
+                self.raw = {
+                    k: out[k].clone()
+                    for k in (
+                        "advantages",
+                        "prompt_ids",
+                        "prompt_mask",
+                        "completion_ids",
+                        "completion_mask",
+                    )
+                }
+                return out
+
+        base = make_trainer_class(Recorder)
+
+        class Probe(base):
+            """Checks what reaches the loss."""
+
+            def _compute_loss(self, model, inputs):
+                rec = {
+                    k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)
+                } | {"raw": self.raw}
+                # Ask the service now, while it holds the policy this batch was scored with.
+                rows = [
+                    i
+                    for i in range(rec["completion_mask"].shape[0])
+                    if rec["completion_mask"][i].any()
+                ]
+                res = checker.score(
+                    [rec["prompt_ids"][i][rec["prompt_mask"][i].bool()].tolist() for i in rows],
+                    [
+                        rec["completion_ids"][i][rec["completion_mask"][i].bool()].tolist()
+                        for i in rows
+                    ],
+                )
+                rec["gamma"] = dict(zip(rows, (r.gamma for r in res), strict=True))
+                rec["version"] = res[0].policy_version if res else None
+                seen.append(rec)
+                return super()._compute_loss(model, inputs)
+
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            temperature=1.0,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model.generation_config.pad_token_id = 0
+        model.generation_config.eos_token_id = 1
+        trainer = Probe(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            credit_client=client,
+            callbacks=[WeightSyncCallback(client, tmp_path / "policy_sync", every_n_steps=1)],
+        )
+        trainer.train()
+
+        assert len(seen) == 2
+        for step, rec in enumerate(seen):
+            adv = rec["advantages"]
+            assert adv.dim() == 2 and adv.shape == rec["completion_ids"].shape
+            raw = rec["raw"]
+            # Rows are shuffled after generation: find each loss row in TRL's raw batch.
+            for i in range(adv.shape[0]):
+                j = next(
+                    j
+                    for j in range(raw["completion_ids"].shape[0])
+                    if torch.equal(raw["completion_ids"][j], rec["completion_ids"][i])
+                    and torch.equal(raw["prompt_ids"][j], rec["prompt_ids"][i])
+                )
+                cm = rec["completion_mask"][i].bool()
+                if not cm.any():
+                    continue
+                g = gamma_matrix([rec["gamma"][i]], cm[None].numpy())[0]
+                want = raw["advantages"][j] * torch.from_numpy(g)
+                torch.testing.assert_close(adv[i][cm], want[cm], rtol=0, atol=0)
+            assert (adv != 0).any()
+            assert rec["version"] == str(step)  # step 0 on the initial policy, then synced
+        logged = [
+            h["anchorcredit/gamma_mean"]
+            for h in trainer.state.log_history
+            if "anchorcredit/gamma_mean" in h
+        ]
+        assert len(logged) == 2 and all(g > 1.0 for g in logged)  # some tokens are boosted
+        assert client.model_info().policy_version == "2"  # synced after each step
+        client.close()
+        checker.close()
+    finally:
+        server.stop()

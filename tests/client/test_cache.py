@@ -1,0 +1,254 @@
+"""Client caching: keys, value codec, the byte-bounded LRU, and a real private redis-server.
+
+The Redis tests score through a real CreditServer on a tiny debug model, so a hit is a
+result the service really computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from anchorcredit.client import CreditClient, LRUBytesCache, RedisCache, codec
+from anchorcredit.client.keys import SCHEMA_VERSION, KeyBuilder, ModelKey, canonical_params
+
+MODEL = ModelKey("m", "rev", "float32", (2, 3, 4), "1")
+RNG = np.random.default_rng(0)
+PROMPTS = [RNG.integers(0, 256, n).tolist() for n in (4, 7, 5)]
+RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (20, 33, 26)]
+PREFIX = f"anchorcredit:v{SCHEMA_VERSION}:"
+
+
+# -- keys ------------------------------------------------------------------------------------
+def _key(model=MODEL, version="0", strategy="coupled_rhythm", params=None, p=(1, 2), r=(3, 4)):
+    kb = KeyBuilder(model, version, strategy, canonical_params(params or {}))
+    return kb.key(np.array(p, np.uint32), np.array(r, np.uint32))
+
+
+def test_key_changes_with_everything_that_changes_the_numbers():
+    base = _key()
+    others = [
+        _key(version="1"),
+        _key(strategy="local_chunk"),
+        _key(params={"q": 0.3}),
+        _key(params={"h_hi": "end"}),
+        _key(model=ModelKey("m", "rev2", "float32", (2, 3, 4), "1")),
+        _key(model=ModelKey("m", "rev", "bfloat16", (2, 3, 4), "1")),
+        _key(model=ModelKey("m", "rev", "float32", (2, 3), "1")),
+        _key(model=ModelKey("m", "rev", "float32", (2, 3, 4), "2")),
+        _key(p=(1,), r=(2, 3, 4)),  # same ids, another prompt/response split
+        _key(r=(3, 5)),
+    ]
+    assert len({base, *others}) == len(others) + 1
+    assert base.startswith(PREFIX) and len(base) == len(PREFIX) + 64
+
+
+def test_key_is_canonical_and_stable_across_processes():
+    assert _key(params={"q": 0.4, "k": 3}) == _key(params={"k": 3.0, "q": 0.40, "seed": None})
+    assert _key(params={"h_hi_to_end": False}) == _key()
+    code = (
+        "import numpy as np;from anchorcredit.client.keys import *;"
+        "m=ModelKey('m','rev','float32',(2,3,4),'1');"
+        "print(KeyBuilder(m,'0','coupled_rhythm',{}).key(np.array([1,2]),np.array([3,4])))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == _key()  # no salted hash(): same key in every process
+    with pytest.raises(ValueError, match="unknown credit parameter"):
+        canonical_params({"qq": 1})
+    with pytest.raises(ValueError, match="non-negative int"):
+        canonical_params({"k": 2.5})
+
+
+# -- codec -----------------------------------------------------------------------------------
+def test_codec_roundtrip_and_corruption_is_a_miss():
+    arrays = {n: RNG.random(7).astype(np.float32) for n in ("waad", "fai", "gamma")}
+    v = codec.encode(arrays, 7)
+    assert len(v) == codec.HEADER_BYTES + 3 * 7 * 4
+    out = codec.decode(v, 7, ("waad", "fai", "gamma"))
+    for n in arrays:
+        np.testing.assert_array_equal(out[n], arrays[n])
+    half = codec.decode(codec.encode(arrays, 7, "float16"), 7, ("gamma",))
+    np.testing.assert_allclose(half["gamma"], arrays["gamma"], rtol=1e-3)
+    assert half["gamma"].dtype == np.float32
+    assert codec.decode(v[:-1], 7, ("gamma",)) is None  # wrong length
+    assert codec.decode(v + b"\0", 7, ("gamma",)) is None
+    assert codec.decode(v, 8, ("gamma",)) is None  # another response length
+    assert codec.decode(b"XXXX" + v[4:], 7, ("gamma",)) is None  # foreign value
+    assert codec.decode(v, 7, ("entropy",)) is None  # array not stored
+    assert codec.decode(b"", 7, ("gamma",)) is None
+    bad = bytearray(v)
+    bad[-4:] = np.float32(np.nan).tobytes()
+    assert codec.decode(bytes(bad), 7, ("gamma",)) is None
+
+
+# -- in-process LRU --------------------------------------------------------------------------
+def test_lru_is_bounded_in_bytes_and_evicts_least_recent():
+    cache = LRUBytesCache(max_bytes=10_000)
+    cache.set_many([(f"k{i}", bytes(1000)) for i in range(5)])
+    cache.get_many(["k0"])  # k0 is now the most recent
+    cache.set_many([(f"n{i}", bytes(1000)) for i in range(5)])
+    assert cache.current_bytes <= 10_000
+    got = cache.get_many(["k0", "k1", "n4"])
+    assert got[0] is not None and got[1] is None and got[2] is not None
+    cache.set_many([("huge", bytes(20_000))])  # larger than the cache: refused, no error
+    assert cache.get_many(["huge"]) == [None]
+
+
+# -- Redis, with a real service --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    return save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, start_server):
+    s = start_server(model_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def redis_proc(redis_process):
+    r = redis_process()
+    yield r
+    r.kill()
+
+
+def _same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for n in ("waad", "fai", "gamma"):
+            np.testing.assert_array_equal(getattr(x, n), getattr(y, n))
+
+
+def test_redis_hits_misses_ttl_and_corrupt_values(server, redis_proc):
+    import redis
+
+    r = redis.Redis.from_url(redis_proc.url)
+    with CreditClient([server.target], cache=redis_proc.url, cache_ttl_s=600) as client:
+        first = client.score(PROMPTS, RESPONSES)
+        assert client.last_stats == {"hits": 0, "misses": 3}
+        keys = r.keys(PREFIX + "*")
+        assert len(keys) == 3
+        assert all(0 < r.ttl(k) <= 600 for k in keys)  # SET ... EX ttl
+        second = client.score(PROMPTS, RESPONSES)
+        assert client.last_stats == {"hits": 3, "misses": 0}
+        assert all(x.cached for x in second) and not any(x.cached for x in first)
+        _same(first, second)
+        # Truncate one stored value: a miss, recomputed, written back whole.
+        k = keys[0]
+        r.set(k, r.get(k)[:-3])
+        third = client.score(PROMPTS, RESPONSES)
+        assert client.last_stats == {"hits": 2, "misses": 1}
+        _same(first, third)
+        client.score(PROMPTS, RESPONSES)
+        assert client.last_stats == {"hits": 3, "misses": 0}
+        # Other parameters: other keys, nothing reused.
+        client.score(PROMPTS, RESPONSES, q=0.3)
+        assert client.last_stats == {"hits": 0, "misses": 3}
+        assert len(r.keys(PREFIX + "*")) == 6
+
+
+def test_redis_keys_follow_the_served_policy_version(server, redis_proc, model_dir):
+    import redis
+
+    r = redis.Redis.from_url(redis_proc.url)
+    with CreditClient([server.target], cache=redis_proc.url) as client:
+        client.score(PROMPTS, RESPONSES)  # policy_version=None: keyed on "0", what is served
+        assert client.model_info().policy_version == "0"
+        client.update_weights(str(model_dir), "1")  # same weights, new version: new keys
+        try:
+            res = client.score(PROMPTS, RESPONSES)
+            assert client.last_stats["misses"] == 3
+            assert {x.policy_version for x in res} == {"1"}
+            assert len(r.keys(PREFIX + "*")) == 6
+            again = client.score(PROMPTS, RESPONSES, policy_version="1")
+            assert client.last_stats["hits"] == 3
+            _same(res, again)
+            # Version 0 results stay cached under their own keys: served without the server.
+            old = client.score(PROMPTS, RESPONSES, policy_version="0")
+            assert client.last_stats["hits"] == 3 and {x.policy_version for x in old} == {"0"}
+        finally:
+            client.update_weights(str(model_dir), "0")
+
+
+def test_redis_killed_mid_run_calls_still_succeed(server, redis_proc, caplog):
+    caplog.set_level(logging.WARNING, logger="anchorcredit.client.cache")
+    with CreditClient([server.target], cache=redis_proc.url) as client:
+        first = client.score(PROMPTS, RESPONSES)
+        redis_proc.kill()
+        t0 = time.monotonic()
+        for _ in range(3):
+            again = client.score(PROMPTS, RESPONSES)
+            _same(first, again)
+            assert client.last_stats["misses"] == 3  # served by the service
+        assert time.monotonic() - t0 < 20
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1  # logged once per outage, not per call
+
+
+def test_slow_redis_times_out_into_the_service(server, caplog):
+    # A TCP listener that accepts and never answers: every Redis command hits the timeout.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        lsock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(lsock.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        cache = RedisCache(
+            f"redis://127.0.0.1:{lsock.getsockname()[1]}/0", socket_timeout_s=0.2, retry_after_s=60
+        )
+        with CreditClient([server.target], cache=cache) as client:
+            t0 = time.monotonic()
+            res = client.score(PROMPTS, RESPONSES)
+            res2 = client.score(PROMPTS, RESPONSES)  # Redis skipped now: no second timeout
+            assert time.monotonic() - t0 < 10
+            _same(res, res2)
+    finally:
+        stop.set()
+        t.join(5)
+        for s in held:
+            s.close()
+        lsock.close()
+
+
+def test_custom_cache_errors_are_misses_and_float16_option(server):
+    class Broken:
+        def get_many(self, keys):
+            raise RuntimeError("boom")
+
+        def set_many(self, items):
+            raise RuntimeError("boom")
+
+    with CreditClient([server.target], cache=Broken()) as client:
+        assert len(client.score(PROMPTS, RESPONSES)) == 3
+    lru = LRUBytesCache()
+    with CreditClient([server.target], cache=lru, cache_dtype="float16") as client:
+        a = client.score(PROMPTS, RESPONSES)
+        b = client.score(PROMPTS, RESPONSES)
+        assert client.last_stats["hits"] == 3
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.gamma, y.gamma)  # gamma levels are exact in f16
+            np.testing.assert_allclose(x.waad, y.waad, rtol=1e-3, atol=1e-3)
+    with CreditClient([server.target], cache=False) as client:
+        client.score(PROMPTS, RESPONSES)
+        assert client.cache is None
