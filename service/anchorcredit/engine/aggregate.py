@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from anchorcredit.contract import DEFAULTS
+from anchorcredit.engine.credit import check_params
 from anchorcredit.engine.types import Aggregate, SpanStats
 
 
@@ -38,7 +40,7 @@ def classify_heads(
 
 def aggregate(
     stats: Sequence[SpanStats],
-    head_quantile: float = 0.3,
+    head_quantile: float = DEFAULTS.head_quantile,
     layer_ids: Sequence[int] | None = None,
     local_heads: Sequence[tuple[int, int]] | None = None,
     global_heads: Sequence[tuple[int, int]] | None = None,
@@ -50,8 +52,7 @@ def aggregate(
     """
     if len(stats) == 0:
         raise ValueError("stats must hold at least one layer's SpanStats")
-    if not 0.0 < head_quantile <= 1.0:
-        raise ValueError(f"head_quantile must be in (0, 1], got {head_quantile}")
+    head_quantile = check_params(head_quantile=head_quantile).head_quantile  # the contract's range
     layer_ids = list(range(len(stats))) if layer_ids is None else list(layer_ids)
     if len(layer_ids) != len(stats):
         raise ValueError(f"layer_ids has {len(layer_ids)} entries for {len(stats)} layers")

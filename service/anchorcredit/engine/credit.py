@@ -11,15 +11,9 @@ from typing import Any
 
 import numpy as np
 
-STRATEGIES = (
-    "uniform",
-    "local_chunk",
-    "global_anchor",
-    "coupled_rhythm",
-    "random",
-    "entropy",
-)
-# Which per-token inputs each strategy reads.
+from anchorcredit.contract import DEFAULTS, STRATEGIES, CreditParams
+
+# Which per-token inputs each strategy reads (the strategy names are the contract's).
 NEEDS = {
     "uniform": (),
     "local_chunk": ("waad",),
@@ -28,6 +22,19 @@ NEEDS = {
     "random": (),
     "entropy": ("entropy",),
 }
+if tuple(NEEDS) != STRATEGIES:  # a strategy added to the contract needs its inputs here
+    raise ImportError(f"engine.credit.NEEDS names {tuple(NEEDS)}, the contract {STRATEGIES}")
+
+
+def check_params(**values: Any) -> CreditParams:
+    """The contract's validated CreditParams from keyword values (its defaults for the rest).
+
+    The ranges live in one place (anchorcredit.contract); a bad value raises its InputError,
+    a ValueError naming the parameter. numpy scalars (np.float32 has no float base class)
+    are read as the Python numbers they hold, as before the contract checked them.
+    """
+    plain = {n: v.item() if isinstance(v, np.generic) else v for n, v in values.items()}
+    return CreditParams(**plain)
 
 
 def top_q_count(q: float, n: int) -> int:
@@ -112,17 +119,29 @@ def credit(
     waad: Any = None,
     fai: Any = None,
     entropy: Any = None,
-    q: float = 0.4,
-    gamma_amp: float = 1.5,
-    alpha: float = 0.5,
-    k: int = 3,
-    tau_waad: float | None = None,
-    tau_delta: float | None = None,
-    seed: int = 0,
+    q: float = DEFAULTS.q,
+    gamma_amp: float = DEFAULTS.gamma_amp,
+    alpha: float = DEFAULTS.alpha,
+    k: int = DEFAULTS.k,
+    tau_waad: float | None = DEFAULTS.tau_waad,
+    tau_delta: float | None = DEFAULTS.tau_delta,
+    seed: int = DEFAULTS.seed,
 ) -> Any:
-    """gamma [R] for one response under `strategy` (SPEC.md). None thresholds = medians."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    """gamma [R] for one response under `strategy` (SPEC.md). None thresholds = medians.
+
+    The strategy and parameters are checked by the contract (one definition of the ranges);
+    the arrays here: each strategy's inputs given, non-empty, finite, of one length.
+    """
+    p = check_params(
+        strategy=strategy,
+        q=q,
+        gamma_amp=gamma_amp,
+        alpha=alpha,
+        k=k,
+        tau_waad=tau_waad,
+        tau_delta=tau_delta,
+        seed=seed,
+    )
     given = {"waad": waad, "fai": fai, "entropy": entropy}
     for name in NEEDS[strategy]:
         if given[name] is None:
@@ -134,19 +153,9 @@ def credit(
     if len(set(lengths.values())) != 1:
         raise ValueError(f"waad, fai and entropy must have the same length, got {lengths}")
     r = next(iter(lengths.values()))
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    if not (math.isfinite(gamma_amp) and gamma_amp >= 1.0):
-        raise ValueError(f"gamma_amp must be >= 1 (gamma is >= 1), got {gamma_amp}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k}")
-    for name, tau in (("tau_waad", tau_waad), ("tau_delta", tau_delta)):
-        if tau is not None and not math.isfinite(tau):
-            raise ValueError(f"{name} must be finite or None, got {tau}")
+    q = p.q
 
-    boost = gamma_amp - 1.0
+    boost = p.gamma_amp - 1.0
     if strategy == "uniform":
         gamma = np.ones(r)
     elif strategy == "local_chunk":
@@ -154,13 +163,13 @@ def credit(
     elif strategy == "global_anchor":
         gamma = 1.0 + boost * top_q_mask(arrays["fai"], q)
     elif strategy == "random":
-        noise = np.random.default_rng(seed).random(r)
+        noise = np.random.default_rng(p.seed).random(r)
         gamma = 1.0 + boost * top_q_mask(noise, q)
     elif strategy == "entropy":
         gamma = 1.0 + boost * top_q_mask(arrays["entropy"], q)
     else:
         gamma = coupled_rhythm_gamma(
-            arrays["waad"], arrays["fai"], q, gamma_amp, alpha, int(k), tau_waad, tau_delta
+            arrays["waad"], arrays["fai"], q, p.gamma_amp, p.alpha, p.k, p.tau_waad, p.tau_delta
         )
     template = next(x for x in (waad, fai, entropy) if x is not None)
     return _output_like(gamma, template)

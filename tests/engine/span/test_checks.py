@@ -26,7 +26,7 @@ def qk(hq=4, hkv=2, n=20, d=8):
         (lambda: (torch.randn(2, 20, 8), torch.full((1, 20, 8), float("inf"))), {}, "finite"),
         (lambda: (torch.ones(2, 20, 8, dtype=torch.int64), torch.ones(1, 20, 8)), {}, "floating"),
         (lambda: (torch.randn(2, 20, 8).bfloat16(), torch.randn(1, 20, 8)), {}, "share a dtype"),
-        (lambda: qk(), dict(h_hi=5), "h_hi must be None or an int >= h_lo"),
+        (lambda: qk(), dict(h_hi=5), "h_hi: must be >= h_lo=10"),
         (lambda: qk(), dict(window=-1), "window"),
         (lambda: qk(), dict(scale=0.0), "scale"),
         (lambda: qk(), dict(backend="cuda-magic"), "unknown backend"),

@@ -5,7 +5,8 @@ The room holds every way we compute them, side by side:
   chunked.py        blocks of query rows, O(N * block) memory: the CPU path
   triton_kernel.py  fused GPU kernel (its docstring states contract, limits, hardware)
   checks.py         argument checks every backend shares
-  benchmark.py      one table: every backend against SDPA, same run
+  benchmark.py      one table per device: every backend, its memory and error, against a
+                    baseline measured in the same run (CPU: reference; CUDA: SDPA flash)
 Their tests are tests/engine/span/.
 
 span_stats()         one sequence
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from anchorcredit.contract import DEFAULTS
 from anchorcredit.engine.span.checks import check_horizon, check_qk, check_scale
 from anchorcredit.engine.span.chunked import span_stats_chunked
 from anchorcredit.engine.span.reference import span_stats_reference
@@ -69,9 +71,9 @@ def span_stats(
     q: torch.Tensor,
     k: torch.Tensor,
     prompt_len: int,
-    window: int = 10,
-    h_lo: int = 10,
-    h_hi: int | None = 100,
+    window: int = DEFAULTS.window,
+    h_lo: int = DEFAULTS.h_lo,
+    h_hi: int | None = DEFAULTS.h_hi,
     scale: float | None = None,
     backend: str = "auto",
 ) -> SpanStats:
@@ -81,10 +83,10 @@ def span_stats(
     horizon to the end of the response. scale defaults to 1/sqrt(d).
     """
     check_qk(q, k, prompt_len)
-    check_horizon(window, h_lo, h_hi)
+    window, h_lo, h_hi = check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q.device, q.shape[-1])
-    args = (q, k, prompt_len, int(window), int(h_lo), None if h_hi is None else int(h_hi), scale)
+    args = (q, k, prompt_len, window, h_lo, h_hi, scale)
     if backend == "reference":
         return span_stats_reference(*args)
     if backend == "chunked":

@@ -34,8 +34,9 @@ Limits
 Tested on
     Correctness verified under TRITON_INTERPRET=1 on CPU (fp32/bf16/fp16 inputs, N <= 512)
     against the materialised reference, and compiled ahead of time to sm_80 / sm_90 cubins
-    (tests/test_triton_span.py). NOT yet run on a GPU: the bf16 correctness tests (marked
-    gpu) and bench/kernel.py are written but unmeasured.
+    (tests/engine/span/test_triton_kernel.py). NOT yet run on a GPU: the bf16 correctness
+    tests (marked gpu) and the benchmark (python -m anchorcredit.engine.span.benchmark
+    --device cuda, benchmark.py beside this file) are written but unmeasured.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from anchorcredit.contract import DEFAULTS
 from anchorcredit.engine.span.checks import (
     check_finite_qk,
     check_horizon,
@@ -260,7 +262,7 @@ def _kernels() -> tuple:
 
 
 def _default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages); hand-picked, bench/kernel.py can sweep."""
+    """(block_m, block_n, num_warps, num_stages); hand-picked; benchmark.py sweeps them."""
     if device.type != "cuda":  # interpreter: bigger tiles mean fewer (slow) Python steps
         return 32, 32, 4, 1
     if dtype == torch.float32:  # fp32 tiles are twice the shared memory
@@ -307,9 +309,9 @@ def span_stats_packed(
     k: torch.Tensor,
     cu_seqlens: torch.Tensor | Sequence[int],
     prompt_lens: torch.Tensor | Sequence[int],
-    window: int = 10,
-    h_lo: int = 10,
-    h_hi: int | None = 100,
+    window: int = DEFAULTS.window,
+    h_lo: int = DEFAULTS.h_lo,
+    h_hi: int | None = DEFAULTS.h_hi,
     scale: float | None = None,
     *,
     block_m: int | None = None,
