@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from anchorcredit.client import CreditClient, LRUBytesCache, RedisCache, codec
-from anchorcredit.client.keys import SCHEMA_VERSION, KeyBuilder, ModelKey, canonical_params
+from anchorcredit.client.keys import SCHEMA_VERSION, KeyBuilder, ModelKey
+from anchorcredit.contract import CreditParams
 
 MODEL = ModelKey("m", "rev", "float32", (2, 3, 4), "1")
 RNG = np.random.default_rng(0)
@@ -28,7 +29,7 @@ PREFIX = f"anchorcredit:v{SCHEMA_VERSION}:"
 
 # -- keys ------------------------------------------------------------------------------------
 def _key(model=MODEL, version="0", strategy="coupled_rhythm", params=None, p=(1, 2), r=(3, 4)):
-    kb = KeyBuilder(model, version, strategy, canonical_params(params or {}))
+    kb = KeyBuilder(model, version, CreditParams.build(strategy, **(params or {})))
     return kb.key(np.array(p, np.uint32), np.array(r, np.uint32))
 
 
@@ -52,18 +53,21 @@ def test_key_changes_with_everything_that_changes_the_numbers():
 
 def test_key_is_canonical_and_stable_across_processes():
     assert _key(params={"q": 0.4, "k": 3}) == _key(params={"k": 3.0, "q": 0.40, "seed": None})
-    assert _key(params={"h_hi_to_end": False}) == _key()
+    # Every effective parameter is keyed: the defaults given explicitly are the same request.
+    assert _key(params={"q": 0.4, "h_hi": 100, "window": 10.0}) == _key()
+    assert _key(params={"h_hi": None}) == _key(params={"h_hi": "end"}) != _key()
     code = (
         "import numpy as np;from anchorcredit.client.keys import *;"
+        "from anchorcredit.contract import CreditParams;"
         "m=ModelKey('m','rev','float32',(2,3,4),'1');"
-        "print(KeyBuilder(m,'0','coupled_rhythm',{}).key(np.array([1,2]),np.array([3,4])))"
+        "print(KeyBuilder(m,'0',CreditParams()).key(np.array([1,2]),np.array([3,4])))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _key()  # no salted hash(): same key in every process
     with pytest.raises(ValueError, match="unknown credit parameter"):
-        canonical_params({"qq": 1})
-    with pytest.raises(ValueError, match="non-negative int"):
-        canonical_params({"k": 2.5})
+        _key(params={"qq": 1})
+    with pytest.raises(ValueError, match="params.k: must be an integer"):
+        _key(params={"k": 2.5})
 
 
 # -- codec -----------------------------------------------------------------------------------

@@ -82,11 +82,12 @@ def test_update_weights_calls_each_target_once_and_names_the_dead_one(server, mo
 def test_float32_client_never_reads_float16_values(server):
     from anchorcredit.client import codec
     from anchorcredit.client.keys import KeyBuilder, ModelKey
+    from anchorcredit.contract import CreditParams
 
     m = ModelKey("m", "rev", "float32", (2,), "1")
     ids = np.array([1, 2], np.uint32), np.array([3, 4], np.uint32)
-    k32 = KeyBuilder(m, "0", "coupled_rhythm", {}).key(*ids)
-    k16 = KeyBuilder(m, "0", "coupled_rhythm", {}, value_dtype="float16").key(*ids)
+    k32 = KeyBuilder(m, "0", CreditParams()).key(*ids)
+    k16 = KeyBuilder(m, "0", CreditParams(), value_dtype="float16").key(*ids)
     assert k32 != k16
     arrays = {n: np.full(2, 0.1, np.float32) for n in ("waad", "fai", "gamma")}
     v16 = codec.encode(arrays, 2, "float16")
@@ -108,30 +109,51 @@ def test_float32_client_never_reads_float16_values(server):
 
 
 def test_uint64_seed_keys_and_bounds():
-    from anchorcredit.client.keys import KeyBuilder, ModelKey, canonical_params
+    from anchorcredit.client.keys import KeyBuilder, ModelKey
+    from anchorcredit.contract import CreditParams
 
     m = ModelKey("m", "rev", "float32", (2,), "1")
     ids = np.array([1, 2], np.uint32), np.array([3, 4], np.uint32)
 
-    def key(**params):
-        return KeyBuilder(m, "0", "random", canonical_params(params)).key(*ids)
+    def params(**values):
+        return CreditParams.build("random", **values)
+
+    def key(**values):
+        return KeyBuilder(m, "0", params(**values)).key(*ids)
 
     big = {key(seed=s) for s in (2**63, 2**64 - 1, 2**63 - 1, 0, 5)}
     assert len(big) == 5
-    # pinned: keys of ordinary seeds are what the int64 encoding gave (no silent cache loss)
+    # pinned: the encoding of every effective parameter (sorted names, floats by IEEE bits,
+    # ints as uint64: an ordinary seed has the 8 bytes the int64 encoding gave)
     import hashlib
     import struct
 
     from anchorcredit.client.keys import _fields
 
-    old = b"i" + struct.pack("<q", 5)
+    def f(x):
+        return b"f" + struct.pack("<d", x)
+
+    def i(x):
+        return b"i" + struct.pack("<Q", x)
+
+    effective = [
+        (b"alpha", f(0.5)),
+        (b"gamma_amp", f(1.5)),
+        (b"h_hi", i(100)),
+        (b"h_lo", i(10)),
+        (b"head_quantile", f(0.3)),
+        (b"k", i(3)),
+        (b"q", f(0.4)),
+        (b"seed", b"i" + struct.pack("<q", 5)),
+        (b"window", i(10)),
+    ]
     assert (
-        KeyBuilder(m, "0", "random", {"seed": 5})._base.digest()
+        KeyBuilder(m, "0", params(seed=5))._base.digest()
         == hashlib.sha256(
             _fields(
                 m.encode(),
                 b"0",
-                _fields(b"random", _fields(b"seed", old)),
+                _fields(b"random", b"".join(_fields(n, v) for n, v in effective)),
                 b"",
                 b"float32",
             )
@@ -139,10 +161,11 @@ def test_uint64_seed_keys_and_bounds():
     )
     for bad in (2**64, -1):
         with pytest.raises(ValueError, match="seed"):
-            canonical_params({"seed": bad})
-    with pytest.raises(ValueError, match="k must be < 2\\*\\*32"):
-        canonical_params({"k": 2**32})
-    assert canonical_params({"seed": 2**64 - 1}) == {"seed": 2**64 - 1}
+            params(seed=bad)
+    with pytest.raises(ValueError, match=r"params\.k: must be in \[1, 2\*\*32\)"):
+        params(k=2**32)
+    assert params(seed=2**64 - 1).proto_fields()["seed"] == 2**64 - 1
+    assert key(seed=2**64 - 1) in big
 
 
 def test_uint64_seed_reaches_the_server(server):

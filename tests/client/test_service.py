@@ -17,7 +17,13 @@ import grpc
 import numpy as np
 import pytest
 
-from anchorcredit.client import CreditClient, CreditServiceError, StalePolicyVersionError
+from anchorcredit.client import (
+    CreditClient,
+    CreditServiceError,
+    LRUBytesCache,
+    StalePolicyVersionError,
+)
+from anchorcredit.contract import CreditParams
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
@@ -107,6 +113,22 @@ def test_non_retryable_errors_are_clear(server):
             client.score([[1]], [[2]], strategy="nope")
 
 
+def test_bad_parameters_are_refused_before_any_rpc(free_port):
+    # Nothing listens on the target: an RPC would raise CreditServiceError, not ValueError.
+    with CreditClient([f"127.0.0.1:{free_port()}"], cache=False, retries=0) as client:
+        for kw, field in [
+            ({"q": 1.5}, "params.q"),
+            ({"k": 0}, "params.k"),
+            ({"seed": 2**64}, "params.seed"),
+            ({"h_hi": "soon"}, "params.h_hi"),
+            ({"h_lo": 50, "h_hi": 20}, "params.h_hi"),
+            ({"qq": 1}, "unknown credit parameter"),
+            ({"strategy": "nope"}, "strategy: unknown strategy"),
+        ]:
+            with pytest.raises(ValueError, match=field):
+                client.score([[1]], [[2]], **kw)
+
+
 # -- fake servers ----------------------------------------------------------------------------
 class FakeService(pb_grpc.CreditServiceServicer):
     """Answers gamma = 1 + position/100; fails the first `exhausted` Score calls."""
@@ -117,6 +139,7 @@ class FakeService(pb_grpc.CreditServiceServicer):
         self.delay_s = delay_s
         self.calls: list[float] = []
         self.sizes: list[int] = []
+        self.requests: list[pb.ScoreRequest] = []
         self.lock = threading.Lock()
 
     def GetModelInfo(self, request, context):
@@ -138,6 +161,7 @@ class FakeService(pb_grpc.CreditServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
         time.sleep(self.delay_s)
         self.sizes.append(len(request.sequences))
+        self.requests.append(request)
         out = []
         for s in request.sequences:
             n = len(s.response_ids)
@@ -211,3 +235,25 @@ def test_deadline(fake_servers):
             client.score([[1]], [[2]])
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - t0 < 1.5
+
+
+def test_every_effective_parameter_is_sent_and_keyed_once(fake_servers):
+    svc = FakeService()
+    target = fake_servers(svc)
+    p, r = [[1, 2]], [[3, 4, 5]]
+    with CreditClient([target], cache=LRUBytesCache()) as client:
+        client.score(p, r)
+        # the defaults given explicitly are the same request: one key, a hit
+        again = client.score(p, r, strategy="coupled_rhythm", q=0.4, h_hi=100, seed=None)
+        assert again[0].cached and client.last_stats == {"hits": 1, "misses": 0}
+        client.score(p, r, h_hi="end")
+        assert client.last_stats == {"hits": 0, "misses": 1}
+    assert len(svc.requests) == 2
+    first, to_end = svc.requests
+    assert first.strategy == "coupled_rhythm"
+    assert CreditParams.from_proto(first.strategy, first.params) == CreditParams()
+    for name in ("q", "gamma_amp", "alpha", "k", "seed", "window", "h_lo", "h_hi"):
+        assert first.params.HasField(name), name
+    assert first.params.HasField("head_quantile") and not first.params.h_hi_to_end
+    assert not first.params.HasField("tau_waad")  # None: the median, the server's default
+    assert to_end.params.h_hi_to_end and not to_end.params.HasField("h_hi")

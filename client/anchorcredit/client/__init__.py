@@ -9,12 +9,9 @@ Trainer hooks live in `anchorcredit.client.adapters` (verl, trl, openrlhf), impo
 """
 
 from anchorcredit.client.cache import CreditCache, LRUBytesCache, RedisCache
-from anchorcredit.client.client import (
-    CreditClient,
-    CreditResult,
-    CreditServiceError,
-    StalePolicyVersionError,
-)
+from anchorcredit.client.client import CreditClient
+from anchorcredit.client.errors import CreditServiceError, StalePolicyVersionError
+from anchorcredit.client.results import CreditResult
 from anchorcredit.client.reweight import gamma_matrix, reweight
 
 __all__ = [
