@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from anchorcredit.engine import aggregate, credit
     from anchorcredit.engine.span.reference import stats_from_attention
     from anchorcredit.runner import select_layers
-    from anchorcredit.runner.scorer import parse_dtype
+    from anchorcredit.runner.loading import parse_dtype
 
     torch.manual_seed(0)
     shape = PRESETS[args.preset]
@@ -112,8 +112,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     ids_t = torch.from_numpy(ids).to(args.device)
 
     if args.method == "runner":
-        scorer = Scorer.from_pretrained(model, device=args.device, dtype=dtype,
-                                        max_batch_tokens=max(args.tokens, args.n))  # fmt: skip
+        scorer = Scorer.from_pretrained(model, device=args.device, dtype=dtype)
 
         def step() -> None:
             scorer.score(pairs, strategy="coupled_rhythm")

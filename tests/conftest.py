@@ -110,52 +110,71 @@ class RedisProcess:
 
 
 class ServerThread:
-    """A real anchorcredit CreditServer (grpc.aio) on 127.0.0.1:<free>, in its own loop/thread."""
+    """A real CreditServer (grpc.aio) on 127.0.0.1:<free>, on its own event-loop thread.
 
-    def __init__(self, model: str | Path | None = None, scorer: Any = None, **config: Any):
+    ServerThread(model_dir_or_None, backend=None, load=True, backend_factory=None, **config):
+    config fields default to loopback, port 0, no /metrics, CPU float32. `stub` and `health`
+    are sync clients of it; `sample(name, labels)` reads its Prometheus registry.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        backend: Any = None,
+        *,
+        load: bool = True,
+        backend_factory: Any = None,
+        **config: Any,
+    ):
+        import grpc
+        from grpc_health.v1 import health_pb2_grpc
+
         from anchorcredit.server.app import CreditServer
         from anchorcredit.server.config import ServeConfig
+        from anchorcredit.v1 import credit_pb2_grpc
 
-        cfg = ServeConfig(
-            model=str(model) if model else None,
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            device="cpu",
-            dtype="float32",
-            **config,
-        )
-        self.server = CreditServer(cfg, scorer=scorer)
+        base = dict(host="127.0.0.1", port=0, metrics_port=-1, device="cpu", dtype="float32")
+        cfg = ServeConfig(model=str(model) if model else None, **{**base, **config})
         self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        if not self._started.wait(120):
-            raise TimeoutError("server did not start")
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
+        self.server = CreditServer(cfg, backend=backend, backend_factory=backend_factory)
         try:
-            self.loop.run_until_complete(self.server.start())
-            self.loop.run_until_complete(self.server.load())
-        except BaseException as e:  # report to the constructor
-            self._error = e
-            self._started.set()
-            return
-        self._started.set()
-        self.loop.run_forever()
+            self.run(self.server.start())
+            if load:
+                self.run(self.server.load(), timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = credit_pb2_grpc.CreditServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            fut = asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop)
-            fut.result(60)
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def registry_value(self, name: str) -> float | None:
+        """A sample without labels, None when absent (unlike sample(), which reads 0)."""
+        return self.server.metrics.registry.get_sample_value(name)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop the server and its loop (idempotent)."""
+        if not self._thread.is_alive():
+            return
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
+        try:
+            self.run(self.server.stop(grace))
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(30)
 
@@ -182,11 +201,11 @@ def redis_process() -> Iterator[Callable[[], RedisProcess]]:
 
 @pytest.fixture(scope="session")
 def start_server() -> Iterator[Callable[..., ServerThread]]:
-    """Start a real CreditServer: start_server(model_dir_or_None, scorer=None, **config)."""
+    """Start a real CreditServer: start_server(model_dir_or_None, backend=None, **config)."""
     started: list[ServerThread] = []
 
-    def start(model: str | Path | None = None, scorer: Any = None, **config: Any) -> ServerThread:
-        started.append(ServerThread(model, scorer, **config))
+    def start(model: str | Path | None = None, backend: Any = None, **kw: Any) -> ServerThread:
+        started.append(ServerThread(model, backend, **kw))
         return started[-1]
 
     yield start

@@ -13,6 +13,7 @@ Bad values raise `InputError` (a ValueError) naming the field as the proto spell
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -57,7 +58,8 @@ def _err(name: str, message: str, prefix: str) -> InputError:
 
 
 def _real(name: str, value: Any, prefix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # numbers.Real: numpy scalars too (np.float32 is no float subclass)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _err(name, f"must be a number, got {value!r}", prefix)
     value = float(value)
     if not math.isfinite(value):
@@ -66,7 +68,7 @@ def _real(name: str, value: Any, prefix: str) -> float:
 
 
 def _integer(name: str, value: Any, lo: int, end: int, prefix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
         raise _err(name, f"must be an integer, got {value!r}", prefix)
     value = int(value)
     if not lo <= value < end:
@@ -160,9 +162,10 @@ class CreditParams:
         return cls(strategy=strategy or DEFAULT_STRATEGY, **kw)
 
     @classmethod
-    def from_proto(cls, strategy: str, msg: Any) -> CreditParams:
+    def from_proto(cls, strategy: str, msg: Any, max_positions: int | None = None) -> CreditParams:
         """From an anchorcredit.v1 ScoreRequest's strategy and CreditParams: unset fields take
-        the defaults; h_hi_to_end=true is h_hi=None."""
+        the defaults; h_hi_to_end=true is h_hi=None. `max_positions` (the model's) bounds the
+        horizons first, so the caller hears of the real limit before anything else."""
         kw: dict[str, Any] = {}
         for name in ("q", "gamma_amp", "alpha", "k", "tau_waad", "tau_delta", "seed"):
             if msg.HasField(name):
@@ -176,6 +179,7 @@ class CreditParams:
             kw["h_hi"] = None
         elif msg.HasField("h_hi"):
             kw["h_hi"] = msg.h_hi
+        check_positions(kw, max_positions)
         return cls(strategy=strategy or DEFAULT_STRATEGY, **kw)
 
     # -- views -----------------------------------------------------------------------------
@@ -203,19 +207,6 @@ class CreditParams:
     def needs_entropy(self) -> bool:
         return self.strategy == "entropy"
 
-    def check_positions(self, max_positions: int | None) -> None:
-        """Horizons beyond the model's positions mean nothing: refuse them (not clamp) so the
-        caller learns the real limit. None or 0 skips the check."""
-        if not max_positions:
-            return
-        for name in HORIZON_FIELDS:
-            value = getattr(self, name)
-            if value is not None and value > max_positions:
-                raise InputError(
-                    f"must be <= the model's max positions ({max_positions}), got {value}",
-                    field=f"params.{name}",
-                )
-
     def with_strategy(self, strategy: str) -> CreditParams:
         return replace(self, strategy=strategy)
 
@@ -237,6 +228,21 @@ def parse_h_hi(value: Any) -> int | None:
                 f"must be an int or '{H_HI_END}', got {value!r}", field="params.h_hi"
             ) from None
     return value
+
+
+def check_positions(horizons: dict[str, Any], max_positions: int | None) -> None:
+    """Horizons a caller set beyond the model's positions mean nothing: refuse them (not
+    clamp) so the caller learns the real limit. None or 0 skips the check. Defaults are not
+    checked (a small model with positions < the default h_hi still scores)."""
+    if not max_positions:
+        return
+    for name in HORIZON_FIELDS:
+        value = horizons.get(name)
+        if value is not None and value > max_positions:
+            raise InputError(
+                f"must be <= the model's max positions ({max_positions}), got {value}",
+                field=f"params.{name}",
+            )
 
 
 def check_horizon(

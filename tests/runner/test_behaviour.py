@@ -1,4 +1,4 @@
-"""Runner mechanics: early exit, LM head only for entropy, batch splitting, weight reload."""
+"""Runner mechanics: early exit, LM head only for entropy, packing, weight reload."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anchorcredit import Scorer, ScoreResult
+from anchorcredit.contract import DEFAULTS, STAT_VERSION
 from anchorcredit.errors import InputError
 from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 
@@ -89,45 +90,49 @@ def test_deterministic(scorer):
         np.testing.assert_array_equal(x.entropy, y.entropy)
 
 
-def test_tiny_token_budget_gives_same_results(scorer):
+def test_one_sequence_per_forward_gives_same_results(scorer):
     full = scorer.score(pairs(), strategy="coupled_rhythm", with_entropy=True)
-    small = Scorer.from_pretrained(scorer.model, max_batch_tokens=8)  # every sequence alone
-    got = small.score(pairs(), strategy="coupled_rhythm", with_entropy=True)
+    got = [
+        scorer.score([pair], strategy="coupled_rhythm", with_entropy=True)[0] for pair in pairs()
+    ]  # every sequence alone, as a tiny token budget would send them
     assert_same(full, got)
     for x, y in zip(full, got, strict=True):
         np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5, rtol=0)
 
 
-def test_out_of_memory_halves_and_finishes(scorer, monkeypatch):
+def test_out_of_memory_reaches_the_caller_who_splits(scorer, monkeypatch):
+    """The runner runs what it is given; the one OOM split is anchorcredit.budget's."""
+    from anchorcredit.budget import halve_on_oom
+    from anchorcredit.contract import DEFAULTS
+    from anchorcredit.runner import scorer as scorer_module
+
     want = scorer.score(pairs())
-    real = scorer._run_batch
+    real = scorer_module.packed_forward
     sizes = []
 
-    def flaky(arrays, batch, *args):
-        sizes.append(len(batch.indices))
-        if len(batch.indices) > 1:
+    def flaky(decoder, lm_head, batch, *args, **kw):
+        sizes.append(len(batch))
+        if len(batch) > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(arrays, batch, *args)
+        return real(decoder, lm_head, batch, *args, **kw)
 
-    monkeypatch.setattr(scorer, "_run_batch", flaky)
-    got = scorer.score(pairs())
-    assert_same(want, got)
-    assert sizes[:3] == [4, 2, 1] and scorer.last_run["splits"] == 3
-
-
-def test_out_of_memory_on_one_sequence_is_raised(scorer, monkeypatch):
-    def oom(*_args):
-        raise torch.OutOfMemoryError("simulated")
-
-    monkeypatch.setattr(scorer, "_run_batch", oom)
+    monkeypatch.setattr(scorer_module, "packed_forward", flaky)
     with pytest.raises(torch.OutOfMemoryError):
-        scorer.score(pairs()[:1])
+        scorer.score(pairs())
+    splits = []
+    got = halve_on_oom(
+        lambda chunk: scorer.score_batch(chunk, DEFAULTS).results,
+        scorer.validate(pairs()),
+        on_split=splits.append,
+    )
+    assert_same(want, got)
+    assert sizes[:4] == [4, 4, 2, 1] and splits[:2] == [4, 2] and len(splits) == 3
 
 
 def test_load_weights_changes_results_and_version(tmp_path):
     scorer = Scorer.from_pretrained(build_debug_model("qwen3", seed=0), policy_version="base")
     before = scorer.score(pairs(), with_entropy=True)
-    assert before[0].policy_version == "base" and scorer.info()["policy_version"] == "base"
+    assert before[0].policy_version == "base" and scorer.info().policy_version == "base"
 
     new_dir = save_debug_model(tmp_path / "step1", arch="qwen3", seed=1)
     scorer.load_weights(new_dir, version="step-1")
@@ -169,11 +174,11 @@ def test_info_and_half_precision_smoke():
         build_debug_model("qwen2", seed=0), dtype="bfloat16", layers=[1, 3], model_id="debug/qwen2"
     )
     info = scorer.info()
-    assert info["model_id"] == "debug/qwen2" and info["architecture"] == "Qwen2ForCausalLM"
-    assert info["dtype"] == "bfloat16" and info["layers"] == [1, 3] and info["num_layers"] == 6
-    assert (info["num_heads"], info["num_kv_heads"], info["head_dim"]) == (4, 2, 16)
-    assert info["vocab_size"] == 256 and info["max_positions"] == 1024
-    assert info["kernel_backend"] == "chunked" and info["max_batch_tokens"] == 16384
+    assert info.model_id == "debug/qwen2" and info.architecture == "Qwen2ForCausalLM"
+    assert info.dtype == "bfloat16" and info.layers == (1, 3) and info.num_layers == 6
+    assert (info.num_heads, info.num_kv_heads, info.head_dim) == (4, 2, 16)
+    assert info.vocab_size == 256 and info.max_positions == 1024
+    assert info.kernel_backend == "chunked" and info.stat_version == STAT_VERSION
     res = scorer.score(pairs(), strategy="entropy")
     for (_, r), x in zip(pairs(), res, strict=True):
         for arr in (x.waad, x.fai, x.gamma, x.entropy):
@@ -194,7 +199,7 @@ def test_triton_packed_backend_under_interpreter(monkeypatch):
     model = build_debug_model("qwen3", seed=0)
     want = Scorer.from_pretrained(model, backend="chunked").score(pairs())
     scorer = Scorer.from_pretrained(model, backend="triton")
-    assert scorer.info()["kernel_backend"] == "triton"
+    assert scorer.info().kernel_backend == "triton"
     assert_same(want, scorer.score(pairs()), atol=1e-4)
 
 
@@ -232,24 +237,24 @@ def test_default_model_goes_through_anchorcredit_models(tmp_path, monkeypatch):
     path = save_debug_model(tmp_path / "default", arch="llama", seed=0)
     monkeypatch.setattr(models, "embedded_default_path", lambda *a, **k: path)
     scorer = Scorer.from_pretrained(None)
-    assert scorer.info()["model_id"] == models.EMBEDDED_MODEL_ID
+    assert scorer.info().model_id == models.EMBEDDED_MODEL_ID
     assert len(scorer.score(pairs())[0].gamma) == PAIRS_SHAPES[0][1]
 
 
-def test_last_run_reports_stage_seconds():
+def test_score_batch_reports_stage_seconds():
     from anchorcredit.runner.timing import StageTimer
 
     scorer = Scorer.from_pretrained(build_debug_model("llama", seed=0))
-    pairs = [([1, 2, 3], list(range(4, 60))), ([5], list(range(7, 40)))]
-    scorer.score(pairs)
-    run = scorer.last_run
-    assert run["sequences"] == 2 and "entropy_seconds" not in run
+    pairs = scorer.validate([([1, 2, 3], list(range(4, 60))), ([5], list(range(7, 40)))])
+    out = scorer.score_batch(pairs, DEFAULTS)
+    run = out.stage_seconds
+    assert len(out.results) == 2 and "entropy" not in run
     for stage in ("forward", "statistics", "credit"):
-        assert run[f"{stage}_seconds"] > 0, stage
+        assert run[stage] > 0, stage
     # Statistics run inside the forward, and every stage inside the whole call.
-    assert run["statistics_seconds"] <= run["forward_seconds"] <= run["seconds"]
-    scorer.score(pairs, with_entropy=True)
-    assert 0 < scorer.last_run["entropy_seconds"] <= scorer.last_run["seconds"]
+    assert run["statistics"] <= run["forward"] <= run["runner"]
+    run = scorer.score_batch(pairs, DEFAULTS, with_entropy=True).stage_seconds
+    assert 0 < run["entropy"] <= run["runner"]
 
     timer = StageTimer(torch.device("cpu"))
     for _ in range(2):

@@ -20,14 +20,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anchorcredit.errors import InputError
 from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
-from anchorcredit.server.app import CreditServer
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.convert import from_f32_bytes
 from anchorcredit.v1 import credit_pb2 as pb
@@ -38,7 +37,7 @@ TIMEOUT = 30.0
 
 
 class GatedScorer:
-    """The real Scorer, with a gate score() waits on (set = open) and a call log."""
+    """The real Scorer, with a gate score_batch() waits on (set = open) and a call log."""
 
     def __init__(self, scorer: Scorer) -> None:
         self._scorer = scorer
@@ -47,54 +46,18 @@ class GatedScorer:
         self.entered = threading.Event()
         self.calls: list[int] = []
 
-    def score(self, pairs: Any, **kw: Any) -> Any:
+    def score_batch(self, pairs: Any, params: Any, **kw: Any) -> Any:
         self.entered.set()
         assert self.gate.wait(TIMEOUT)
         self.calls.append(len(pairs))
-        return self._scorer.score(pairs, **kw)
+        return self._scorer.score_batch(pairs, params, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scorer, name)
 
 
-class ServerThread:
-    """A CreditServer on a private event loop thread; always stopped by close()."""
-
-    def __init__(
-        self, config: ServeConfig, scorer: Any = None, load: bool = True, scorer_factory: Any = None
-    ) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = CreditServer(config, scorer=scorer, scorer_factory=scorer_factory)
-        self.run(self.server.start())
-        if load:
-            self.run(self.server.load())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-        self.stub = credit_pb2_grpc.CreditServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
-
-    def registry_value(self, name: str) -> float | None:
-        """A sample without labels, None when absent (unlike sample(), which reads 0)."""
-        return self.server.metrics.registry.get_sample_value(name)
-
-    def close(self) -> None:
-        self.channel.close()
-        try:
-            self.run(self.server.stop(grace=1.0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
-def _config(**kw: Any) -> ServeConfig:
+def _config(**kw: Any) -> dict[str, Any]:
+    """ServeConfig fields of these tests (on top of conftest's loopback CPU defaults)."""
     base = dict(
         host="127.0.0.1",
         port=0,
@@ -103,16 +66,22 @@ def _config(**kw: Any) -> ServeConfig:
         max_wait_ms=5.0,
         grace_s=2.0,
     )
-    return ServeConfig(**{**base, **kw})
+    return {**base, **kw}
 
 
-@contextlib.contextmanager
-def serving(config: ServeConfig, scorer: Any, **kw: Any) -> Iterator[ServerThread]:
-    st_ = ServerThread(config, scorer, **kw)
-    try:
-        yield st_
-    finally:
-        st_.close()
+@pytest.fixture(scope="module")
+def serving(start_server: Any) -> Any:
+    """serving(config, backend): a context manager around conftest's start_server."""
+
+    @contextlib.contextmanager
+    def serve(config: dict[str, Any], backend: Any, **kw: Any) -> Iterator[Any]:
+        s = start_server(None, backend, **kw, **config)
+        try:
+            yield s
+        finally:
+            s.stop(grace=1.0)
+
+    return serve
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +95,7 @@ def scorer(model_dir: str) -> GatedScorer:
 
 
 @pytest.fixture(scope="module")
-def srv(scorer: GatedScorer) -> Iterator[ServerThread]:
+def srv(scorer: GatedScorer, serving: Any) -> Iterator[Any]:
     with serving(_config(max_queue=4), scorer) as s:
         yield s
 
@@ -162,7 +131,7 @@ def _assert_matches(resp: pb.ScoreResponse, expected: list, exact: bool = True) 
 # ------------------------------------------------------------------------------ basics
 
 
-def test_score_equals_runner(srv: ServerThread, scorer: GatedScorer):
+def test_score_equals_runner(srv: Any, scorer: GatedScorer):
     pairs = _pairs(3, seed=1)
     params = pb.CreditParams(q=0.3, k=2, h_lo=2, h_hi=12)
     resp = srv.stub.Score(
@@ -181,7 +150,7 @@ def test_score_equals_runner(srv: ServerThread, scorer: GatedScorer):
     assert resp.stat_version and resp.compute_seconds > 0 and resp.queue_seconds >= 0
 
 
-def test_outputs_selects_arrays(srv: ServerThread):
+def test_outputs_selects_arrays(srv: Any):
     resp = srv.stub.Score(
         _request(_pairs(1, 2), strategy="random", outputs=pb.Outputs(gamma=True)), timeout=TIMEOUT
     )
@@ -189,7 +158,7 @@ def test_outputs_selects_arrays(srv: ServerThread):
     assert r.waad == b"" and r.fai == b"" and len(r.gamma) == 4 * r.response_len
 
 
-def test_score_stream_in_order_equals_runner(srv: ServerThread, scorer: GatedScorer):
+def test_score_stream_in_order_equals_runner(srv: Any, scorer: GatedScorer):
     batches = [_pairs(2, seed=10 + i, response=8 + 4 * i) for i in range(5)]
     requests = [
         _request(p, strategy="global_anchor", request_id=f"s{i}") for i, p in enumerate(batches)
@@ -201,7 +170,7 @@ def test_score_stream_in_order_equals_runner(srv: ServerThread, scorer: GatedSco
         _assert_matches(resp, scorer.score(pairs, strategy="global_anchor"), exact=False)
 
 
-def test_stream_stops_at_a_bad_request(srv: ServerThread):
+def test_stream_stops_at_a_bad_request(srv: Any):
     good = _request(_pairs(1, 3), request_id="ok")
     bad = _request([([1], [VOCAB + 5])], request_id="bad")
     it = srv.stub.ScoreStream(iter([good, bad, good]), timeout=TIMEOUT)
@@ -214,17 +183,18 @@ def test_stream_stops_at_a_bad_request(srv: ServerThread):
     assert "sequences[0].response_ids" in info.value.details()
 
 
-def test_model_info(srv: ServerThread, scorer: GatedScorer):
+def test_model_info(srv: Any, scorer: GatedScorer):
     info = srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT)
     want = scorer.info()
-    assert info.num_layers == want["num_layers"] and list(info.layers) == want["layers"]
-    assert info.vocab_size == VOCAB and info.max_positions == want["max_positions"]
-    assert info.max_batch_tokens == want["max_batch_tokens"] and info.policy_version == "0"
+    assert info.num_layers == want.num_layers and tuple(info.layers) == want.layers
+    assert info.vocab_size == VOCAB and info.max_positions == want.max_positions
+    assert info.max_batch_tokens == srv.server.config.max_batch_tokens  # the batcher's budget
+    assert info.policy_version == "0" and info.stat_version == want.stat_version
     assert info.max_request_sequences == srv.server.config.max_request_sequences
     assert info.server_version and info.stat_version and info.kernel_backend == "chunked"
 
 
-def test_health_and_probe(srv: ServerThread):
+def test_health_and_probe(srv: Any):
     from anchorcredit.server import probe
 
     for service in ("", SERVICE_NAME):
@@ -234,7 +204,7 @@ def test_health_and_probe(srv: ServerThread):
     assert probe.main(["--port", str(srv.server.port), "--service", "nope"]) == 1
 
 
-def test_reflection_lists_services(srv: ServerThread):
+def test_reflection_lists_services(srv: Any):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
@@ -250,7 +220,7 @@ def test_reflection_lists_services(srv: ServerThread):
 # ------------------------------------------------------------------------------ batching
 
 
-def test_concurrent_clients_are_batched(srv: ServerThread, scorer: GatedScorer):
+def test_concurrent_clients_are_batched(srv: Any, scorer: GatedScorer):
     before = srv.sample("anchorcredit_batch_size_sum"), srv.sample("anchorcredit_batch_size_count")
     groups = [_pairs(2, seed=100 + i) for i in range(4)]
     scorer.gate.clear()
@@ -273,7 +243,7 @@ def test_concurrent_clients_are_batched(srv: ServerThread, scorer: GatedScorer):
     assert max(r.queue_seconds for r in responses[1:]) > 0
 
 
-def test_queue_full_is_resource_exhausted_with_hint(srv: ServerThread, scorer: GatedScorer):
+def test_queue_full_is_resource_exhausted_with_hint(srv: Any, scorer: GatedScorer):
     scorer.gate.clear()
     scorer.entered.clear()
     futures = []
@@ -298,7 +268,7 @@ def test_queue_full_is_resource_exhausted_with_hint(srv: ServerThread, scorer: G
     assert srv.sample("anchorcredit_request_failures_total", {"reason": "queue_full"}) >= 1
 
 
-def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
+def test_deadline_expiry_drops_request(srv: Any, scorer: GatedScorer):
     dropped = sum(
         srv.sample("anchorcredit_queue_dropped_total", {"reason": r})
         for r in ("cancelled", "deadline")
@@ -346,7 +316,7 @@ def test_deadline_expiry_drops_request(srv: ServerThread, scorer: GatedScorer):
         (pb.ScoreRequest(), "sequences"),
     ],
 )
-def test_invalid_argument_names_field(srv: ServerThread, request_: pb.ScoreRequest, needle: str):
+def test_invalid_argument_names_field(srv: Any, request_: pb.ScoreRequest, needle: str):
     with pytest.raises(grpc.RpcError) as info:
         srv.stub.Score(request_, timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -390,7 +360,7 @@ def _any_request(draw: Any) -> pb.ScoreRequest:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request_=_any_request())
-def test_fuzz_requests_get_ok_or_invalid_argument(srv: ServerThread, request_: pb.ScoreRequest):
+def test_fuzz_requests_get_ok_or_invalid_argument(srv: Any, request_: pb.ScoreRequest):
     try:
         resp = srv.stub.Score(request_, timeout=TIMEOUT)
     except grpc.RpcError as err:
@@ -402,13 +372,13 @@ def test_fuzz_requests_get_ok_or_invalid_argument(srv: ServerThread, request_: p
             assert np.all(np.isfinite(from_f32_bytes(r.gamma)))
 
 
-def test_server_still_serves_after_fuzz(srv: ServerThread):
+def test_server_still_serves_after_fuzz(srv: Any):
     resp = srv.stub.Score(_request(_pairs(1, 11)), timeout=TIMEOUT)
     assert len(resp.results) == 1
     assert srv.sample("anchorcredit_request_failures_total", {"reason": "internal"}) == 0
 
 
-def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
+def test_metrics_endpoint_exposes_histograms(srv: Any):
     # One good and one bad request of its own, so the test stands alone.
     srv.stub.Score(_request(_pairs(1, 13)), timeout=TIMEOUT)
     with pytest.raises(grpc.RpcError):
@@ -443,14 +413,14 @@ def test_metrics_endpoint_exposes_histograms(srv: ServerThread):
 # ------------------------------------------------------------------------------ lifecycle
 
 
-def test_unavailable_while_loading(model_dir: str):
+def test_unavailable_while_loading(model_dir: str, start_server: Any):
     release = threading.Event()
 
     def slow_factory() -> Scorer:
         assert release.wait(TIMEOUT)
         return Scorer.from_pretrained(model_dir)
 
-    s = ServerThread(_config(metrics_port=-1), load=False, scorer_factory=slow_factory)
+    s = start_server(None, load=False, backend_factory=slow_factory, **_config(metrics_port=-1))
     try:
         loading = asyncio.run_coroutine_threadsafe(s.server.load(), s.loop)
         reply = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
@@ -464,10 +434,10 @@ def test_unavailable_while_loading(model_dir: str):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         release.set()
-        s.close()
+        s.stop(grace=1.0)
 
 
-def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
+def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any, serving: Any):
     other = save_debug_model(tmp_path / "v2", arch="llama", seed=1)
     scorer = Scorer.from_pretrained(model_dir)
     pairs = _pairs(2, 12)
@@ -515,7 +485,7 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
         assert s.stub.Score(_request(pairs), timeout=TIMEOUT).policy_version == "v2"
         assert s.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).policy_version == "v2"
         # the model-info metric keeps its stat_version label across reloads
-        labels = {"policy_version": "v2", "stat_version": s.server.state.stat_version}
+        labels = {"policy_version": "v2", "stat_version": s.server.state.info.stat_version}
         assert any(
             all(smp.labels.get(k) == v for k, v in labels.items())
             for mf in s.server.metrics.registry.collect()
@@ -527,7 +497,7 @@ def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any):
         _assert_matches(v2, want)
 
 
-def test_bearer_token(model_dir: str, scorer: GatedScorer):
+def test_bearer_token(model_dir: str, scorer: GatedScorer, serving: Any):
     with serving(_config(metrics_port=-1, auth_token="t0ken"), scorer) as s:
         req = _request(_pairs(1, 13))
         for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "t0ken"),)):
@@ -542,14 +512,16 @@ def test_bearer_token(model_dir: str, scorer: GatedScorer):
         assert s.sample("anchorcredit_request_failures_total", {"reason": "unauthenticated"}) == 3
 
 
-def test_errors_from_the_runner_map_to_invalid_argument(model_dir: str, scorer: GatedScorer):
+def test_errors_from_the_runner_map_to_invalid_argument(
+    model_dir: str, scorer: GatedScorer, serving: Any
+):
     class Picky(GatedScorer):
-        def score(self, pairs: Any, **kw: Any) -> Any:
-            if kw.get("seed") == 7:
+        def score_batch(self, pairs: Any, params: Any, **kw: Any) -> Any:
+            if params.seed == 7:
                 raise InputError("runner says no", field="params.seed")
-            if kw.get("seed") == 8:
+            if params.seed == 8:
                 raise RuntimeError("boom")
-            return super().score(pairs, **kw)
+            return super().score_batch(pairs, params, **kw)
 
     with serving(_config(metrics_port=-1), Picky(scorer._scorer)) as s:
         for seed, code, needle in (
@@ -565,12 +537,12 @@ def test_errors_from_the_runner_map_to_invalid_argument(model_dir: str, scorer: 
         assert len(s.stub.Score(_request(_pairs(1, 1)), timeout=TIMEOUT).results) == 1
 
 
-def test_non_finite_results_are_never_sent(scorer: GatedScorer):
+def test_non_finite_results_are_never_sent(scorer: GatedScorer, serving: Any):
     class Broken(GatedScorer):
-        def score(self, pairs: Any, **kw: Any) -> Any:
-            out = super().score(pairs, **kw)
-            if kw.get("seed") == 5:
-                out[0].gamma = np.full_like(out[0].gamma, np.nan)
+        def score_batch(self, pairs: Any, params: Any, **kw: Any) -> Any:
+            out = super().score_batch(pairs, params, **kw)
+            if params.seed == 5:
+                out.results[0].gamma = np.full_like(out.results[0].gamma, np.nan)
             return out
 
     with serving(_config(metrics_port=-1), Broken(scorer._scorer)) as s:
@@ -588,7 +560,7 @@ def test_nan_free_defaults_roundtrip():
     assert math.isnan(pb.CreditParams.FromString(msg.SerializeToString()).q)
 
 
-def test_tls(tmp_path: Any, scorer: GatedScorer):
+def test_tls(tmp_path: Any, scorer: GatedScorer, serving: Any):
     import shutil
     import subprocess
 
@@ -628,7 +600,7 @@ def test_tls(tmp_path: Any, scorer: GatedScorer):
             s.stub.Score(_request(_pairs(1, 14)), timeout=5)
 
 
-def test_large_head_lists_are_sent(tmp_path: Any):
+def test_large_head_lists_are_sent(tmp_path: Any, serving: Any):
     # Head lists scale with len(layers) x num_heads per sequence; the response must be sent
     # however large they get (it used to exceed a fixed per-sequence send budget).
     wide = save_debug_model(
@@ -642,7 +614,7 @@ def test_large_head_lists_are_sent(tmp_path: Any):
     scorer = Scorer.from_pretrained(str(wide), layers=[0, 1, 2, 3])
     n, budget = 256, 64
     cfg = _config(metrics_port=-1, max_request_sequences=n, max_batch_tokens=budget)
-    old_cap = 16 * cfg.max_request_tokens + 512 * n + (1 << 16)
+    old_cap = 16 * ServeConfig(**cfg).max_request_tokens + 512 * n + (1 << 16)
     with serving(cfg, scorer) as s:
         req = _request([([1], [2])] * n, params=pb.CreditParams(head_quantile=1.0))
         resp = s.stub.Score(req, timeout=TIMEOUT)

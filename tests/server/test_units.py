@@ -1,5 +1,5 @@
 """Server pieces without a model: config (flags == env vars), proto conversion and validation,
-the batcher's scheduling against a fake scorer (fast; the gRPC tests use the real runner)."""
+the batcher's scheduling against a fake backend (fast; the gRPC tests use the real runner)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from anchorcredit.errors import InputError, PolicyVersionMismatch
+from anchorcredit.backend import BatchScores
+from anchorcredit.contract import DEFAULTS, MAX_GAMMA_AMP, STRATEGIES
+from anchorcredit.errors import DeviceOutOfMemory, InputError, PolicyVersionMismatch
+from anchorcredit.runner.inputs import validate_pairs
 from anchorcredit.server import config as cfgmod
 from anchorcredit.server import convert
-from anchorcredit.server.batcher import (
-    Batcher,
-    DeadlineExpired,
-    DeviceOutOfMemory,
-    QueueFull,
-)
+from anchorcredit.server.batcher import Batcher, DeadlineExpired, QueueFull
 from anchorcredit.server.metrics import ServerMetrics, one_two_five
 from anchorcredit.v1 import credit_pb2 as pb
 
@@ -71,19 +69,20 @@ def _req(**kw) -> pb.ScoreRequest:
     return pb.ScoreRequest(sequences=seqs, **kw)
 
 
-def test_strategy_list_matches_engine():
-    from anchorcredit.engine.credit import STRATEGIES
+def test_strategy_list_is_the_contracts():
+    import importlib
 
-    assert tuple(convert.STRATEGIES) == tuple(STRATEGIES)
+    credit_module = importlib.import_module("anchorcredit.engine.credit")
+    assert credit_module.STRATEGIES is STRATEGIES  # one definition, imported, not restated
 
 
 def test_parse_defaults_and_key():
     p = convert.parse_request(_req(), 16, 1000)
-    assert p.strategy == "coupled_rhythm" and p.params == convert.DEFAULTS
+    assert p.params.strategy == "coupled_rhythm" and p.params == DEFAULTS
     assert p.outputs == (True, True, True, False) and not p.with_entropy
     assert p.num_tokens == 5
     q = convert.parse_request(_req(params=pb.CreditParams(h_hi_to_end=True, k=2)), 16, 1000)
-    assert q.params["h_hi"] is None and q.params["k"] == 2 and q.key != p.key
+    assert q.params.h_hi is None and q.params.k == 2 and q.key != p.key
     e = convert.parse_request(_req(strategy="entropy"), 16, 1000)
     assert e.with_entropy
 
@@ -120,8 +119,9 @@ def test_parse_defaults_and_key():
     ],
 )
 def test_parse_rejects_naming_the_field(request_kw, field):
-    with pytest.raises(InputError) as info:
-        convert.parse_request(_req(**request_kw), 16, 1000)
+    with pytest.raises(InputError) as info:  # what the servicer's edge does: parse, validate
+        parsed = convert.parse_request(_req(**request_kw), 16, 1000)
+        validate_pairs(parsed.pairs, vocab_size=1000, max_positions=None)
     assert info.value.field == field and field in str(info.value)
     if field.startswith("sequences["):
         assert info.value.index == int(field[10]) and "sequence " in str(info.value)
@@ -134,7 +134,7 @@ def test_parse_rejects_naming_the_field(request_kw, field):
         (pb.CreditParams(h_lo=513), "params.h_lo"),
         (pb.CreditParams(h_hi=2**32 - 1), "params.h_hi"),
         (pb.CreditParams(gamma_amp=1e308), "params.gamma_amp"),
-        (pb.CreditParams(gamma_amp=convert.MAX_GAMMA_AMP * 2), "params.gamma_amp"),
+        (pb.CreditParams(gamma_amp=MAX_GAMMA_AMP * 2), "params.gamma_amp"),
     ],
 )
 def test_parse_bounds_horizons_and_gamma_amp(params, field):
@@ -144,9 +144,9 @@ def test_parse_bounds_horizons_and_gamma_amp(params, field):
 
 
 def test_parse_accepts_horizons_up_to_max_positions():
-    msg = pb.CreditParams(window=512, h_lo=512, h_hi=512, gamma_amp=convert.MAX_GAMMA_AMP)
+    msg = pb.CreditParams(window=512, h_lo=512, h_hi=512, gamma_amp=MAX_GAMMA_AMP)
     p = convert.parse_request(_req(params=msg), 16, 1000, max_positions=512).params
-    assert (p["window"], p["h_lo"], p["h_hi"], p["gamma_amp"]) == (512, 512, 512, 1e6)
+    assert (p.window, p.h_lo, p.h_hi, p.gamma_amp) == (512, 512, 512, 1e6)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])  # 1e39 overflows float32
@@ -188,30 +188,38 @@ def test_buckets_are_one_two_five():
 # ------------------------------------------------------------------------------- batcher
 
 
-class FakeScorer:
-    """score(pairs) -> one result per pair; optional gate to hold the device thread."""
+class FakeBackend:
+    """score_batch(pairs) -> one result per pair; optional gate to hold the device thread."""
 
     def __init__(self) -> None:
         self.policy_version = "0"
         self.calls: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
-        self.fail_on: int | None = None  # a token id that makes score() raise
+        self.fail_on: int | None = None  # a token id that makes score_batch() raise
         self.oom_over: int | None = None  # raise an OOM above this many sequences
+        self.oom_longer: int | None = None  # ... or when a sequence has more tokens
 
-    def score(self, pairs, **kw):
+    def score_batch(self, pairs, params, with_entropy=False):
         self.gate.wait(10)
         self.calls.append(len(pairs))
-        if self.oom_over is not None and len(pairs) > self.oom_over:
+        too_long = self.oom_longer is not None and any(
+            p.num_tokens > self.oom_longer for p in pairs
+        )
+        if too_long or (self.oom_over is not None and len(pairs) > self.oom_over):
             raise type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")
-        if self.fail_on is not None and any(self.fail_on in p for p, _ in pairs):
+        if self.fail_on is not None and any(self.fail_on in p.prompt for p in pairs):
             raise InputError("bad id", field="sequences[0].prompt_ids", index=0)
-        return [
-            SimpleNamespace(
-                gamma=np.ones(len(r), np.float32), tag=p[0], policy_version=self.policy_version
-            )
-            for p, r in pairs
-        ]
+        return BatchScores(
+            [
+                SimpleNamespace(
+                    gamma=np.ones(len(p.response), np.float32),
+                    tag=int(p.prompt[0]),
+                    policy_version=self.policy_version,
+                )
+                for p in pairs
+            ]
+        )
 
 
 def _parsed(tag: int, n_tokens: int = 4, version: str = "", strategy: str = "uniform"):
@@ -220,22 +228,18 @@ def _parsed(tag: int, n_tokens: int = 4, version: str = "", strategy: str = "uni
         strategy=strategy,
         expected_policy_version=version,
     )
-    return convert.parse_request(req, 16, 10**6)
+    parsed = convert.parse_request(req, 16, 10**6)
+    parsed.pairs = validate_pairs(parsed.pairs, vocab_size=1000, max_positions=None)
+    return parsed
 
 
-def _run(coro_fn, scorer: FakeScorer, **kw):
+def _run(coro_fn, scorer: FakeBackend, **kw):
     """Run coro_fn(batcher, metrics) with a fresh batcher on a fresh loop."""
 
     async def main():
         metrics = ServerMetrics()
         with ThreadPoolExecutor(1) as ex:
-            b = Batcher(
-                lambda pairs, **k: (scorer.score(pairs, **k), None),
-                ex,
-                metrics,
-                lambda: scorer.policy_version,
-                **kw,
-            )
+            b = Batcher(scorer, ex, metrics, **kw)
             b.start()
             try:
                 return await asyncio.wait_for(coro_fn(b, metrics), 20)
@@ -254,7 +258,7 @@ def _hist_count(metrics: ServerMetrics, name: str) -> tuple[float, float]:
 
 
 def test_concurrent_requests_share_a_batch_in_order():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
 
     async def go(b, metrics):
@@ -273,7 +277,7 @@ def test_concurrent_requests_share_a_batch_in_order():
 
 
 def test_token_budget_and_keys_split_batches():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
 
     async def go(b, metrics):
@@ -291,7 +295,7 @@ def test_token_budget_and_keys_split_batches():
 
 
 def test_queue_full_gives_hint_and_recovers():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
 
     async def go(b, metrics):
@@ -311,7 +315,7 @@ def test_queue_full_gives_hint_and_recovers():
 
 
 def test_cancelled_and_expired_requests_are_dropped_and_counted():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
 
     async def go(b, metrics):
@@ -341,7 +345,7 @@ def test_cancelled_and_expired_requests_are_dropped_and_counted():
 
 
 def test_weight_reload_is_ordered_with_batches():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
 
     async def go(b, metrics):
@@ -367,7 +371,7 @@ def test_weight_reload_is_ordered_with_batches():
 
 
 def test_bad_request_in_merged_batch_fails_alone():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
     scorer.fail_on = 66
 
@@ -389,21 +393,36 @@ def test_bad_request_in_merged_batch_fails_alone():
 
 
 def test_oom_is_split_then_resource_exhausted():
-    scorer = FakeScorer()
+    scorer = FakeBackend()
     scorer.gate.clear()
     scorer.oom_over = 1
+    scorer.oom_longer = 40
 
     async def go(b, metrics):
         running = asyncio.ensure_future(b.submit(_parsed(1)))
         await asyncio.sleep(0.05)
         two = [asyncio.ensure_future(b.submit(_parsed(t))) for t in (2, 3)]
-        big = _parsed(9)
-        big.pairs = big.pairs * 2  # two sequences in one request: cannot be split
-        too_big = asyncio.ensure_future(b.submit(big))
+        pair = _parsed(8)
+        pair.pairs = pair.pairs * 2  # two sequences in one request: split by sequence
+        halved = asyncio.ensure_future(b.submit(pair))
+        too_big = asyncio.ensure_future(b.submit(_parsed(9, n_tokens=50)))  # one sequence
         await asyncio.sleep(0.02)
         scorer.gate.set()
-        return await asyncio.gather(running, *two, too_big, return_exceptions=True)
+        return await asyncio.gather(running, *two, halved, too_big, return_exceptions=True)
 
     outs = _run(go, scorer, max_wait_s=0.0)
     assert [o.results[0].tag for o in outs[:3]] == [1, 2, 3]
-    assert isinstance(outs[3], DeviceOutOfMemory)
+    assert [r.tag for r in outs[3].results] == [8, 8]
+    assert isinstance(outs[4], DeviceOutOfMemory)
+
+
+def test_the_batcher_cuts_a_request_over_the_budget_into_forwards():
+    scorer = FakeBackend()
+
+    async def go(b, metrics):
+        big = _parsed(5, n_tokens=10)
+        big.pairs = big.pairs * 5  # 50 tokens in one request, budget 25
+        return await b.submit(big)
+
+    out = _run(go, scorer, max_batch_tokens=25, max_wait_s=0.0)
+    assert scorer.calls == [2, 2, 1] and [r.tag for r in out.results] == [5] * 5

@@ -7,6 +7,7 @@ Pure numpy (float64) so it is exact and cheap; torch tensors in give a torch ten
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -125,13 +126,18 @@ def credit(
     k: int = DEFAULTS.k,
     tau_waad: float | None = DEFAULTS.tau_waad,
     tau_delta: float | None = DEFAULTS.tau_delta,
-    seed: int = DEFAULTS.seed,
+    seed: int | Sequence[int] = DEFAULTS.seed,
 ) -> Any:
     """gamma [R] for one response under `strategy` (SPEC.md). None thresholds = medians.
 
     The strategy and parameters are checked by the contract (one definition of the ranges);
     the arrays here: each strategy's inputs given, non-empty, finite, of one length.
+    `seed` may also be a sequence of seeds (numpy's SeedSequence entropy): the runner seeds
+    each response from the request's seed and the response's ids.
     """
+    seeds = [seed] if isinstance(seed, int | np.integer) else list(seed)
+    for part in seeds:  # each part is a seed as the contract bounds it
+        check_params(seed=part)
     p = check_params(
         strategy=strategy,
         q=q,
@@ -140,7 +146,6 @@ def credit(
         k=k,
         tau_waad=tau_waad,
         tau_delta=tau_delta,
-        seed=seed,
     )
     given = {"waad": waad, "fai": fai, "entropy": entropy}
     for name in NEEDS[strategy]:
@@ -163,7 +168,7 @@ def credit(
     elif strategy == "global_anchor":
         gamma = 1.0 + boost * top_q_mask(arrays["fai"], q)
     elif strategy == "random":
-        noise = np.random.default_rng(p.seed).random(r)
+        noise = np.random.default_rng(seed).random(r)
         gamma = 1.0 + boost * top_q_mask(noise, q)
     elif strategy == "entropy":
         gamma = 1.0 + boost * top_q_mask(arrays["entropy"], q)

@@ -1,8 +1,11 @@
 """Scorer: (prompt, response) token IDs -> per-token WAAD, FAI, gamma (and entropy).
 
-One forward per packed batch of the policy's decoder (capture.py runs attention and hands the
-post-RoPE q/k of the selected layers to the span statistics), then per sequence
-aggregate() (head classes) and credit() (gamma). See docs/RUNNER.md.
+The runner's side of the server seam (anchorcredit.backend.ScoringBackend): `validate`
+checks ids once, `score_batch` runs ONE packed forward (forward.py: attention capture,
+statistics, early exit) and the credit stage per sequence (credit_stage.py), returning the
+results with per-stage seconds. How much goes into one forward is the caller's choice: the
+server's batcher owns the token budget and the one out-of-memory split
+(anchorcredit.budget). `score` is the convenience for Python callers. See docs/RUNNER.md.
 
 Early exit: the attention function raises StopForward right after capturing the last
 selected layer's q/k. Compared with truncating the layer list this mutates nothing in the
@@ -16,85 +19,27 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from anchorcredit.engine import STRATEGIES, aggregate, credit, resolve_backend, span_stats_packed
-from anchorcredit.engine.span.checks import check_horizon
-from anchorcredit.engine.types import SpanStats
+from anchorcredit import contract
+from anchorcredit.backend import BatchScores, Head, ModelInfo, ScoreResult, TokenPair
+from anchorcredit.contract import CreditParams
+from anchorcredit.engine import resolve_backend
 from anchorcredit.errors import InputError
-from anchorcredit.runner.capture import (
-    ATTN_IMPLEMENTATION,
-    CaptureState,
-    StopForward,
-    capturing,
-)
-from anchorcredit.runner.entropy import response_entropy
+from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
+from anchorcredit.runner.credit_stage import credit_result
+from anchorcredit.runner.forward import Horizon, packed_forward
+from anchorcredit.runner.inputs import validate_pairs
 from anchorcredit.runner.layers import select_layers
-from anchorcredit.runner.packing import PackedBatch, pack_inputs, plan_batches
+from anchorcredit.runner.loading import load_model, parse_dtype
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.weights import PartialWeightsError, load_weights_into
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-Pair = tuple[Any, Any]
-
-
-@dataclass
-class ScoreResult:
-    """Per-token outputs for one (prompt, response); arrays have len(response_ids)."""
-
-    waad: np.ndarray
-    fai: np.ndarray
-    gamma: np.ndarray
-    entropy: np.ndarray | None
-    local_heads: list[tuple[int, int]]
-    global_heads: list[tuple[int, int]]
-    policy_version: str
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'float32' / 'bfloat16' / 'float16' (or short aliases, or a torch.dtype)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16") from None
-
-
-def _as_ids(x: Any, field: str, index: int, vocab: int) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu").numpy()
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        raise InputError(f"must be a 1-D list of token ids, got shape {arr.shape}", field, index)
-    if arr.size == 0:
-        raise InputError("must hold at least one token id", field, index)
-    if arr.dtype.kind not in "iu":
-        raise InputError(f"token ids must be integers, got dtype {arr.dtype}", field, index)
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab))
-    if bad.size:
-        j = int(bad[0])
-        raise InputError(
-            f"token id {int(arr[j])} at position {j} is outside [0, {vocab})", field, index
-        )
-    return arr.astype(np.int64, copy=False)
+__all__ = ["Scorer", "ScoreResult", "parse_dtype"]
 
 
 class Scorer:
@@ -105,14 +50,11 @@ class Scorer:
         model: torch.nn.Module,
         *,
         layers: Sequence[int] | None = None,
-        max_batch_tokens: int = 16384,
         policy_version: str = "0",
         backend: str = "auto",
         model_id: str | None = None,
         revision: str | None = None,
     ):
-        if int(max_batch_tokens) != max_batch_tokens or max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens}")
         model.eval().requires_grad_(False)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -123,25 +65,20 @@ class Scorer:
         self._cfg = cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.layers = select_layers(self.num_layers, layers)
-        self.max_batch_tokens = int(max_batch_tokens)
         self.policy_version = str(policy_version)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.backend = resolve_backend(backend, self.device, head_dim)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.backend = resolve_backend(backend, self.device, self.head_dim)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         mp = getattr(cfg, "max_position_embeddings", None)
         self.max_positions = int(mp) if mp else None
         self.model_id = model_id or str(getattr(model.config, "_name_or_path", "") or "")
         self.revision = revision or str(getattr(model.config, "_commit_hash", "") or "")
-        self._lock = threading.Lock()  # score() and load_weights() never interleave
-        # The last score() call: sequences, tokens, splits, seconds (wall) and per-stage
-        # <stage>_seconds: forward (the decoder, statistics included), statistics (the span
-        # kernel / chunked path), entropy (LM head, when asked) and credit (aggregate + gamma).
-        self.last_run: dict[str, float] = {}
+        self._lock = threading.Lock()  # scoring and load_weights() never interleave
         self._weights_broken: str | None = None  # set by a reload that failed half way
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
         cls,
@@ -149,7 +86,6 @@ class Scorer:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         layers: Sequence[int] | None = None,
-        max_batch_tokens: int = 16384,
         *,
         policy_version: str = "0",
         backend: str = "auto",
@@ -162,77 +98,45 @@ class Scorer:
         over: eval mode, our attention implementation, moved to device/dtype), or None for the
         embedded default model (anchorcredit.offline.models).
         """
-        torch_dtype = parse_dtype(dtype)
-        device = torch.device(device)
-        if path_or_model is None:
-            try:
-                from anchorcredit.offline.models import embedded_default_path
-            except ImportError as e:
-                raise RuntimeError(
-                    "no model given and the embedded default model (anchorcredit.offline.models) "
-                    "is not available; pass a model directory"
-                ) from e
-            path_or_model = embedded_default_path()
-            model_id = model_id or _embedded_model_id()
-        if isinstance(path_or_model, torch.nn.Module):
-            model = path_or_model.to(device=device, dtype=torch_dtype)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            path = Path(path_or_model)
-            if not path.is_dir():
-                raise FileNotFoundError(f"model directory not found: {path}")
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path),
-                dtype=torch_dtype,
-                attn_implementation=ATTN_IMPLEMENTATION,
-                local_files_only=True,
-            ).to(device)
-            model_id = model_id or str(path_or_model)
+        model, default_id = load_model(path_or_model, torch.device(device), parse_dtype(dtype))
         return cls(
             model,
             layers=layers,
-            max_batch_tokens=max_batch_tokens,
             policy_version=policy_version,
             backend=backend,
-            model_id=model_id,
+            model_id=model_id or default_id,
             revision=revision,
         )
 
     # ------------------------------------------------------------------ metadata
-    def info(self) -> dict[str, Any]:
-        """Model id, revision, shapes, layers and limits (what the Info RPC echoes)."""
+    def info(self) -> ModelInfo:
+        """Model id, revision, shapes, layers and the statistics version (GetModelInfo)."""
         cfg = self._cfg
-        num_heads = int(cfg.num_attention_heads)
-        kv = getattr(cfg, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         archs = getattr(self.model.config, "architectures", None) or [type(self.model).__name__]
-        return {
-            "model_id": self.model_id,
-            "revision": self.revision,
-            "architecture": str(archs[0]),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "num_layers": self.num_layers,
-            "layers": list(self.layers),
-            "num_heads": num_heads,
-            "num_kv_heads": int(kv),
-            "head_dim": int(head_dim),
-            "vocab_size": self.vocab_size,
-            "max_positions": self.max_positions,
-            "max_batch_tokens": self.max_batch_tokens,
-            "policy_version": self.policy_version,
-            "kernel_backend": self.backend,
-        }
+        return ModelInfo(
+            model_id=self.model_id,
+            revision=self.revision,
+            architecture=str(archs[0]),
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            num_layers=self.num_layers,
+            layers=tuple(self.layers),
+            num_heads=self.num_heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or self.num_heads),
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            max_positions=self.max_positions,
+            policy_version=self.policy_version,
+            kernel_backend=self.backend,
+            stat_version=contract.STAT_VERSION,  # read now: the contract is the one source
+        )
 
     # ------------------------------------------------------------------ weights
-    def load_weights(
-        self, path_or_state_dict: str | Path | dict[str, torch.Tensor], version: str
-    ) -> None:
+    def load_weights(self, source: str | Path | Mapping[str, torch.Tensor], version: str) -> None:
         """Swap in new policy weights (checked before any copy); later results carry `version`."""
         with self._lock:
             try:
-                load_weights_into(self.model, path_or_state_dict)
+                load_weights_into(self.model, source)
             except PartialWeightsError as err:
                 # Mixed old/new weights carry no honest version: refuse to score until a
                 # reload succeeds, rather than answer under either label.
@@ -242,74 +146,49 @@ class Scorer:
             self.policy_version = str(version)
 
     # ------------------------------------------------------------------ inputs
-    def validate(self, pairs: Sequence[Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Check every pair; raise InputError naming the field and sequence index.
+    def validate(self, pairs: Sequence[Any]) -> list[TokenPair]:
+        """Check every (prompt_ids, response_ids) pair against the vocabulary and positions;
+        InputError names the field and sequence index."""
+        return validate_pairs(pairs, self.vocab_size, self.max_positions)
 
-        Returns the pairs as int64 numpy arrays (score() reuses them).
-        """
-        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-            raise InputError("expected a list of (prompt_ids, response_ids) pairs", "sequences")
-        out = []
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise InputError("expected a (prompt_ids, response_ids) pair", f"sequences[{i}]", i)
-            p = _as_ids(pair[0], f"sequences[{i}].prompt_ids", i, self.vocab_size)
-            r = _as_ids(pair[1], f"sequences[{i}].response_ids", i, self.vocab_size)
-            if self.max_positions is not None and len(p) + len(r) > self.max_positions:
-                raise InputError(
-                    f"prompt + response is {len(p) + len(r)} tokens, over the model's "
-                    f"{self.max_positions} positions",
-                    f"sequences[{i}].response_ids",
-                    i,
-                )
-            out.append((p, r))
-        return out
+    def check_heads(
+        self, local_heads: Sequence[Head] | None, global_heads: Sequence[Head] | None
+    ) -> None:
+        """A fixed head set must name heads of the selected layers (both sets or neither)."""
+        if (local_heads is None) != (global_heads is None):
+            raise InputError("give both local_heads and global_heads, or neither", "heads")
+        for name, heads in (("local_heads", local_heads), ("global_heads", global_heads)):
+            if heads is None:
+                continue
+            if len(heads) == 0:
+                raise InputError("a fixed head set needs at least one head", name)
+            for layer, h in heads:
+                if layer not in self.layers or not 0 <= h < self.num_heads:
+                    raise InputError(
+                        f"head {(layer, h)} is not among layers {self.layers} x "
+                        f"{self.num_heads} heads",
+                        name,
+                    )
 
     # ------------------------------------------------------------------ scoring
-    def score(
+    def score_batch(
         self,
-        pairs: Sequence[Pair],
-        strategy: str = "coupled_rhythm",
+        pairs: Sequence[TokenPair],
+        params: CreditParams,
         *,
-        q: float = 0.4,
-        gamma_amp: float = 1.5,
-        alpha: float = 0.5,
-        k: int = 3,
-        tau_waad: float | None = None,
-        tau_delta: float | None = None,
-        seed: int = 0,
-        window: int = 10,
-        h_lo: int = 10,
-        h_hi: int | None = 100,
-        head_quantile: float = 0.3,
         with_entropy: bool = False,
-        local_heads: Sequence[tuple[int, int]] | None = None,
-        global_heads: Sequence[tuple[int, int]] | None = None,
-    ) -> list[ScoreResult]:
-        """WAAD, FAI, gamma (and entropy) per response token, one ScoreResult per pair.
-
-        Parameters are SPEC.md's (same names as engine.credit); h_hi=None runs FAI to the end
-        of the response. local_heads/global_heads fix a calibrated head set instead of the
-        per-sequence classes. strategy="entropy" implies with_entropy.
-        """
-        credit_params = dict(
-            q=q,
-            gamma_amp=gamma_amp,
-            alpha=alpha,
-            k=k,
-            tau_waad=tau_waad,
-            tau_delta=tau_delta,
-            seed=seed,
-        )
-        self._check_params(
-            strategy, credit_params, window, h_lo, h_hi, head_quantile, local_heads, global_heads
-        )
-        with_entropy = bool(with_entropy) or strategy == "entropy"
+        local_heads: Sequence[Head] | None = None,
+        global_heads: Sequence[Head] | None = None,
+    ) -> BatchScores:
+        """ONE packed forward over `pairs` and the credit of each; no budget, no OOM split
+        (a torch.OutOfMemoryError propagates to the caller, who splits)."""
+        pairs = self.validate(pairs)  # TokenPairs of this vocabulary pass straight through
+        self.check_heads(local_heads, global_heads)
+        with_entropy = bool(with_entropy) or params.needs_entropy
         if with_entropy and self.lm_head is None:
             raise InputError("this model has no LM head: entropy is unavailable", "with_entropy")
-        arrays = self.validate(pairs)
-        horizon = dict(window=int(window), h_lo=int(h_lo), h_hi=None if h_hi is None else int(h_hi))
-
+        if not pairs:
+            return BatchScores([], {})
         with self._lock, torch.inference_mode():
             if self._weights_broken is not None:
                 raise PartialWeightsError(
@@ -319,175 +198,57 @@ class Scorer:
             version = self.policy_version
             t0 = time.perf_counter()
             timer = StageTimer(self.device)
-            stats: list[list[SpanStats]] = [[] for _ in arrays]
-            entropies: list[torch.Tensor | None] = [None] * len(arrays)
-            todo = plan_batches(arrays, self.max_batch_tokens)
-            splits = 0
-            while todo:
-                batch = todo.pop(0)
-                try:
-                    got = self._run_batch(arrays, batch, horizon, with_entropy, timer)
-                except torch.OutOfMemoryError:
-                    if len(batch.indices) == 1:
-                        raise
-                    got = None
-                if got is None:  # retry outside the except block so its frames are freed
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    todo[:0] = batch.split()
-                    splits += 1
-                    continue
-                for i, (s, e) in zip(batch.indices, got, strict=True):
-                    stats[i], entropies[i] = s, e
-
-            results = []
+            stats, entropies = packed_forward(
+                self.decoder,
+                self.lm_head,
+                pairs,
+                self.layers,
+                Horizon(params.window, params.h_lo, params.h_hi),
+                self.backend,
+                timer,
+                with_entropy=with_entropy,
+                final_logit_softcap=getattr(self._cfg, "final_logit_softcapping", None),
+            )
             with timer.stage("credit"):  # head classes, aggregation and gamma
-                for i, (_, _r) in enumerate(arrays):
-                    agg = aggregate(
+                results = [
+                    credit_result(
+                        pair,
                         stats[i],
-                        head_quantile,
-                        layer_ids=self.layers,
-                        local_heads=local_heads,
-                        global_heads=global_heads,
-                    )
-                    waad = agg.waad.float().cpu().numpy()
-                    fai = agg.fai.float().cpu().numpy()
-                    ent = None if entropies[i] is None else entropies[i].float().cpu().numpy()
-                    seed = sequence_seed(credit_params["seed"], *arrays[i])
-                    gamma = credit(
-                        strategy, waad=waad, fai=fai, entropy=ent, **{**credit_params, "seed": seed}
-                    )
-                    results.append(
-                        ScoreResult(
-                            waad=waad,
-                            fai=fai,
-                            gamma=np.asarray(gamma, dtype=np.float32),
-                            entropy=ent,
-                            local_heads=[tuple(h) for h in agg.local_heads],
-                            global_heads=[tuple(h) for h in agg.global_heads],
-                            policy_version=version,
-                        )
-                    )
-            self.last_run = {
-                "sequences": len(arrays),
-                "tokens": sum(len(p) + len(r) for p, r in arrays),
-                "splits": splits,
-                "seconds": time.perf_counter() - t0,
-                **{f"{stage}_seconds": sec for stage, sec in timer.seconds().items()},
-            }
-        return results
+                        entropies[i],
+                        params,
+                        self.layers,
+                        version,
+                        local_heads,
+                        global_heads,
+                    )  # fmt: skip
+                    for i, pair in enumerate(pairs)
+                ]
+            seconds = {**timer.seconds(), "runner": time.perf_counter() - t0}
+        return BatchScores(results, seconds)
 
-    def _check_params(
+    def score(
         self,
-        strategy: str,
-        credit_params: dict[str, Any],
-        window: int,
-        h_lo: int,
-        h_hi: int | None,
-        head_quantile: float,
-        local_heads: Sequence[tuple[int, int]] | None,
-        global_heads: Sequence[tuple[int, int]] | None,
-    ) -> None:
-        """Bad request parameters fail before any compute, as InputError."""
-        if strategy not in STRATEGIES:
-            raise InputError(
-                f"unknown strategy {strategy!r}; choose one of {STRATEGIES}", "strategy"
-            )
-        try:
-            check_horizon(window, h_lo, h_hi)
-        except ValueError as e:
-            raise InputError(str(e), "params") from None
-        if not 0.0 < head_quantile <= 1.0:
-            raise InputError(
-                f"head_quantile must be in (0, 1], got {head_quantile}", "head_quantile"
-            )
-        try:  # credit's own checks, on a dummy response
-            dummy = np.array([0.0, 1.0])
-            credit(strategy, waad=dummy, fai=dummy, entropy=dummy, **credit_params)
-        except ValueError as e:
-            raise InputError(str(e), "params") from None
-        if (local_heads is None) != (global_heads is None):
-            raise InputError("give both local_heads and global_heads, or neither", "heads")
-        num_heads = int(self._cfg.num_attention_heads)
-        for name, heads in (("local_heads", local_heads), ("global_heads", global_heads)):
-            if heads is None:
-                continue
-            if len(heads) == 0:
-                raise InputError("a fixed head set needs at least one head", name)
-            for layer, h in heads:
-                if layer not in self.layers or not 0 <= h < num_heads:
-                    raise InputError(
-                        f"head {(layer, h)} is not among layers {self.layers} x {num_heads} heads",
-                        name,
-                    )
+        pairs: Sequence[Any],
+        strategy: str | None = None,
+        *,
+        with_entropy: bool = False,
+        local_heads: Sequence[Head] | None = None,
+        global_heads: Sequence[Head] | None = None,
+        **params: Any,
+    ) -> list[ScoreResult]:
+        """WAAD, FAI, gamma (and entropy) per response token, one ScoreResult per pair, from
+        one packed forward (pass budget-sized lists: anchorcredit.budget.greedy_chunks).
 
-    def _run_batch(
-        self,
-        arrays: list[tuple[np.ndarray, np.ndarray]],
-        batch: PackedBatch,
-        horizon: dict[str, Any],
-        with_entropy: bool,
-        timer: StageTimer,
-    ) -> list[tuple[list[SpanStats], torch.Tensor | None]]:
-        """One packed forward: span stats of every selected layer (and entropy) per sequence."""
-        ids, pos = pack_inputs(arrays, batch, self.device)
-        cu = batch.cu_seqlens
-        win, h_lo, h_hi = horizon["window"], horizon["h_lo"], horizon["h_hi"]
-        slot = {layer: j for j, layer in enumerate(self.layers)}
-        per_seq: list[list[SpanStats | None]] = [[None] * len(self.layers) for _ in batch.indices]
-
-        def sink(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
-            with timer.stage("statistics"):
-                statistics(layer, q, k, scale)
-
-        def statistics(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
-            got = span_stats_packed(
-                q, k, cu, batch.prompt_lens, win, h_lo, h_hi, scale, self.backend
-            )
-            for i, s in enumerate(got):
-                per_seq[i][slot[layer]] = s
-
-        state = CaptureState(
-            cu_seqlens=cu,
-            layers=frozenset(self.layers),
-            sink=sink,
-            stop_after=None if with_entropy else self.layers[-1],
-        )
-        hidden = None
-        with capturing(state), timer.stage("forward"):
-            try:
-                out = self.decoder(input_ids=ids, position_ids=pos, use_cache=False)
-                hidden = out.last_hidden_state[0]
-            except StopForward:
-                pass
-        missing = set(self.layers) - state.captured
-        if missing:
-            raise RuntimeError(
-                f"layers {sorted(missing)} never called the attention interface: this model "
-                "does not route attention through transformers' AttentionInterface"
-            )
-        ents: list[torch.Tensor | None] = [None] * len(batch.indices)
-        if with_entropy:
-            assert hidden is not None
-            softcap = getattr(self._cfg, "final_logit_softcapping", None)
-            with timer.stage("entropy"):
-                ents = list(response_entropy(hidden, self.lm_head, cu, batch.prompt_lens, softcap))
-        return [(list(s), e) for s, e in zip(per_seq, ents, strict=True)]  # type: ignore[arg-type]
-
-
-def sequence_seed(seed: int, prompt: np.ndarray, response: np.ndarray) -> list[int]:
-    """The random baseline's seed for one sequence: the request's seed and the sequence's ids.
-
-    One shared seed would boost the same positions in every response of a batch; the batch
-    index would make a cached result depend on its batch. The ids' crc32 does neither.
-    """
-    return [int(seed), zlib.crc32(np.asarray(prompt, "<u4").tobytes()),
-            zlib.crc32(np.asarray(response, "<u4").tobytes())]  # fmt: skip
-
-
-def _embedded_model_id() -> str | None:
-    try:
-        from anchorcredit.offline.models import EMBEDDED_MODEL_ID
-    except ImportError:
-        return None
-    return str(EMBEDDED_MODEL_ID)
+        params: SPEC.md's (anchorcredit.contract.CreditParams: q, gamma_amp, alpha, k,
+        tau_waad, tau_delta, seed, window, h_lo, h_hi (None or "end": to the end of the
+        response), head_quantile). local_heads/global_heads fix a calibrated head set instead
+        of the per-sequence classes. strategy="entropy" implies with_entropy.
+        """
+        credit_params = CreditParams.build(strategy, **params)
+        return self.score_batch(
+            pairs,
+            credit_params,
+            with_entropy=with_entropy,
+            local_heads=local_heads,
+            global_heads=global_heads,
+        ).results

@@ -3,7 +3,8 @@
 Lifecycle
   start()  bind the port, serve health (CreditService NOT_SERVING) and /metrics at once, so
            probes and clients get answers (UNAVAILABLE) while the model loads.
-  load()   build the Scorer on the device thread, start the batcher, flip health to SERVING.
+  load()   build the backend (the runner's Scorer) on the device thread, start the batcher,
+           flip health to SERVING.
   stop()   health NOT_SERVING everywhere, optionally keep serving `shutdown_delay_s` while
            that propagates, stop accepting RPCs, give in-flight ones `grace_s` to finish,
            drain the batcher, close /metrics.
@@ -24,6 +25,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from anchorcredit.backend import ScoringBackend
+from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
@@ -31,7 +34,6 @@ from anchorcredit.server.servicer import CreditServicer, ServerState
 from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
 
 log = logging.getLogger(__name__)
-DEFAULT_STAT_VERSION = "1"
 
 
 def resolve_device(device: str) -> str:
@@ -48,10 +50,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def default_scorer_factory(config: ServeConfig) -> Callable[[], Any]:
+def default_backend_factory(config: ServeConfig) -> Callable[[], ScoringBackend]:
     """A zero-argument callable building the runner's Scorer from the config (blocking)."""
 
-    def build() -> Any:
+    def build() -> ScoringBackend:
         from anchorcredit.runner import Scorer
 
         device = resolve_device(config.device)
@@ -60,7 +62,6 @@ def default_scorer_factory(config: ServeConfig) -> Callable[[], Any]:
             device=device,
             dtype=resolve_dtype(config.dtype, device),
             layers=config.layer_list,
-            max_batch_tokens=config.max_batch_tokens,
             policy_version=config.policy_version,
         )
 
@@ -99,47 +100,21 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
     return opts
 
 
-def stat_version_of(info: dict[str, Any]) -> str:
-    """Version of the statistics' definition: the runner's, else the engine's, else 1."""
-    if info.get("stat_version"):
-        return str(info["stat_version"])
-    try:
-        import anchorcredit.engine as engine
-
-        return str(getattr(engine, "STAT_VERSION", DEFAULT_STAT_VERSION))
-    except Exception:
-        return DEFAULT_STAT_VERSION
-
-
-def stage_timings(last_run: Any) -> dict[str, float] | None:
-    """The runner's per-call record -> {stage: seconds} ("runner" = its own wall time,
-    plus any `<stage>_seconds` keys it reports); read on the device thread after score()."""
-    if not isinstance(last_run, dict):
-        return None
-    out = {
-        k.removesuffix("_seconds"): float(v)
-        for k, v in last_run.items()
-        if k.endswith("_seconds") and isinstance(v, int | float)
-    }
-    if isinstance(last_run.get("seconds"), int | float):
-        out["runner"] = float(last_run["seconds"])
-    return out or None
-
-
 class CreditServer:
-    """One server instance. `scorer` (already built) or `scorer_factory` (built in load())."""
+    """One server instance. `backend` (already built) or `backend_factory` (built in load());
+    the default factory builds the runner's Scorer from the config."""
 
     def __init__(
         self,
         config: ServeConfig,
-        scorer: Any = None,
-        scorer_factory: Callable[[], Any] | None = None,
+        backend: ScoringBackend | None = None,
+        backend_factory: Callable[[], ScoringBackend] | None = None,
     ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
         self.state = ServerState(config=config, metrics=self.metrics)
-        self._prebuilt = scorer
-        self._factory = scorer_factory or default_scorer_factory(config)
+        self._prebuilt = backend
+        self._factory = backend_factory or default_backend_factory(config)
         # The device thread: every model call (load, score, reload) runs here, one at a time.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self.health = health.aio.HealthServicer()
@@ -153,7 +128,14 @@ class CreditServer:
         """Bind and start serving; returns the bound gRPC port."""
         cfg = self.config
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics, cfg.auth_token)],
+            # Outermost first: metrics time every RPC, denied ones included.
+            interceptors=[
+                MetricsInterceptor(self.metrics),
+                BearerTokenInterceptor(
+                    cfg.auth_token,
+                    on_denied=self.metrics.failures.labels("unauthenticated").inc,
+                ),
+            ],
             options=grpc_options(cfg),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
@@ -190,41 +172,35 @@ class CreditServer:
         return self.port
 
     async def load(self) -> None:
-        """Build the scorer on the device thread, then start batching and report SERVING."""
+        """Build the backend on the device thread, then start batching and report SERVING."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        scorer = self._prebuilt
-        if scorer is None:
-            scorer = await loop.run_in_executor(self._executor, self._factory)
-        info = dict(scorer.info())
+        backend = self._prebuilt
+        if backend is None:
+            backend = await loop.run_in_executor(self._executor, self._factory)
         cfg = self.config
-
-        def score_fn(pairs: list, **kwargs: Any) -> tuple[list, dict[str, float] | None]:
-            results = scorer.score(pairs, **kwargs)
-            return results, stage_timings(getattr(scorer, "last_run", None))
-
         batcher = Batcher(
-            score_fn,
+            backend,
             self._executor,
             self.metrics,
-            lambda: str(scorer.policy_version),
             max_batch_tokens=cfg.max_batch_tokens,
             max_wait_s=cfg.max_wait_ms / 1000.0,
             max_batch_requests=cfg.max_batch_requests,
             max_queue=cfg.max_queue,
         )
         batcher.start()
-        self.state.set_info(info, stat_version_of(info))
-        self.state.batcher = batcher
-        self.state.scorer = scorer  # last: `ready` flips here
-        self.metrics.watch_memory(memory_probe(str(info.get("device", "cpu"))))
+        self.state.backend = backend
+        info = self.state.refresh_info()
+        self.state.batcher = batcher  # last: `ready` flips here
+        self.metrics.watch_memory(memory_probe(info.device))
         self.metrics.ready.set(1)
         if not self._stopping:
             await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "model %s (policy %s) loaded in %.1f s",
-            info.get("model_id"),
-            info.get("policy_version"),
+            "model %s (policy %s, statistics v%s) loaded in %.1f s",
+            info.model_id,
+            info.policy_version,
+            info.stat_version,
             time.perf_counter() - t0,
         )
 
@@ -276,9 +252,9 @@ class CreditServer:
         await self.stop()
 
 
-async def serve(config: ServeConfig, scorer: Any = None) -> int:
+async def serve(config: ServeConfig, backend: ScoringBackend | None = None) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load."""
-    server = CreditServer(config, scorer=scorer)
+    server = CreditServer(config, backend=backend)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,16 +1,21 @@
-"""Dynamic batching: one asyncio task owns the queue and the device.
+"""Dynamic batching: one asyncio task owns the queue, the device and the token budget.
 
 Handlers `await batcher.submit(parsed, deadline)`; the loop task forms batches of requests
 that share a parameter key, bounded by a token budget and a request cap, waiting at most
 `max_wait_s` after the oldest request when the device is idle (when it was busy, the queue
-filled meanwhile and no wait is added). The blocking scorer runs in ONE worker thread
-(`run_in_executor`), so model calls never overlap and a weight reload (`run_exclusive`)
-is ordered with the batches around it: no request is ever answered by weights other than
-the ones it was checked against.
+filled meanwhile and no wait is added). The backend (anchorcredit.backend.ScoringBackend)
+runs in ONE worker thread (`run_in_executor`), so model calls never overlap and a weight
+reload (`run_exclusive`) is ordered with the batches around it: no request is ever answered
+by weights other than the ones it was checked against.
+
+The budget is applied here and only here: a batch's sequences go to the backend in
+budget-sized forwards (anchorcredit.budget.greedy_chunks; a request larger than the budget
+is cut the same way), and a forward that runs out of device memory is halved
+(anchorcredit.budget.halve_on_oom) down to one sequence, which then fails alone with
+DeviceOutOfMemory (RESOURCE_EXHAUSTED).
 
 Failure isolation: if a merged batch raises, its requests are retried one by one so a bad
-request fails alone; a device OOM is split in halves, and a single request that still does
-not fit gets `DeviceOutOfMemory` (RESOURCE_EXHAUSTED).
+request fails alone.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import asyncio
 import collections
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from anchorcredit.backend import BatchScores, ScoreResult, ScoringBackend, TokenPair
+from anchorcredit.budget import greedy_chunks, halve_on_oom
+from anchorcredit.contract import CreditParams
 from anchorcredit.errors import PolicyVersionMismatch
 from anchorcredit.server.convert import ParsedRequest
 from anchorcredit.server.metrics import ServerMetrics
@@ -46,24 +55,15 @@ class DeadlineExpired(Exception):
     """The request's deadline passed while it waited in the queue."""
 
 
-class DeviceOutOfMemory(Exception):
-    """A single request does not fit on the device even alone."""
-
-
 class ShuttingDown(Exception):
     """The batcher no longer accepts work."""
-
-
-def is_oom(exc: BaseException) -> bool:
-    # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError, without importing torch here.
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 @dataclass
 class Outcome:
     """What a handler gets back for its request."""
 
-    results: list[Any]
+    results: list[ScoreResult]
     queue_seconds: float
     compute_seconds: float
 
@@ -83,7 +83,26 @@ class _Control:
     future: asyncio.Future
 
 
-ScoreFn = Callable[..., tuple[list[Any], dict[str, float] | None]]
+def run_budgeted(
+    backend: ScoringBackend,
+    pairs: list[TokenPair],
+    params: CreditParams,
+    with_entropy: bool,
+    max_batch_tokens: int,
+) -> BatchScores:
+    """Score `pairs` in budget-sized forwards, halving any that runs out of device memory
+    (blocking: runs on the device thread). Stage seconds add up over the forwards."""
+    stages: Counter[str] = Counter()
+
+    def forward(chunk: list[TokenPair]) -> list[ScoreResult]:
+        got = backend.score_batch(chunk, params, with_entropy=with_entropy)
+        stages.update(got.stage_seconds)
+        return got.results
+
+    results: list[ScoreResult] = []
+    for idx in greedy_chunks([p.num_tokens for p in pairs], max_batch_tokens):
+        results += halve_on_oom(forward, [pairs[i] for i in idx])
+    return BatchScores(results, dict(stages))
 
 
 class Batcher:
@@ -91,20 +110,17 @@ class Batcher:
 
     def __init__(
         self,
-        score_fn: ScoreFn,
+        backend: ScoringBackend,
         executor: Executor,
         metrics: ServerMetrics,
-        policy_version: Callable[[], str],
         max_batch_tokens: int = 16384,
         max_wait_s: float = 0.005,
         max_batch_requests: int = 64,
         max_queue: int = 256,
     ) -> None:
-        # score_fn(pairs, **score_kwargs) -> (results, stage timings or None), blocking.
-        self._score_fn = score_fn
+        self._backend = backend
         self._executor = executor
         self._metrics = metrics
-        self._policy_version = policy_version
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_batch_requests = max_batch_requests
@@ -236,7 +252,7 @@ class Batcher:
     def _take(self) -> list[_Work]:
         """Pop the batch: the first live request's key, FIFO, within budget; stop at control."""
         now = time.monotonic()
-        loaded = self._policy_version()
+        loaded = str(self._backend.policy_version)
         batch: list[_Work] = []
         kept: collections.deque[_Work | _Control] = collections.deque()
         key, tokens, blocked = None, 0, False
@@ -284,12 +300,15 @@ class Batcher:
                 w.started = start
                 m.queue_duration.observe(start - w.enqueued)
         pairs = [p for w in batch for p in w.parsed.pairs]
-        kwargs = batch[0].parsed.score_kwargs()
+        head = batch[0].parsed
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            results, stages = await loop.run_in_executor(
-                self._executor, lambda: self._score_fn(pairs, **kwargs)
+            scored = await loop.run_in_executor(
+                self._executor,
+                lambda: run_budgeted(
+                    self._backend, pairs, head.params, head.with_entropy, self.max_batch_tokens
+                ),
             )
         except Exception as exc:
             await self._recover(batch, exc)
@@ -301,8 +320,9 @@ class Batcher:
         m.batch_tokens.observe(ntok)
         m.tokens.inc(ntok)
         m.sequences.inc(len(pairs))
-        for stage, seconds in (stages or {}).items():
+        for stage, seconds in scored.stage_seconds.items():
             m.stage_duration.labels(stage).observe(float(seconds))
+        results = scored.results
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         self._ema_batch_requests = 0.8 * self._ema_batch_requests + 0.2 * len(batch)
         if len(results) != len(pairs):
@@ -319,7 +339,7 @@ class Batcher:
             if w.future.done():
                 continue  # its caller gave up while the batch ran
             expected = w.parsed.expected_policy_version
-            served = {str(getattr(r, "policy_version", expected)) for r in mine}
+            served = {str(r.policy_version) for r in mine}
             if expected and served != {expected}:
                 # Belt and braces: never hand out numbers from other weights than asked for.
                 w.future.set_exception(PolicyVersionMismatch(expected, ",".join(sorted(served))))
@@ -328,29 +348,13 @@ class Batcher:
             w.future.set_result(Outcome(mine, queued, elapsed))
 
     async def _recover(self, batch: list[_Work], exc: Exception) -> None:
-        """Isolate failures: halve on OOM, one by one otherwise; a lone failure is final."""
+        """Isolate failures: retry the requests one by one; a lone failure is final."""
         live = [w for w in batch if not w.future.done()]
         if not live:
             return
         if len(live) == 1:
-            w = live[0]
-            if is_oom(exc):
-                err: Exception = DeviceOutOfMemory(
-                    f"request of {w.parsed.num_tokens} tokens does not fit on the device; "
-                    "send fewer or shorter sequences"
-                )
-            else:
-                err = exc
-            w.future.set_exception(err)
+            live[0].future.set_exception(exc)
             return
-        log.info(
-            "batch of %d requests failed (%s); retrying %s",
-            len(live),
-            type(exc).__name__,
-            "in halves" if is_oom(exc) else "one by one",
-        )
-        groups = (
-            [live[: len(live) // 2], live[len(live) // 2 :]] if is_oom(exc) else [[w] for w in live]
-        )
-        for group in groups:
-            await self._run_batch(group)
+        log.info("batch of %d requests failed (%s); retrying one by one", len(live), exc)
+        for w in live:
+            await self._run_batch([w])

@@ -1,43 +1,26 @@
-"""Proto <-> Python for the CreditService: request validation and result encoding.
+"""Proto <-> Python for the CreditService: request parsing and result encoding.
 
-Everything here is torch-free and synchronous. Validation raises `InputError` naming the
-proto field (`params.q`, `sequences[3].response_ids`, ...) and, where one is at fault, the
-sequence index; the servicer turns that into INVALID_ARGUMENT. Token ids against the
-vocabulary and positions against the model's limit are the runner's `validate()`.
+Everything here is torch-free and synchronous. Parameters become the contract's validated
+CreditParams (anchorcredit.contract: defaults, ranges, strategy names); request limits are
+checked here; token ids are checked once, against the model, by the backend's validate()
+at the servicer's edge. Every error is an `InputError` naming the proto field
+(`params.q`, `sequences[3].response_ids`, ...) and, where one is at fault, the sequence
+index; the servicer turns it into INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from anchorcredit.backend import ModelInfo, ScoreResult
+from anchorcredit.contract import CreditParams
 from anchorcredit.errors import InputError
 from anchorcredit.v1 import credit_pb2 as pb
 
-# Same names as anchorcredit.engine.credit.STRATEGIES (a test keeps them equal); repeated
-# here so request parsing does not import torch.
-STRATEGIES = ("uniform", "local_chunk", "global_anchor", "coupled_rhythm", "random", "entropy")
-DEFAULT_STRATEGY = "coupled_rhythm"
-# SPEC.md defaults of the runner's score() keywords.
-DEFAULTS: dict[str, Any] = dict(
-    q=0.4,
-    gamma_amp=1.5,
-    alpha=0.5,
-    k=3,
-    tau_waad=None,
-    tau_delta=None,
-    seed=0,
-    window=10,
-    h_lo=10,
-    h_hi=100,
-    head_quantile=0.3,
-)
 _LE_F32 = np.dtype("<f4")
-# gamma is in [1, gamma_amp]; this keeps it (and products with it) far inside float32.
-MAX_GAMMA_AMP = 1e6
 
 
 class NonFiniteResult(Exception):
@@ -46,11 +29,11 @@ class NonFiniteResult(Exception):
 
 @dataclass
 class ParsedRequest:
-    """A validated ScoreRequest in the runner's terms."""
+    """A ScoreRequest in the backend's terms. `pairs` holds the proto's id lists until the
+    servicer validates them into TokenPairs."""
 
-    pairs: list[tuple[Any, Any]]  # lists from the proto, int64 arrays once validated
-    strategy: str
-    params: dict[str, Any]
+    pairs: list[Any]  # (prompt_ids, response_ids) from the proto, then TokenPairs
+    params: CreditParams
     with_entropy: bool
     outputs: tuple[bool, bool, bool, bool]  # waad, fai, gamma, entropy
     expected_policy_version: str
@@ -58,92 +41,22 @@ class ParsedRequest:
     num_tokens: int
     key: tuple[Any, ...] = field(default=())
 
-    def score_kwargs(self) -> dict[str, Any]:
-        return dict(strategy=self.strategy, with_entropy=self.with_entropy, **self.params)
 
-
-def _finite(name: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise InputError(f"must be finite, got {value}", field=f"params.{name}")
-    return float(value)
-
-
-def _unit(name: str, value: float, lo_open: bool = False) -> float:
-    value = _finite(name, value)
-    if not (0.0 < value <= 1.0 if lo_open else 0.0 <= value <= 1.0):
-        interval = "(0, 1]" if lo_open else "[0, 1]"
-        raise InputError(f"must be in {interval}, got {value}", field=f"params.{name}")
-    return value
-
-
-def _horizon(name: str, value: int, max_positions: int | None) -> int:
-    # Distances never exceed the model's max positions, so a larger horizon means nothing;
-    # it is rejected (not clamped) so that the caller learns the real limit.
-    if max_positions and value > max_positions:
-        raise InputError(
-            f"must be <= the model's max positions ({max_positions}), got {value}",
-            field=f"params.{name}",
-        )
-    return int(value)
-
-
-def parse_params(msg: pb.CreditParams, max_positions: int | None = None) -> dict[str, Any]:
-    """CreditParams -> score() keywords with SPEC defaults for unset fields.
+def parse_params(
+    strategy: str, msg: pb.CreditParams, max_positions: int | None = None
+) -> CreditParams:
+    """Strategy + CreditParams -> the contract's CreditParams (unset fields: SPEC defaults).
 
     `max_positions` (the model's) bounds window, h_lo and h_hi; None or 0 skips that check.
     """
-    p = dict(DEFAULTS)
-    if msg.HasField("q"):
-        p["q"] = _unit("q", msg.q)
-    if msg.HasField("gamma_amp"):
-        p["gamma_amp"] = _finite("gamma_amp", msg.gamma_amp)
-        if not 1.0 <= p["gamma_amp"] <= MAX_GAMMA_AMP:
-            raise InputError(
-                f"must be in [1, {MAX_GAMMA_AMP:g}] (gamma is in [1, gamma_amp]), "
-                f"got {msg.gamma_amp}",
-                field="params.gamma_amp",
-            )
-    if msg.HasField("alpha"):
-        p["alpha"] = _unit("alpha", msg.alpha)
-    if msg.HasField("k"):
-        if msg.k < 1:
-            raise InputError(f"must be >= 1, got {msg.k}", field="params.k")
-        p["k"] = int(msg.k)
-    if msg.HasField("tau_waad"):
-        p["tau_waad"] = _finite("tau_waad", msg.tau_waad)
-    if msg.HasField("tau_delta"):
-        p["tau_delta"] = _finite("tau_delta", msg.tau_delta)
-    if msg.HasField("seed"):
-        p["seed"] = int(msg.seed)
-    if msg.HasField("window"):
-        if msg.window < 1:
-            raise InputError(f"must be >= 1, got {msg.window}", field="params.window")
-        p["window"] = _horizon("window", msg.window, max_positions)
-    if msg.HasField("h_lo"):
-        p["h_lo"] = _horizon("h_lo", msg.h_lo, max_positions)
-    if msg.h_hi_to_end:
-        if msg.HasField("h_hi"):
-            raise InputError("give h_hi or h_hi_to_end, not both", field="params.h_hi")
-        p["h_hi"] = None
-    elif msg.HasField("h_hi"):
-        p["h_hi"] = _horizon("h_hi", msg.h_hi, max_positions)
-    if p["h_hi"] is not None and p["h_hi"] < p["h_lo"]:
-        raise InputError(f"must be >= h_lo={p['h_lo']}, got {p['h_hi']}", field="params.h_hi")
-    if msg.HasField("head_quantile"):
-        p["head_quantile"] = _unit("head_quantile", msg.head_quantile, lo_open=True)
-    return p
+    return CreditParams.from_proto(strategy, msg, max_positions)
 
 
 def parse_request(
     req: pb.ScoreRequest, max_sequences: int, max_tokens: int, max_positions: int | None = None
 ) -> ParsedRequest:
     """Validate the proto fields of a ScoreRequest; raise InputError naming the bad field."""
-    strategy = req.strategy or DEFAULT_STRATEGY
-    if strategy not in STRATEGIES:
-        raise InputError(
-            f"unknown strategy {req.strategy!r}; choose one of {', '.join(STRATEGIES)}",
-            field="strategy",
-        )
+    params = parse_params(req.strategy, req.params, max_positions)
     n = len(req.sequences)
     if n == 0:
         raise InputError("at least one sequence is required", field="sequences")
@@ -152,41 +65,27 @@ def parse_request(
             f"{n} sequences exceed the limit of {max_sequences} per request (split the request)",
             field="sequences",
         )
-    pairs: list[tuple[Any, Any]] = []
-    total = 0
-    for i, seq in enumerate(req.sequences):
-        if len(seq.prompt_ids) == 0:
-            raise InputError("needs at least 1 token", field=f"sequences[{i}].prompt_ids", index=i)
-        if len(seq.response_ids) == 0:
-            raise InputError(
-                "needs at least 1 token", field=f"sequences[{i}].response_ids", index=i
-            )
-        prompt, response = list(seq.prompt_ids), list(seq.response_ids)
-        total += len(prompt) + len(response)
-        pairs.append((prompt, response))
+    pairs = [(seq.prompt_ids, seq.response_ids) for seq in req.sequences]
+    total = sum(len(p) + len(r) for p, r in pairs)
     if total > max_tokens:
         raise InputError(
             f"{total} tokens exceed the limit of {max_tokens} per request (split the request)",
             field="sequences",
         )
-    params = parse_params(req.params, max_positions)
     o = req.outputs
     outputs = (o.waad, o.fai, o.gamma, o.entropy)
     if not any(outputs):
         outputs = (True, True, True, False)
-    with_entropy = bool(o.entropy) or strategy == "entropy"
-    # Requests with equal keys can share one score() call.
-    key = (strategy, with_entropy, tuple(sorted(params.items())))
+    with_entropy = bool(o.entropy) or params.needs_entropy
     return ParsedRequest(
         pairs=pairs,
-        strategy=strategy,
         params=params,
         with_entropy=with_entropy,
         outputs=outputs,
         expected_policy_version=req.expected_policy_version,
         request_id=req.request_id,
         num_tokens=total,
-        key=key,
+        key=(params, with_entropy),  # requests with equal keys can share one forward
     )
 
 
@@ -207,8 +106,8 @@ def from_f32_bytes(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=_LE_F32)
 
 
-def encode_result(result: Any, outputs: tuple[bool, bool, bool, bool]) -> pb.SequenceResult:
-    """One runner ScoreResult -> SequenceResult with the requested arrays only."""
+def encode_result(result: ScoreResult, outputs: tuple[bool, bool, bool, bool]) -> pb.SequenceResult:
+    """One ScoreResult -> SequenceResult with the requested arrays only."""
     want_waad, want_fai, want_gamma, want_entropy = outputs
     gamma = np.asarray(result.gamma)
     msg = pb.SequenceResult(response_len=int(gamma.shape[-1]))
@@ -218,46 +117,40 @@ def encode_result(result: Any, outputs: tuple[bool, bool, bool, bool]) -> pb.Seq
         msg.fai = f32_bytes(result.fai, "fai")
     if want_gamma:
         msg.gamma = f32_bytes(gamma, "gamma")
-    entropy = getattr(result, "entropy", None)
-    if want_entropy and entropy is not None:
-        msg.entropy = f32_bytes(entropy, "entropy")
-    for layer, head in getattr(result, "local_heads", None) or ():
+    if want_entropy and result.entropy is not None:
+        msg.entropy = f32_bytes(result.entropy, "entropy")
+    for layer, head in result.local_heads:
         msg.local_heads.add(layer=int(layer), head=int(head))
-    for layer, head in getattr(result, "global_heads", None) or ():
+    for layer, head in result.global_heads:
         msg.global_heads.add(layer=int(layer), head=int(head))
     return msg
 
 
 def model_info(
-    info: dict[str, Any], max_request_sequences: int, server_version: str, stat_version: str
+    info: ModelInfo,
+    *,
+    max_batch_tokens: int,
+    max_request_sequences: int,
+    server_version: str,
 ) -> pb.ModelInfo:
-    """Scorer.info() dict -> ModelInfo (unknown keys ignored, missing ones left empty)."""
-
-    def s(k: str) -> str:
-        v = info.get(k)
-        return "" if v is None else str(v)
-
-    def u(k: str) -> int:
-        v = info.get(k)
-        return int(v) if v is not None else 0
-
+    """The backend's ModelInfo plus the server's limits -> the proto ModelInfo."""
     return pb.ModelInfo(
-        model_id=s("model_id"),
-        revision=s("revision"),
-        architecture=s("architecture"),
-        dtype=s("dtype"),
-        device=s("device"),
-        num_layers=u("num_layers"),
-        layers=[int(x) for x in info.get("layers") or ()],
-        num_heads=u("num_heads"),
-        num_kv_heads=u("num_kv_heads"),
-        head_dim=u("head_dim"),
-        vocab_size=u("vocab_size"),
-        max_positions=u("max_positions"),
-        max_batch_tokens=u("max_batch_tokens"),
+        model_id=info.model_id,
+        revision=info.revision,
+        architecture=info.architecture,
+        dtype=info.dtype,
+        device=info.device,
+        num_layers=info.num_layers,
+        layers=list(info.layers),
+        num_heads=info.num_heads,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        vocab_size=info.vocab_size,
+        max_positions=info.max_positions or 0,
+        max_batch_tokens=max_batch_tokens,
         max_request_sequences=max_request_sequences,
-        policy_version=s("policy_version"),
-        kernel_backend=s("kernel_backend"),
+        policy_version=info.policy_version,
+        kernel_backend=info.kernel_backend,
         server_version=server_version,
-        stat_version=stat_version,
+        stat_version=info.stat_version,
     )

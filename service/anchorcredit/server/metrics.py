@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server on their own registry, plus the grpc.aio interceptor.
+"""Prometheus metrics of the server on their own registry, plus the grpc.aio interceptor
+that times every RPC (authentication is server/auth.py's).
 
 Own registry (not the global one) so several servers in one test process do not collide
 and nothing unrelated leaks onto /metrics. Names follow CONVENTIONS.md, no colons; buckets
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -175,33 +175,13 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Times every RPC into request_duration{method,code}; counts in-flight RPCs.
-
-    Also enforces the optional bearer token on the CreditService methods (health and
-    reflection stay open: Kubernetes probes cannot send metadata).
-    """
+    """Times every RPC into request_duration{method,code}; counts in-flight RPCs."""
 
     def __init__(
-        self,
-        metrics: ServerMetrics,
-        auth_token: str | None = None,
-        protected_prefix: str = "/anchorcredit.v1.CreditService/",
+        self, metrics: ServerMetrics, timed_prefix: str = "/anchorcredit.v1.CreditService/"
     ) -> None:
         self.metrics = metrics
-        self._token = auth_token.encode() if auth_token else None
-        self._prefix = protected_prefix
-
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        if self._token is None or not details.method.startswith(self._prefix):
-            return True
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                raw = value.encode() if isinstance(value, str) else value
-                scheme, _, token = raw.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(
-                    token.strip(), self._token
-                )
-        return False
+        self._prefix = timed_prefix
 
     async def intercept_service(
         self,
@@ -209,28 +189,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        short = method.rsplit("/", 1)[-1]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        ours = method.startswith(self._prefix)
-        if not self._authorized(handler_call_details):
-            return self._wrap(handler, short, ours, self._deny)
-        return self._wrap(handler, short, ours, None)
-
-    async def _deny(self, context: grpc.aio.ServicerContext) -> None:
-        self.metrics.failures.labels("unauthenticated").inc()
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or wrong `authorization: Bearer <token>` metadata",
-        )
+        return self._wrap(handler, method.rsplit("/", 1)[-1], method.startswith(self._prefix))
 
     def _wrap(
-        self,
-        handler: grpc.RpcMethodHandler,
-        method: str,
-        ours: bool,
-        deny: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None,
+        self, handler: grpc.RpcMethodHandler, method: str, ours: bool
     ) -> grpc.RpcMethodHandler:
         m = self.metrics
 
@@ -240,12 +205,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         @contextlib.asynccontextmanager
         async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            """In-flight gauge, auth check and the latency histogram around one RPC."""
+            """In-flight gauge and the latency histogram around one RPC."""
             start, code = time.perf_counter(), None
             m.inflight.inc()
             try:
-                if deny is not None:
-                    await deny(context)
                 yield
             except asyncio.CancelledError:
                 code = cancelled_code(context)

@@ -12,22 +12,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import grpc
 
 from anchorcredit import __version__
-from anchorcredit.errors import InputError, PolicyVersionMismatch
+from anchorcredit.backend import ModelInfo, ScoringBackend
+from anchorcredit.errors import DeviceOutOfMemory, InputError, PolicyVersionMismatch, is_oom
 from anchorcredit.server import convert
 from anchorcredit.server.batcher import (
     Batcher,
     DeadlineExpired,
-    DeviceOutOfMemory,
     Outcome,
     QueueFull,
     ShuttingDown,
-    is_oom,
 )
 from anchorcredit.server.config import ServeConfig
 from anchorcredit.server.metrics import ServerMetrics
@@ -42,26 +40,27 @@ RETRY_AFTER_KEY = "retry-after-ms"
 
 @dataclass
 class ServerState:
-    """What the handlers share; `scorer` and `batcher` are None until the model is loaded."""
+    """What the handlers share; `backend` and `batcher` are None until the model is loaded."""
 
     config: ServeConfig
     metrics: ServerMetrics
-    scorer: Any = None
+    backend: ScoringBackend | None = None
     batcher: Batcher | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    stat_version: str = ""
+    info: ModelInfo | None = None
 
     @property
     def ready(self) -> bool:
-        return self.scorer is not None and self.batcher is not None
+        return self.backend is not None and self.batcher is not None
 
-    def set_info(self, info: dict[str, Any], stat_version: str | None = None) -> None:
-        """Record the model's info (at load and after every reload) and publish it as the
-        `anchorcredit_model` metric, always with the stat_version label."""
-        self.info = dict(info)
-        if stat_version is not None:
-            self.stat_version = stat_version
-        self.metrics.set_model_info({**self.info, "stat_version": self.stat_version})
+    def refresh_info(self) -> ModelInfo:
+        """Re-read the backend's info (at load and after every reload) and publish it as the
+        `anchorcredit_model` metric."""
+        assert self.backend is not None
+        self.info = self.backend.info()
+        self.metrics.set_model_info(
+            {**asdict(self.info), "max_batch_tokens": self.config.max_batch_tokens}
+        )
+        return self.info
 
 
 class _Failure(Exception):
@@ -134,16 +133,14 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
 
     # -- scoring ---------------------------------------------------------------------------------
     def _parse(self, request: pb.ScoreRequest) -> convert.ParsedRequest:
-        cfg = self.state.config
+        cfg, state = self.state.config, self.state
+        assert state.backend is not None and state.info is not None
         parsed = convert.parse_request(
-            request,
-            cfg.max_request_sequences,
-            cfg.max_request_tokens,
-            self.state.info.get("max_positions"),
+            request, cfg.max_request_sequences, cfg.max_request_tokens, state.info.max_positions
         )
-        # Ids against the vocabulary and lengths against the model (names sequences[i]);
-        # the int64 arrays it returns are what the batcher hands to score().
-        parsed.pairs = self.state.scorer.validate(parsed.pairs)
+        # The edge: ids are checked once, against the model (names sequences[i]); the
+        # TokenPairs it returns are what the batcher hands to the backend.
+        parsed.pairs = state.backend.validate(parsed.pairs)
         return parsed
 
     async def _score_one(
@@ -160,18 +157,17 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         return self._response(parsed, outcome)
 
     def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
+        assert self.state.info is not None
         results = [convert.encode_result(r, parsed.outputs) for r in outcome.results]
-        version = (
-            str(getattr(outcome.results[0], "policy_version", "")) if outcome.results else ""
-        ) or str(self.state.scorer.policy_version)
         return pb.ScoreResponse(
             results=results,
-            policy_version=version,
-            model_id=str(self.state.info.get("model_id", "")),
+            # every result carries the version that produced it; the batcher saw they agree
+            policy_version=outcome.results[0].policy_version,
+            model_id=self.state.info.model_id,
             request_id=parsed.request_id,
             queue_seconds=outcome.queue_seconds,
             compute_seconds=outcome.compute_seconds,
-            stat_version=self.state.stat_version,
+            stat_version=self.state.info.stat_version,
         )
 
     async def Score(
@@ -239,11 +235,13 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         await self._require_ready(context)
+        assert self.state.backend is not None
+        cfg = self.state.config
         return convert.model_info(
-            self.state.scorer.info(),
-            self.state.config.max_request_sequences,
-            __version__,
-            self.state.stat_version,
+            self.state.backend.info(),
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_request_sequences=cfg.max_request_sequences,
+            server_version=__version__,
         )
 
     async def UpdateWeights(
@@ -256,12 +254,13 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 raise InputError("a checkpoint path is required", field="path")
             if not request.version:
                 raise InputError("the new policy version must be non-empty", field="version")
-            scorer, path, version = state.scorer, request.path, request.version
+            backend, path, version = state.backend, request.path, request.version
+            assert backend is not None
 
             def load() -> float:
                 t0 = time.perf_counter()
                 try:
-                    scorer.load_weights(path, version)
+                    backend.load_weights(path, version)
                 except Exception as exc:
                     # The runner keeps the old weights when a load fails. Running out of
                     # device memory is the server's problem; anything else (missing file,
@@ -282,12 +281,10 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         except Exception as exc:
             await self._abort(context, self._failure(exc))
             raise AssertionError("unreachable") from None
-        state.set_info(state.scorer.info())
+        info = state.refresh_info()
         state.metrics.weight_updates.inc()
-        log.info("policy weights now at version %r (%.2f s)", state.scorer.policy_version, seconds)
-        return pb.UpdateWeightsResponse(
-            policy_version=str(state.scorer.policy_version), load_seconds=seconds
-        )
+        log.info("policy weights now at version %r (%.2f s)", info.policy_version, seconds)
+        return pb.UpdateWeightsResponse(policy_version=info.policy_version, load_seconds=seconds)
 
 
 def _with_id(exc: BaseException, request_id: str) -> BaseException:
