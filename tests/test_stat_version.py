@@ -29,9 +29,7 @@ def _keys_and_version(target: str) -> tuple[list[str], str]:
         return log.keys, client.model_info().stat_version
 
 
-def test_changing_the_contracts_stat_version_changes_every_key(
-    tmp_path, start_server, monkeypatch
-):
+def test_changing_the_contracts_stat_version_changes_every_key(tmp_path, start_server, monkeypatch):
     model = save_debug_model(tmp_path / "m", arch="llama")
     first = start_server(model)
     keys, served = _keys_and_version(first.target)
