@@ -228,7 +228,7 @@ def test_compiles_for_ampere_and_hopper(monkeypatch, arch):
 
 def oracle_float64(q: torch.Tensor, k: torch.Tensor, prompt_len: int, h_hi: int | None):
     """The literal reference while N^2 fits; beyond, the float64 chunked path (itself checked
-    against the reference to 1e-6 in test_engine_backends.py)."""
+    against the reference to 1e-6 in tests/engine/span/test_backends.py)."""
     q, k = q.double(), k.double()
     if q.shape[1] <= 4096:
         return span_stats(q, k, prompt_len, h_hi=h_hi, backend="reference")
