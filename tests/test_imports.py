@@ -35,3 +35,21 @@ def test_cli_help_lists_every_subcommand_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_version_without_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from anchorcredit import __version__\n"
+        "from anchorcredit.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['--version'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "assert out.getvalue().strip() == f'anchorcredit {__version__}', out.getvalue()\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

