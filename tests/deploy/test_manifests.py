@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML not installed (pip install -e '.[dev]': kubernetes-validate brings it)"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "base"
@@ -105,7 +107,9 @@ def docs(request: pytest.FixtureRequest) -> list[dict]:
 
 
 def test_every_resource_validates_against_the_schemas(docs: list[dict]):
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install -e '.[dev]')"
+    )
     version = kv.latest_version()
     for doc in docs:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
