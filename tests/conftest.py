@@ -70,7 +70,8 @@ class RedisProcess:
     def __init__(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.fail("redis-server is not installed (CI installs it with apt-get)")
+            # A skip with the install command locally; in CI every non-GPU skip fails the run.
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
