@@ -288,6 +288,7 @@ def test_old_output_without_recorded_settings_refuses(tmp_path, debug_model, cap
     assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1"]
 
 
+@pytest.mark.slow
 def test_no_transformers_loading_bar(tmp_path, debug_model):
     """transformers' own "Loading weights" bar stays off; our scoring bar stays on."""
     write_input(tmp_path / "in.jsonl", n=1)
@@ -401,6 +402,7 @@ def test_target_bad_token_names_the_line_and_keeps_earlier_batches(
     assert [r["id"] for r in read_jsonl(out)] == ["q0", "q1", "q2"]
 
 
+@pytest.mark.slow
 def test_target_text_input_uses_the_embedded_tokenizer(tmp_path, start_server, capsys):
     """--target with text: the embedded model's tokenizer when the server serves that model;
     for any other model the error names --tokenizer and the served model."""

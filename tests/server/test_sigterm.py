@@ -80,6 +80,7 @@ def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen) -> re.Matc
     raise AssertionError(f"no {pattern!r} in server output:\n{''.join(lines)}")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_inflight_request(tmp_path: Path):
     model = save_debug_model(tmp_path / "llama", arch="llama")
     # A short shutdown delay: long enough to observe NOT_SERVING, far shorter than the request.

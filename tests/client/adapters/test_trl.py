@@ -32,6 +32,7 @@ def _tokenizer():
     )
 
 
+@pytest.mark.slow
 def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
