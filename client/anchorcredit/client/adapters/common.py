@@ -11,6 +11,7 @@ import numpy as np
 
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
+from anchorcredit.contract import DEFAULT_STRATEGY
 
 
 def rows_from_mask(ids: Any, mask: Any) -> list[np.ndarray]:
@@ -30,7 +31,7 @@ def credit_for_batch(
     response_ids: Any,
     response_mask: Any,
     *,
-    strategy: str = "coupled_rhythm",
+    strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
     credit_params: dict[str, Any] | None = None,

@@ -33,6 +33,7 @@ import numpy as np
 
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, reweight
+from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "experience_maker_class", "install", "install_from_env"]
 
@@ -41,7 +42,7 @@ def apply_credit(
     experience: Any,
     client: CreditClient,
     *,
-    strategy: str = "coupled_rhythm",
+    strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
     **credit_params: Any,
@@ -135,7 +136,7 @@ def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
         timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
     )
     kwargs: dict[str, Any] = dict(json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")))
-    kwargs["strategy"] = env.get("ANCHORCREDIT_STRATEGY", "coupled_rhythm")
+    kwargs["strategy"] = env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY)
     kwargs["sign"] = env.get("ANCHORCREDIT_SIGN", "both")
     if env.get("ANCHORCREDIT_POLICY_VERSION"):
         kwargs["policy_version"] = env["ANCHORCREDIT_POLICY_VERSION"]

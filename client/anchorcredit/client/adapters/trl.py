@@ -31,6 +31,7 @@ from typing import Any
 
 from anchorcredit.client.adapters.common import credit_for_batch
 from anchorcredit.client.client import CreditClient
+from anchorcredit.contract import DEFAULT_STRATEGY
 
 # AnchorCreditGRPOTrainer is provided lazily by __getattr__ (it needs TRL at import).
 __all__ = ["WeightSyncCallback", "make_trainer_class"]
@@ -59,7 +60,7 @@ def make_trainer_class(base: type | None = None) -> type:
             self,
             *args: Any,
             credit_client: CreditClient,
-            credit_strategy: str = "coupled_rhythm",
+            credit_strategy: str = DEFAULT_STRATEGY,
             credit_params: dict[str, Any] | None = None,
             credit_sign: str = "both",
             credit_policy_version: str | None = None,

@@ -33,6 +33,7 @@ from typing import Any
 
 from anchorcredit.client.adapters.common import credit_for_batch
 from anchorcredit.client.client import CreditClient
+from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "install", "wrap_compute_advantage"]
 
@@ -41,7 +42,7 @@ def apply_credit(
     data: Any,
     client: CreditClient,
     *,
-    strategy: str = "coupled_rhythm",
+    strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
     **credit_params: Any,
