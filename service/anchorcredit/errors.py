@@ -37,3 +37,8 @@ class DeviceOutOfMemory(RuntimeError):
 def is_oom(exc: BaseException) -> bool:
     """torch.OutOfMemoryError (CUDA or otherwise), recognised without importing torch."""
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class WeightVersionConflict(RuntimeError):
+    """A weight change's version rules are not met (its `replaces` is not served, or it
+    reuses the served label) -> FAILED_PRECONDITION; nothing was changed."""

@@ -119,7 +119,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "revision", "architecture", "dtype", "device", "num_layers", "layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "max_batch_tokens", "max_request_sequences", "policy_version", "kernel_backend", "server_version", "stat_version")
+    __slots__ = ("model_id", "revision", "architecture", "dtype", "device", "num_layers", "layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "max_batch_tokens", "max_request_sequences", "policy_version", "kernel_backend", "server_version", "stat_version", "max_request_tokens", "loaded_param_count", "total_param_count")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,9 @@ class ModelInfo(_message.Message):
     KERNEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_PARAM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PARAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     architecture: str
@@ -156,20 +159,107 @@ class ModelInfo(_message.Message):
     kernel_backend: str
     server_version: str
     stat_version: str
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_sequences: _Optional[int] = ..., policy_version: _Optional[str] = ..., kernel_backend: _Optional[str] = ..., server_version: _Optional[str] = ..., stat_version: _Optional[str] = ...) -> None: ...
+    max_request_tokens: int
+    loaded_param_count: int
+    total_param_count: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_sequences: _Optional[int] = ..., policy_version: _Optional[str] = ..., kernel_backend: _Optional[str] = ..., server_version: _Optional[str] = ..., stat_version: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., loaded_param_count: _Optional[int] = ..., total_param_count: _Optional[int] = ...) -> None: ...
+
+class WeightUpdate(_message.Message):
+    __slots__ = ("version", "replaces", "partial")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    replaces: str
+    partial: bool
+    def __init__(self, version: _Optional[str] = ..., replaces: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("update", "tensor", "data")
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    update: WeightUpdate
+    tensor: TensorHeader
+    data: bytes
+    def __init__(self, update: _Optional[_Union[WeightUpdate, _Mapping]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "replaces")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: str
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    replaces: str
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[str] = ..., replaces: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("policy_version", "load_seconds")
+    __slots__ = ("policy_version", "load_seconds", "tensors", "bytes")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
     policy_version: str
     load_seconds: float
-    def __init__(self, policy_version: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    tensors: int
+    bytes: int
+    def __init__(self, policy_version: _Optional[str] = ..., load_seconds: _Optional[float] = ..., tensors: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class JoinWeightGroupRequest(_message.Message):
+    __slots__ = ("group", "address", "port", "world_size", "rank", "backend", "timeout_s")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    address: str
+    port: int
+    world_size: int
+    rank: int
+    backend: str
+    timeout_s: float
+    def __init__(self, group: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., backend: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class JoinWeightGroupResponse(_message.Message):
+    __slots__ = ("group", "backend", "device")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    backend: str
+    device: str
+    def __init__(self, group: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ReceiveWeightsRequest(_message.Message):
+    __slots__ = ("group", "update", "tensors")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    update: WeightUpdate
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    def __init__(self, group: _Optional[str] = ..., update: _Optional[_Union[WeightUpdate, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+
+class LeaveWeightGroupRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class LeaveWeightGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

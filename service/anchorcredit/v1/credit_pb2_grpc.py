@@ -54,6 +54,26 @@ class CreditServiceStub:
                 request_serializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsRequest.SerializeToString,
                 response_deserializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/anchorcredit.v1.CreditService/PushWeights',
+                request_serializer=anchorcredit_dot_v1_dot_credit__pb2.WeightChunk.SerializeToString,
+                response_deserializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/anchorcredit.v1.CreditService/JoinWeightGroup',
+                request_serializer=anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupRequest.SerializeToString,
+                response_deserializer=anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupResponse.FromString,
+                _registered_method=True)
+        self.ReceiveWeights = channel.unary_unary(
+                '/anchorcredit.v1.CreditService/ReceiveWeights',
+                request_serializer=anchorcredit_dot_v1_dot_credit__pb2.ReceiveWeightsRequest.SerializeToString,
+                response_deserializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.LeaveWeightGroup = channel.unary_unary(
+                '/anchorcredit.v1.CreditService/LeaveWeightGroup',
+                request_serializer=anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupRequest.SerializeToString,
+                response_deserializer=anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -81,7 +101,42 @@ class CreditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateWeights(self, request, context):
-        """Hot-reload policy weights; later requests naming another version fail FAILED_PRECONDITION.
+        """Weight changes. Every way of changing the weights names the new version the same way
+        (WeightUpdate) and takes effect atomically: requests keep being answered by the old
+        weights until the new ones are complete and checked, and every result carries the
+        version that produced it. Later requests naming another version fail FAILED_PRECONDITION.
+
+        Load a checkpoint the server can read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushWeights(self, request_iterator, context):
+        """Stream the weights: one WeightChunk with `update` first, then each tensor as a
+        `tensor` header followed by its raw bytes in `data` chunks (a few MiB each).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinWeightGroup(self, request, context):
+        """Join a private collective group the trainer opened (its rank 0 hosts a TCPStore at
+        address:port); NCCL on CUDA, gloo on the CPU; never the default process group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveWeights(self, request, context):
+        """Receive one broadcast of the listed tensors from the group's rank 0, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveWeightGroup(self, request, context):
+        """Leave a group joined with JoinWeightGroup (frees its communicator).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +164,26 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.UpdateWeights,
                     request_deserializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsRequest.FromString,
                     response_serializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=anchorcredit_dot_v1_dot_credit__pb2.WeightChunk.FromString,
+                    response_serializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupRequest.FromString,
+                    response_serializer=anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupResponse.SerializeToString,
+            ),
+            'ReceiveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWeights,
+                    request_deserializer=anchorcredit_dot_v1_dot_credit__pb2.ReceiveWeightsRequest.FromString,
+                    response_serializer=anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'LeaveWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveWeightGroup,
+                    request_deserializer=anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupRequest.FromString,
+                    response_serializer=anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +294,114 @@ class CreditService:
             '/anchorcredit.v1.CreditService/UpdateWeights',
             anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsRequest.SerializeToString,
             anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/anchorcredit.v1.CreditService/PushWeights',
+            anchorcredit_dot_v1_dot_credit__pb2.WeightChunk.SerializeToString,
+            anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anchorcredit.v1.CreditService/JoinWeightGroup',
+            anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupRequest.SerializeToString,
+            anchorcredit_dot_v1_dot_credit__pb2.JoinWeightGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anchorcredit.v1.CreditService/ReceiveWeights',
+            anchorcredit_dot_v1_dot_credit__pb2.ReceiveWeightsRequest.SerializeToString,
+            anchorcredit_dot_v1_dot_credit__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/anchorcredit.v1.CreditService/LeaveWeightGroup',
+            anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupRequest.SerializeToString,
+            anchorcredit_dot_v1_dot_credit__pb2.LeaveWeightGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
