@@ -34,5 +34,9 @@ def test_stubs_expose_the_service():
         "ScoreStream",
         "GetModelInfo",
         "UpdateWeights",
+        "PushWeights",
+        "JoinWeightGroup",
+        "ReceiveWeights",
+        "LeaveWeightGroup",
     }
     assert hasattr(credit_pb2_grpc, "add_CreditServiceServicer_to_server")
