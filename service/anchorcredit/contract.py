@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from anchorcredit.errors import InputError
@@ -206,9 +206,6 @@ class CreditParams:
     @property
     def needs_entropy(self) -> bool:
         return self.strategy == "entropy"
-
-    def with_strategy(self, strategy: str) -> CreditParams:
-        return replace(self, strategy=strategy)
 
 
 _PARAM_NAMES = tuple(f.name for f in fields(CreditParams) if f.name != "strategy")
