@@ -166,13 +166,7 @@ class CreditParams:
         """From an anchorcredit.v1 ScoreRequest's strategy and CreditParams: unset fields take
         the defaults; h_hi_to_end=true is h_hi=None. `max_positions` (the model's) bounds the
         horizons first, so the caller hears of the real limit before anything else."""
-        kw: dict[str, Any] = {}
-        for name in ("q", "gamma_amp", "alpha", "k", "tau_waad", "tau_delta", "seed"):
-            if msg.HasField(name):
-                kw[name] = getattr(msg, name)
-        for name in ("window", "h_lo", "head_quantile"):
-            if msg.HasField(name):
-                kw[name] = getattr(msg, name)
+        kw = {n: getattr(msg, n) for n in _PARAM_NAMES if n != "h_hi" and msg.HasField(n)}
         if msg.h_hi_to_end:
             if msg.HasField("h_hi"):
                 raise InputError("give h_hi or h_hi_to_end, not both", field="params.h_hi")
