@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU suite: one command, one markdown table file, on an H100/H200 in under 9 minutes
+# (the step limits add up to 540 s; the device tool allows 600 s a command).
+#
+#   bash bench/gpu_suite.sh                 # writes $OUT/gpu_suite.md (or bench/results/)
+#   bash bench/gpu_suite.sh --dry-run       # prints the steps and their time limits only
+#
+# Steps (each under its own time limit, so one slow step cannot eat the rest):
+#   1. the kernel's bf16 tests against the float64 reference, 1K..32K (pytest -m gpu)
+#   2. the span benchmark at Qwen3-8B shapes against SDPA flash (h_hi=100 and to the end)
+#   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
+#   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
+#   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
+#   6. the weight push over NCCL (bench/weights.py --device cuda), when that script exists
+# Record the file's tables in docs/BENCHMARKS.md with the command.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+[ "${1:-}" = "--dry-run" ] && dry=1
+out_dir="${OUT:-bench/results}"
+mkdir -p "$out_dir"
+report="$out_dir/gpu_suite.md"
+py="${PYTHON:-python}"
+
+steps=(
+  "120|kernel bf16 tests vs float64 (1K..32K)|$py -m pytest -q -m gpu tests/engine/span"
+  "90|span kernel vs SDPA flash, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
+  "60|span kernel vs SDPA flash, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager"
+  "90|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
+  "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
+  "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
+  "60|weight push over NCCL|$py bench/weights.py --device cuda"
+)
+
+if [ "$dry" = 1 ]; then
+  for s in "${steps[@]}"; do
+    IFS='|' read -r limit title cmd <<<"$s"
+    printf '%4ss  %s\n       %s\n' "$limit" "$title" "$cmd"
+  done
+  exit 0
+fi
+
+{
+  echo "# GPU suite $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "- command: \`bash bench/gpu_suite.sh\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'none found')"
+  echo "- versions: $($py -c 'import torch, transformers; import importlib.util as u; t = __import__("triton").__version__ if u.find_spec("triton") else "-"; print(f"torch {torch.__version__} (cuda {torch.version.cuda}), triton {t}, transformers {transformers.__version__}")' 2>&1)"
+  echo
+} >"$report"
+
+failed=0
+for s in "${steps[@]}"; do
+  IFS='|' read -r limit title cmd <<<"$s"
+  script=$(echo "$cmd" | awk '{print $2}')
+  if [[ "$script" == bench/* ]] && [ ! -f "$script" ]; then
+    printf '## %s\n\nskipped: %s is not in this checkout\n\n' "$title" "$script" >>"$report"
+    continue
+  fi
+  echo "== $title ($limit s max)" >&2
+  start=$(date +%s)
+  log=$(mktemp)
+  timeout "$limit" bash -c "$cmd" >"$log" 2>&1
+  rc=$?
+  took=$(($(date +%s) - start))
+  {
+    printf '## %s\n\n`%s` (rc %s, %s s)\n\n' "$title" "$cmd" "$rc" "$took"
+    # Tables and summary lines only; the full log follows folded.
+    grep -E '^\||passed|failed|skipped|^[a-z]+=|^preset=|^cuda' "$log" || true
+    printf '\n<details><summary>log tail</summary>\n\n```\n'
+    tail -n 40 "$log"
+    printf '```\n</details>\n\n'
+  } >>"$report"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+  rm -f "$log"
+done
+
+echo "wrote $report ($failed step(s) failed)" >&2
+exit "$failed"
