@@ -201,13 +201,20 @@ def test_compiles_for_ampere_and_hopper(monkeypatch, arch):
     types = {
         "Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "SPAN": "*fp32", "WAAD": "*fp32",
         "FAI": "*fp32", "BLK_SEQ": "*i32", "BLK_START": "*i32", "CU": "*i32",
-        "qk_scale": "fp32",
+        "qk_scale": "fp32", "SINKS": "*fp32", "cap_in": "fp32", "cap_out": "fp32",
     }  # fmt: skip
     bm, bn, warps, stages = mod._default_blocks(torch.device("cuda"), torch.bfloat16)
     base = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 128, "DOT_PRECISION": "tf32",
             "UPCAST": False}  # fmt: skip
-    for fn, extra in ((mod._row_pass, {}), (mod._col_pass, {"HAS_HI": True}),
-                      (mod._col_pass, {"HAS_HI": False})):  # fmt: skip
+    plain = {"SOFTCAP": False, "HAS_SLIDE": False}
+    every = {"SOFTCAP": True, "HAS_SLIDE": True}  # soft-capping, sliding window (and sinks)
+    for fn, extra in (
+        (mod._row_pass, {**plain, "HAS_SINK": False}),
+        (mod._row_pass, {**every, "HAS_SINK": True}),
+        (mod._col_pass, {**plain, "HAS_HI": True}),
+        (mod._col_pass, {**plain, "HAS_HI": False}),
+        (mod._col_pass, {**every, "HAS_HI": False}),
+    ):
         kernel = triton.jit(fn)
         consts = {**base, **extra}
         signature = {

@@ -11,6 +11,17 @@ Their tests are tests/engine/span/.
 
 span_stats()         one sequence
 span_stats_packed()  a packed batch (the runner's entry point): sequences end to end
+
+Model-true attention. Every backend takes three optional per-layer keywords, so that the
+statistics read the probabilities the layer really computes (as transformers' eager
+attention does; reference.attention_matrix is the definition):
+  softcap=c           logit soft-capping, scores = c * tanh(scale * q.k / c) (Gemma 2)
+  sinks=[Hq] tensor   a learned per-head logit in the softmax denominator that attends to
+                      nothing: rows sum to less than 1 (gpt-oss)
+  sliding_window=w    token t attends to s in (t - w, t] only (Gemma 2/3, gpt-oss, Mistral)
+SPEC.md's formulas are then applied literally to that A: the sink's share adds no distance
+(span, WAAD) and no FAI; keys outside the window have A = 0 (mass the layer never sees is
+not counted as W in WAAD, and such rows still count in FAI's |T(s)|).
 """
 
 from __future__ import annotations
@@ -23,7 +34,12 @@ from collections.abc import Sequence
 import torch
 
 from anchorcredit.contract import DEFAULTS
-from anchorcredit.engine.span.checks import check_horizon, check_qk, check_scale
+from anchorcredit.engine.span.checks import (
+    check_attention_variant,
+    check_horizon,
+    check_qk,
+    check_scale,
+)
 from anchorcredit.engine.span.chunked import span_stats_chunked
 from anchorcredit.engine.span.reference import span_stats_reference
 from anchorcredit.engine.types import SpanStats
@@ -76,24 +92,33 @@ def span_stats(
     h_hi: int | None = DEFAULTS.h_hi,
     scale: float | None = None,
     backend: str = "auto",
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> SpanStats:
     """Per-head span [Hq], WAAD [Hq, R] and FAI [Hq, R] of one sequence (SPEC.md).
 
     q: [Hq, N, d], k: [Hkv, N, d] post-RoPE (Hq a multiple of Hkv). h_hi=None runs the FAI
-    horizon to the end of the response. scale defaults to 1/sqrt(d).
+    horizon to the end of the response. scale defaults to 1/sqrt(d). softcap, sinks and
+    sliding_window describe the layer's attention (module docstring); None = plain causal.
     """
     check_qk(q, k, prompt_len)
     window, h_lo, h_hi = check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
+    softcap, sinks, sliding_window = check_attention_variant(softcap, sinks, sliding_window, q)
+    if sliding_window is not None and sliding_window >= q.shape[1]:
+        sliding_window = None  # the window holds the whole sequence: plain causal
     backend = resolve_backend(backend, q.device, q.shape[-1])
     args = (q, k, prompt_len, window, h_lo, h_hi, scale)
+    variant = {"softcap": softcap, "sinks": sinks, "sliding_window": sliding_window}
     if backend == "reference":
-        return span_stats_reference(*args)
+        return span_stats_reference(*args, **variant)
     if backend == "chunked":
-        return span_stats_chunked(*args)
+        return span_stats_chunked(*args, **variant)
     from anchorcredit.engine.span.triton_kernel import span_stats_triton
 
-    return span_stats_triton(*args)
+    return span_stats_triton(*args, **variant)
 
 
 def span_stats_packed(
@@ -106,25 +131,37 @@ def span_stats_packed(
     h_hi: int | None,
     scale: float,
     backend: str,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> list[SpanStats]:
     """SpanStats of every sequence of a packed batch: q [Hq, T, d], k [Hkv, T, d] with the
     sequences end to end (cu_seqlens [B+1], prompt_lens [B]); `backend` already resolved.
+    softcap / sinks / sliding_window: the layer's attention (module docstring), checked here.
 
     The runner's hot path: shapes and horizons were checked when the request was parsed, so
     this skips span_stats()' per-call checks (an isfinite pass over q and k costs ~25% of the
     statistics on the CPU). A non-finite q/k still fails loudly: it makes a head's span
     non-finite, which aggregate() rejects.
     """
+    softcap, sinks, sliding_window = check_attention_variant(softcap, sinks, sliding_window, q)
+    variant = {"softcap": softcap, "sinks": sinks}
     if backend == "triton":
         from anchorcredit.engine.span import triton_kernel
 
         return triton_kernel.span_stats_packed(
-            q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale
-        )
+            q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale,
+            sliding_window=sliding_window, **variant,
+        )  # fmt: skip
     if backend not in ("chunked", "reference"):
         raise ValueError(f"span_stats_packed needs a resolved backend, got {backend!r}")
     fn = span_stats_chunked if backend == "chunked" else span_stats_reference
-    return [
-        fn(q[:, a:b], k[:, a:b], p, window, h_lo, h_hi, scale)
-        for a, b, p in zip(cu_seqlens[:-1], cu_seqlens[1:], prompt_lens, strict=True)
-    ]
+    out = []
+    for a, b, p in zip(cu_seqlens[:-1], cu_seqlens[1:], prompt_lens, strict=True):
+        # A window holding the whole sequence is plain causal attention.
+        slide = None if sliding_window is None or sliding_window >= b - a else sliding_window
+        out.append(
+            fn(q[:, a:b], k[:, a:b], p, window, h_lo, h_hi, scale, sliding_window=slide, **variant)
+        )
+    return out

@@ -85,3 +85,36 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return float(scale)
+
+
+def check_attention_variant(
+    softcap: Any, sinks: Any, sliding_window: Any, q: torch.Tensor
+) -> tuple[float | None, torch.Tensor | None, int | None]:
+    """The model-true attention options of one layer, checked (module docstring of
+    anchorcredit.engine.span): softcap a positive finite float or None, sinks a finite
+    float tensor [Hq] on q's device or None, sliding_window an int >= 1 or None."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+        softcap = float(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise ValueError("sinks must be a floating point tensor [Hq] (one logit per head)")
+        if tuple(sinks.shape) != (q.shape[0],):
+            raise ValueError(
+                f"sinks must have shape [Hq] = ({q.shape[0]},), got {tuple(sinks.shape)}"
+            )
+        if sinks.device != q.device:
+            raise ValueError(f"sinks are on {sinks.device}, q on {q.device}")
+        if not bool(torch.isfinite(sinks).all()):
+            raise ValueError("sinks must be finite")
+    if sliding_window is not None:
+        if isinstance(sliding_window, np.generic):
+            sliding_window = sliding_window.item()
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise ValueError(f"sliding_window must be an int or None, got {sliding_window!r}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    return softcap, sinks, sliding_window

@@ -5,6 +5,12 @@ rows). From those rows only the band is read for the rest: WAAD = W - sum_{d<W} 
 (mass further than W back, prompt included, counts as W), and FAI takes the column sums of
 p over h_lo <= t-s <= h_hi. Probabilities are never normalised in place: each row's 1/l
 scales the few numbers read from it, which saves a full pass over the block.
+
+Model-true attention (see reference.attention_matrix): soft-capping transforms the scores
+before the softmax; a sink adds exp(sink - m) to each row's denominator l, so rows sum to
+l_keys / l < 1 and WAAD = W * l_keys / l - sum_{d<W} (W-d) p / l; a sliding window masks
+keys with t - s >= window (they are still computed, then zeroed: the block memory bound is
+unchanged, the time is not reduced).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ def span_stats_chunked(
     h_hi: int | None,
     scale: float,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> SpanStats:
     hq, n, d = q.shape
     hkv = k.shape[0]
@@ -51,13 +61,15 @@ def span_stats_chunked(
     waad = torch.empty(hq, r, dtype=dtype, device=dev)
     fai_num = torch.zeros(hq, r, dtype=dtype, device=dev)
     rows_per_block = max(1, min(r, block_elements // max(1, hq * n)))
+    variant = (softcap, None if sinks is None else sinks.to(dtype)[:, None], sliding_window)
 
     for t0 in range(prompt_len, n, rows_per_block):
         t1 = min(n, t0 + rows_per_block)
         # A function per block, so one block's scores are freed before the next is allocated.
         span_part, waad_rows, c0, col_sums = _block_stats(
-            qs, kt, t0, t1, group, window, h_lo, h_hi, prompt_len, pos, ipos, band, band_weight
-        )
+            qs, kt, t0, t1, group, window, h_lo, h_hi, prompt_len, pos, ipos, band, band_weight,
+            variant,
+        )  # fmt: skip
         span_sum += span_part
         waad[:, t0 - prompt_len : t1 - prompt_len] = waad_rows
         if col_sums is not None:
@@ -82,25 +94,40 @@ def _block_stats(
     ipos: torch.Tensor,
     band: torch.Tensor,
     band_weight: torch.Tensor,
+    variant: tuple[float | None, torch.Tensor | None, int | None] = (None, None, None),
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """Span sum, WAAD rows and FAI column sums contributed by response rows [t0, t1)."""
     hkv, d, _ = kt.shape
     hq, b = hkv * group, t1 - t0
     # GQA without copying K: the `group` query heads of one kv head share one bmm.
     qb = qs[:, t0:t1].reshape(hkv, group * b, d)
+    softcap, sinks, sliding_window = variant  # sinks: [Hq, 1] in the compute dtype
     scores = torch.bmm(qb, kt[:, :, :t1]).view(hq, b, t1)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     rows = ipos[t0:t1]
-    scores.masked_fill_(ipos[None, :t1] > rows[:, None], float("-inf"))
-    p = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # unnormalised probabilities
-    inv_l = p.sum(-1).reciprocal_()  # [Hq, b]
+    hidden = ipos[None, :t1] > rows[:, None]
+    if sliding_window is not None:
+        hidden |= ipos[None, :t1] <= rows[:, None] - sliding_window
+    scores.masked_fill_(hidden, float("-inf"))
+    m = scores.amax(-1)  # [Hq, b], finite: key t is always visible from row t
+    if sinks is not None:
+        m = torch.maximum(m, sinks)
+    p = scores.sub_(m[:, :, None]).exp_()  # unnormalised probabilities
+    l_keys = p.sum(-1)
+    if sinks is None:
+        inv_l, key_share = l_keys.reciprocal_(), 1.0  # [Hq, b]
+    else:  # the sink joins the denominator and attends to nothing
+        inv_l = (l_keys + (sinks - m).exp()).reciprocal_()
+        key_share = l_keys * inv_l
 
-    # Unclipped span: sum_s p (t - s) = t - E[s].
-    span_part = (pos[t0:t1] - torch.matmul(p, pos[:t1]) * inv_l).sum(-1)
+    # Unclipped span: sum_s A (t - s) = (t * l_keys - sum_s p s) / l.
+    span_part = (pos[t0:t1] * key_share - torch.matmul(p, pos[:t1]) * inv_l).sum(-1)
 
     # WAAD from the band: W - sum_{d<W} (W-d) p[t, t-d] (columns before 0 do not exist).
     near_cols = rows[:, None] - band[None, :]  # [b, W]
     near = p.gather(-1, near_cols.clamp(min=0).expand(hq, b, window))
-    waad_rows = window - (near * (band_weight * (near_cols >= 0))).sum(-1) * inv_l
+    waad_rows = window * key_share - (near * (band_weight * (near_cols >= 0))).sum(-1) * inv_l
 
     # FAI partial column sums over the band h_lo <= t - s <= h_hi, s in the response.
     c0 = prompt_len if h_hi is None else max(prompt_len, t0 - h_hi)

@@ -11,21 +11,48 @@ import torch
 from anchorcredit.engine.types import SpanStats
 
 
-def attention_matrix(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal row-stochastic softmax attention A [Hq, N, N]; GQA head h uses kv h // group."""
+def attention_matrix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The layer's causal softmax attention A [Hq, N, N]; GQA head h uses kv h // group.
+
+    Model-true variants, as transformers' eager attention computes them:
+      softcap         scores = softcap * tanh(scores / softcap), after the scale (Gemma 2)
+      sinks [Hq]      a per-head logit joins each row's softmax denominator and attends to
+                      nothing, so a row sums to 1 - its sink share (gpt-oss)
+      sliding_window  token t attends to s with 0 <= t - s < sliding_window (transformers'
+                      `kv_idx > q_idx - sliding_window`; Mistral, Gemma 2/3, gpt-oss)
+    """
     hq, n, _ = q.shape
     group = hq // k.shape[0]
     kk = k.repeat_interleave(group, dim=0)
     scores = torch.einsum("hid,hjd->hij", q, kk) * scale
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(n, device=q.device)
+    dist = pos[:, None] - pos[None, :]
+    visible = dist >= 0
+    if sliding_window is not None:
+        visible &= dist < sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.to(scores.dtype)[:, None, None].expand(hq, n, 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :n]
 
 
 def stats_from_attention(
     attn: torch.Tensor, prompt_len: int, window: int, h_lo: int, h_hi: int | None
 ) -> SpanStats:
-    """SPEC.md span, WAAD and FAI from a materialised A [H, N, N]."""
+    """SPEC.md span, WAAD and FAI from a materialised A [H, N, N], read literally: rows need
+    not sum to 1 (a sink's share attends to nothing and adds no distance), and a key outside
+    a sliding window has A = 0 (it still counts in |T(s)|)."""
     h, n, _ = attn.shape
     pos = torch.arange(n, device=attn.device)
     dist = (pos[:, None] - pos[None, :]).clamp(min=0).to(attn.dtype)  # t - s (0 above diag)
@@ -52,7 +79,14 @@ def span_stats_reference(
     h_lo: int,
     h_hi: int | None,
     scale: float,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> SpanStats:
     dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    attn = attention_matrix(q.to(dtype), k.to(dtype), scale)
+    attn = attention_matrix(
+        q.to(dtype), k.to(dtype), scale,
+        softcap=softcap, sinks=sinks, sliding_window=sliding_window,
+    )  # fmt: skip
     return stats_from_attention(attn, prompt_len, window, h_lo, h_hi)

@@ -47,6 +47,7 @@ import torch
 
 from anchorcredit.contract import DEFAULTS
 from anchorcredit.engine.span.checks import (
+    check_attention_variant,
     check_finite_qk,
     check_horizon,
     check_lengths,
@@ -73,11 +74,12 @@ MAX_HEAD_DIM = 256
 
 def _row_pass(
     Q, K, LSE, SPAN, WAAD,
-    BLK_SEQ, BLK_START, CU,
+    BLK_SEQ, BLK_START, CU, SINKS,
     stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
-    qk_scale, group, head_dim, window, near,
+    qk_scale, group, head_dim, window, near, cap_in, cap_out, slide,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SLIDE: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -97,8 +99,15 @@ def _row_pass(
         q = q.to(tl.float32)
     k_base = K + kvh.to(tl.int64) * stride_kh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    if HAS_SINK:
+        # The sink (base 2) starts the online softmax: its term is 2^(sink - m) in l, and
+        # m is finite from the start.
+        sink = tl.load(SINKS + h)
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + sink
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     dist_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum p * (t - s)
     near_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
 
@@ -106,22 +115,35 @@ def _row_pass(
     # no causal mask, no WAAD weight, always in bounds.
     gap = tl.maximum(t0 - seq_start - near + 1, 0)
     split = seq_start + (gap // BLOCK_N) * BLOCK_N
+    first = seq_start
+    if HAS_SLIDE:
+        # Keys before t0 - slide + 1 are outside every row's window: skip their tiles.
+        first = seq_start + (tl.maximum(t0 - slide + 1 - seq_start, 0) // BLOCK_N) * BLOCK_N
     # This loop is the bulk of the work: keep it at one FMA + exp2 + two multiply-adds per
     # score. sum_s p (t - s) = (t - n0) sum_s p - sum_s p (s - n0) over a tile starting at
     # n0 reads a per-column vector instead of a per-element distance; both terms are of the
     # tile's size, so the difference loses nothing worth measuring in fp32.
     col_rel = tl.arange(0, BLOCK_N).to(tl.float32)
     row_f = offs_m.to(tl.float32)
-    for start_n in range(seq_start, split, BLOCK_N):
+    for start_n in range(first, split, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
         kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if SOFTCAP:  # cap * tanh(x * scale / cap) in base 2; the host set qk_scale = 1
+            y = s * cap_in
+            e = tl.exp2(tl.abs(y) * -2.8853900817779268)  # exp(-2|y|)
+            s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
+        if HAS_SLIDE:  # the window's lower edge can cut through these tiles
+            s = tl.where(offs_m[:, None] - offs_n[None, :] < slide, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)  # qk_scale > 0
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
+        m_use = m_new
+        if HAS_SLIDE and not HAS_SINK:  # a row may have seen no key yet: keep exp2 finite
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
         l_tile = tl.reduce(p, 1, _SUM)
         moment = tl.reduce(p * col_rel[None, :], 1, _SUM)
         dist_i = dist_i * alpha + ((row_f - start_n) * l_tile - moment)
@@ -131,20 +153,30 @@ def _row_pass(
 
     # Stage 2: the diagonal tiles (the first holds a key <= every row, so m_i turns finite).
     hi = tl.minimum(t0 + BLOCK_M, seq_end)
-    for start_n in range(split, hi, BLOCK_N):
+    for start_n in range(tl.maximum(split, first), hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < seq_end
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
         kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            y = s * cap_in
+            e = tl.exp2(tl.abs(y) * -2.8853900817779268)
+            s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
+        s = s * qk_scale
         delta = offs_m[:, None] - offs_n[None, :]
         valid = (delta >= 0) & col_ok[None, :]  # causal, inside the sequence
+        if HAS_SLIDE:
+            valid = valid & (delta < slide)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = m_new
+        if HAS_SLIDE and not HAS_SINK:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         dist = delta.to(tl.float32)
         weight = tl.maximum(window - dist, 0.0)
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
@@ -153,9 +185,14 @@ def _row_pass(
         m_i = m_new
 
     out = h.to(tl.int64) * stride_oh + offs_m
+    if HAS_SLIDE:  # rows past the end may have seen no key at all (never stored)
+        l_i = tl.where(row_ok, l_i, 1.0)
     tl.store(LSE + out, m_i + tl.log2(l_i), mask=row_ok)
     tl.store(SPAN + out, dist_i / l_i, mask=row_ok)
     # Mass further than W back (prompt included) counts as W: WAAD = W - sum (W-d) p.
+    # A sink's share attends to nothing: WAAD = W (1 - share) - sum (W-d) p.
+    if HAS_SINK:
+        near_i = near_i + window * tl.exp2(sink - m_i)
     tl.store(WAAD + out, window - near_i / l_i, mask=row_ok)
 
 
@@ -163,10 +200,11 @@ def _col_pass(
     Q, K, LSE, FAI,
     BLK_SEQ, BLK_START, CU,
     stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
-    qk_scale, group, head_dim, h_lo, h_hi,
+    qk_scale, group, head_dim, h_lo, h_hi, cap_in, cap_out, slide,
     HAS_HI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SLIDE: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -196,6 +234,11 @@ def _col_pass(
         t_hi = seq_end
         # Rows from t_mid on are >= h_lo past every column of the tile: no band mask.
         t_mid = tl.minimum(t_hi, j0 + BLOCK_N - 1 + h_lo)
+    if HAS_SLIDE:
+        # Rows at or past s + slide do not see column s: stop there, all rows masked (the
+        # unmasked bulk loop below is skipped). |T(s)| still counts them (A = 0).
+        t_hi = tl.minimum(t_hi, j0 + BLOCK_N - 1 + slide)
+        t_mid = t_hi
     acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
     for start_m in range(t_lo, t_mid, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -206,10 +249,16 @@ def _col_pass(
         if UPCAST:
             q = q.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            y = s * cap_in
+            e = tl.exp2(tl.abs(y) * -2.8853900817779268)
+            s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
         delta = offs_m[:, None] - offs_n[None, :]
         band = row_ok[:, None] & col_ok[None, :] & (delta >= h_lo)
         if HAS_HI:
             band = band & (delta <= h_hi)
+        if HAS_SLIDE:
+            band = band & (delta < slide)
         # Mask before exp2: entries outside the band (the future included) would overflow.
         p = tl.exp2(tl.where(band, s * qk_scale - lse[:, None], float("-inf")))
         acc += tl.reduce(p, 0, _SUM)
@@ -225,6 +274,10 @@ def _col_pass(
             if UPCAST:
                 q = q.to(tl.float32)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            if SOFTCAP:
+                y = s * cap_in
+                e = tl.exp2(tl.abs(y) * -2.8853900817779268)
+                s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
             acc += tl.reduce(tl.exp2(s * qk_scale - lse[:, None]), 0, _SUM)
 
     # |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1, clipped at 0 (empty -> FAI 0).
@@ -319,6 +372,9 @@ def span_stats_packed(
     num_warps: int | None = None,
     num_stages: int | None = None,
     check_finite: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> list[SpanStats]:
     """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
 
@@ -327,6 +383,8 @@ def span_stats_packed(
     Block sizes (powers of two >= 16) and launch options default to hand-picked values per
     device and dtype. check_finite=False skips the NaN/inf scan of q and k (a full read and
     a device sync) for callers whose inputs come straight from a model forward.
+    softcap / sinks [Hq] / sliding_window: the layer's attention as the model computes it
+    (anchorcredit.engine.span docstring); None = plain causal softmax.
     """
     _require_triton()
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
@@ -334,6 +392,7 @@ def span_stats_packed(
     _check_packed(q, k, cu, prompts, check_finite)
     check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
+    softcap, sinks, sliding_window = check_attention_variant(softcap, sinks, sliding_window, q)
     if q.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"the triton span kernel needs CUDA tensors (got {q.device}); set "
@@ -360,6 +419,8 @@ def span_stats_packed(
     longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
     window, h_lo = min(int(window), longest), min(int(h_lo), longest)
     h_hi = None if h_hi is None else min(int(h_hi), longest)
+    if sliding_window is not None and sliding_window >= longest:
+        sliding_window = None  # every window holds its whole sequence: plain causal
 
     # Block tables over response rows (row pass) and response columns (column pass), the
     # heaviest blocks first so the long causal rows do not trail at the end of the grid.
@@ -385,6 +446,13 @@ def span_stats_packed(
     waad = torch.empty_like(lse)
     fai = torch.empty_like(lse)
     qk_scale = scale * LOG2E  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2 e)
+    cap_in = cap_out = 1.0
+    if softcap is not None:  # base-2 logits cap * log2 e * tanh(x * scale / cap)
+        cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 1.0
+    # Sink logits in base 2 (fp32, one per q head); the LSE buffer stands in when absent.
+    sinks2 = lse if sinks is None else (sinks.float() * LOG2E).contiguous()
+    slide = 0 if sliding_window is None else int(sliding_window)
+    variant = {"SOFTCAP": softcap is not None, "HAS_SLIDE": sliding_window is not None}
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
     # Triton 3.9's interpreter multiplies bf16 tiles wrongly; it gets exact fp32 copies
     # (bf16 -> fp32 is lossless, and the GPU's bf16 MMA accumulates in fp32 too).
@@ -395,15 +463,17 @@ def span_stats_packed(
     # FMA contraction on explicitly (it is what `s * scale - m` is written for).
     launch = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
     row_kernel[(len(rows), hq)](
-        q, k, lse, span_row, waad, row_seq, row_start, cu_dev, *strides,
-        qk_scale, group, d, window, max(window, 1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
+        q, k, lse, span_row, waad, row_seq, row_start, cu_dev, sinks2, *strides,
+        qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast,
+        HAS_SINK=sinks is not None, **variant, **launch,
     )  # fmt: skip
     col_kernel[(len(cols), hq)](
         q, k, lse, fai, col_seq, col_start, cu_dev, *strides,
-        qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi),
+        qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi), cap_in, cap_out, slide,
         HAS_HI=h_hi is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast,
+        **variant, **launch,
     )  # fmt: skip
 
     out = []
@@ -423,8 +493,12 @@ def span_stats_triton(
     h_lo: int,
     h_hi: int | None,
     scale: float,
+    **variant,
 ) -> SpanStats:
     """One sequence through the packed kernel (the engine front's `backend="triton"`, which
-    has already validated the arguments and scanned q and k for NaN/inf)."""
+    has already validated the arguments and scanned q and k for NaN/inf). variant: softcap,
+    sinks, sliding_window."""
     cu, prompts = [0, q.shape[1]], [prompt_len]
-    return span_stats_packed(q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False)[0]
+    return span_stats_packed(
+        q, k, cu, prompts, window, h_lo, h_hi, scale, check_finite=False, **variant
+    )[0]
