@@ -11,6 +11,12 @@ Every decoder layer calls it with the layer's post-RoPE query [1, Hq, T, d], key
      over the packed sequences), or with torch's flash varlen kernel on CUDA in half precision.
 No N x N matrix (probabilities or mask) is built for full-attention layers.
 
+Model-true attention: a layer's logit soft-capping (`softcap`, Gemma 2), attention sinks
+(`s_aux`, gpt-oss) and sliding window (`sliding_window`) reach the statistics with its q/k
+(the sink's [Hq] logits, the window, the cap), so span, WAAD and FAI read what the layer
+really attends to; its own output honours them too (soft-capped or sink layers: an eager
+softmax in blocks of query rows per sequence, never more than BLOCK_ELEMENTS scores at once).
+
 Masks in transformers 5.x: `create_causal_mask` asks AttentionMaskInterface for a mask builder
 keyed by the attention implementation. A name that is NOT registered there early-exits with
 mask None (the "TGI/vLLM custom attention" path), which is what we want: registering sdpa_mask
@@ -37,8 +43,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN_IMPLEMENTATION = "anchorcredit_capture"
 
-# sink(layer_idx, q [Hq, T, d], k [Hkv, T, d], scale)
-QKSink = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+# sink(layer_idx, q [Hq, T, d], k [Hkv, T, d], scale, variant); variant holds the layer's
+# `softcap` (float | None), `sinks` ([Hq] tensor | None) and `sliding_window` (int | None):
+# the keywords of anchorcredit.engine.span_stats_packed.
+QKSink = Callable[[int, torch.Tensor, torch.Tensor, float, dict[str, Any]], None]
+
+# Scores of one eager block (soft-capped or sink layers) hold at most this many elements.
+BLOCK_ELEMENTS = 1 << 24
 
 
 class StopForward(Exception):
@@ -96,6 +107,50 @@ def _flash_varlen_ok(query: torch.Tensor, head_dim_v: int) -> bool:
     return True
 
 
+def eager_segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One sequence's causal attention as transformers' eager path computes it (scale, then
+    soft-capping, mask, a sink in the denominator), in blocks of query rows.
+    query [Hq, n, d], key/value [Hkv, n, d*] -> [n, Hq, dv]; softmax in float32 (float64 for
+    float64 inputs)."""
+    hq, n, _ = query.shape
+    hkv, dv = key.shape[0], value.shape[-1]
+    group = hq // hkv
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    kt = key.to(dtype).transpose(1, 2)  # [Hkv, d, n]
+    v = value.to(dtype)
+    out = value.new_empty(n, hq, dv)
+    pos = torch.arange(n, device=query.device)
+    rows = max(1, min(n, BLOCK_ELEMENTS // max(1, hq * n)))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        b = r1 - r0
+        qb = query[:, r0:r1].to(dtype).reshape(hkv, group * b, -1)
+        scores = torch.bmm(qb, kt[:, :, :r1]).view(hq, b, r1) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        dist = pos[r0:r1, None] - pos[None, :r1]
+        hidden = dist < 0
+        if sliding_window is not None:
+            hidden |= dist >= sliding_window
+        scores.masked_fill_(hidden, float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(dtype)[:, None, None].expand(hq, b, 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :r1]
+        else:
+            probs = torch.softmax(scores, -1)
+        ctx = torch.bmm(probs.view(hkv, group * b, r1), v[:, :r1]).view(hq, b, dv)
+        out[r0:r1] = ctx.transpose(0, 1).to(out.dtype)
+    return out
+
+
 def packed_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -103,10 +158,22 @@ def packed_causal_attention(
     state: CaptureState,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-diagonal causal attention over packed sequences -> [1, T, Hq, dv]."""
     _, hq, t, _ = query.shape
     dv = value.shape[-1]
+    if softcap is not None or sinks is not None:
+        # Neither SDPA nor flash varlen soft-caps or takes a sink: the eager softmax, per
+        # sequence, in row blocks.
+        out = query.new_empty(1, t, hq, dv)
+        for a, b in zip(state.cu_seqlens[:-1], state.cu_seqlens[1:], strict=True):
+            out[0, a:b] = eager_segment_attention(
+                query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scale,
+                softcap, sinks, sliding_window,
+            )  # fmt: skip
+        return out
     global _VARLEN_FAILED
     if not _VARLEN_FAILED and _flash_varlen_ok(query, dv):
         from torch.nn.attention.varlen import varlen_attn
@@ -183,10 +250,10 @@ def capture_attention_forward(
             softcap=softcap,
             **kwargs,
         )
-    if softcap is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            "attention logit soft-capping / sinks are not supported by the anchorcredit runner"
-        )
+    sinks = kwargs.get("s_aux")
+    sinks = None if sinks is None else sinks.detach()
+    softcap = None if softcap is None else float(softcap)
+    sliding_window = None if sliding_window is None else int(sliding_window)
     if attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise RuntimeError(
             "the runner expects one packed row without a mask or cache; got a mask or a "
@@ -195,16 +262,13 @@ def capture_attention_forward(
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layer = int(module.layer_idx)
     if layer in state.layers:
-        if sliding_window is not None:
-            raise NotImplementedError(
-                f"layer {layer} uses sliding-window attention; SPEC statistics assume full "
-                "causal attention: choose full-attention layers with layers=[...]"
-            )
-        state.sink(layer, query[0], key[0], scale)
+        variant = {"softcap": softcap, "sinks": sinks, "sliding_window": sliding_window}
+        state.sink(layer, query[0], key[0], scale, variant)
         state.captured.add(layer)
     if layer == state.stop_after:
         raise StopForward
-    return packed_causal_attention(query, key, value, state, scale, sliding_window), None
+    out = packed_causal_attention(query, key, value, state, scale, sliding_window, softcap, sinks)
+    return out, None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, capture_attention_forward)

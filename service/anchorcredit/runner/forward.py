@@ -50,11 +50,12 @@ def packed_forward(
     slot = {layer: j for j, layer in enumerate(layers)}
     per_seq: list[list[SpanStats | None]] = [[None] * len(layers) for _ in pairs]
 
-    def sink(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    def sink(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, variant: dict) -> None:
+        # variant: the layer's softcap / sinks / sliding_window (model-true attention)
         with timer.stage("statistics"):
             got = span_stats_packed(
                 q, k, cu, batch.prompt_lens, horizon.window, horizon.h_lo, horizon.h_hi,
-                scale, backend,
+                scale, backend, **variant,
             )  # fmt: skip
         for i, s in enumerate(got):
             per_seq[i][slot[layer]] = s

@@ -64,7 +64,7 @@ class Scorer:
         cfg = model.config.get_text_config()
         self._cfg = cfg
         self.num_layers = int(cfg.num_hidden_layers)
-        self.layers = select_layers(self.num_layers, layers)
+        self.layers = select_layers(self.num_layers, layers, getattr(cfg, "layer_types", None))
         self.policy_version = str(policy_version)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
