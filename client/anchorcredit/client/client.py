@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from anchorcredit.budget import greedy_chunks
-from anchorcredit.client import codec
+from anchorcredit.client import codec, push
 from anchorcredit.client.cache import DEFAULT_TTL_S, CreditCache, make_cache
 from anchorcredit.client.counters import count_cache
 from anchorcredit.client.errors import (
@@ -43,12 +43,23 @@ from anchorcredit.client.results import (
     wire_arrays,
 )
 from anchorcredit.client.transport import Transport
+from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, prepare_weights
 from anchorcredit.contract import DEFAULT_STRATEGY, UINT32_END, CreditParams
 from anchorcredit.v1 import credit_pb2 as pb
 
 log = logging.getLogger("anchorcredit.client")
 
 Pairs = list[tuple[np.ndarray, np.ndarray]]
+TRANSPORTS = ("grpc", "collective")
+
+
+def _check_version(version: Any, replaces: Any) -> None:
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version must be a non-empty string, got {version!r}")
+    if not isinstance(replaces, str):
+        raise ValueError(f"replaces must be a string, got {replaces!r}")
+    if replaces == version:
+        raise ValueError(f"version {version!r} cannot replace itself")
 
 
 def _ids(x: Any, what: str, i: int) -> np.ndarray:
@@ -108,6 +119,8 @@ class CreditClient:
         self._info_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._weight_group: push.WeightGroupHandle | None = None
+        self._group_lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
 
     @property
@@ -130,7 +143,13 @@ class CreditClient:
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Close channels, the worker pool and the cache connection."""
+        """Leave the weight group (if open); close channels, the worker pool and the cache
+        connection."""
+        with self._group_lock:
+            try:
+                self._close_group()
+            except Exception as exc:  # closing must not fail
+                log.warning("leaving the weight group: %s", exc)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.transport.close()
@@ -157,36 +176,126 @@ class CreditClient:
         with self._info_lock:
             self._info = None
 
-    def update_weights(self, path: str, version: str) -> list[pb.UpdateWeightsResponse]:
-        """Load new policy weights on every target (each server holds its own copy).
+    def update_weights(
+        self, path: str, version: str, *, replaces: str = ""
+    ) -> dict[str, pb.UpdateWeightsResponse]:
+        """Load the checkpoint at `path` (readable by every server) on every address behind
+        every target, as policy `version`; {address: response}.
 
-        Each target is called exactly once, in order, with no failover to another target (a
-        load on the wrong server would leave the dead one on old weights). Every target is
-        tried; if any failed, one CreditServiceError names all failed targets (`.failed`:
-        {target: error}) after the others have loaded.
+        Each address is called exactly once, in parallel, over its own channel, with no
+        failover (a load on the wrong replica would leave the dead one on old weights).
+        replaces: empty, or the version every server must serve now (else it refuses).
+        If any address failed, one CreditServiceError names all of them (`.failed`:
+        {address: error}) after the others have loaded; then every address must report the
+        new version (GetModelInfo).
         """
-        req = pb.UpdateWeightsRequest(path=path, version=version)
-        out: list[pb.UpdateWeightsResponse] = []
-        failed: dict[str, CreditServiceError] = {}
+        _check_version(version, replaces)
         try:
-            for ti, target in enumerate(self.targets):
-                try:
-                    out.append(self.transport.call_one(ti, "UpdateWeights", req))
-                except CreditServiceError as err:
-                    failed[target] = err
+            return push.update_from_path(self.transport, path, version, replaces)
         finally:
             self.invalidate_model_info()
-        if failed:
-            first = next(iter(failed.values()))
-            detail = "; ".join(str(e) for e in failed.values())
-            err = CreditServiceError(
-                first.code,
-                f"UpdateWeights failed on {len(failed)} of {len(self.targets)} targets "
-                f"({', '.join(failed)}): {detail}",
+
+    def push_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        version: str,
+        *,
+        partial: bool = False,
+        transport: str = "grpc",
+        replaces: str = "",
+        dtype: str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        timeout_s: float | None = None,
+    ) -> dict[str, pb.UpdateWeightsResponse]:
+        """Send new policy weights to every address behind every target, without a disk.
+
+        weights: Mapping[str, tensor] or (name, tensor) pairs (torch tensors on any device,
+        or numpy arrays), named as the served checkpoint's state_dict keys
+        (`anchorcredit.client.weights.full_state_items(model)` gives them for a trained,
+        possibly sharded or PEFT model). A one-shot iterable is read once.
+        version: the new policy version (non-empty, not the one served); replaces: empty or
+        the version that must be served now; partial: True leaves tensors not sent as they
+        are. dtype: None sends each tensor as it is; "float32" / "bfloat16" / "float16"
+        casts; "auto" casts to the serving dtype (GetModelInfo).
+        chunk_bytes: data per stream message (at most CHUNK_BYTES, the servers' limit).
+        transport: "grpc" streams PushWeights to each address (tensors go through the
+        CPU); "collective" broadcasts over the private group (`open_weight_group`, opened
+        with its defaults on first use): gloo from the CPU, NCCL from this CUDA device.
+        timeout_s: each address's deadline (default: the client's timeout_s).
+
+        Bad input raises ValueError/TypeError before any RPC. Returns {address: response}
+        once every address serves `version`; else one CreditServiceError names every
+        address that failed (`.failed`), after the others finished.
+        """
+        _check_version(version, replaces)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= CHUNK_BYTES:
+            # servers accept messages of CHUNK_BYTES of data (plus framing), no more
+            raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes!r}")
+        if dtype is not None and dtype != "auto" and dtype not in WIRE_DTYPES:
+            raise ValueError(f"dtype must be None, 'auto' or one of {WIRE_DTYPES}, got {dtype!r}")
+        items = prepare_weights(weights, None if dtype == "auto" else dtype)
+        if dtype == "auto":
+            served = self.model_info(refresh=True).dtype
+            if served not in WIRE_DTYPES:
+                raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
+            items = prepare_weights([(i.name, i.value) for i in items], served)
+        update = pb.WeightUpdate(version=version, replaces=replaces, partial=partial)
+        try:
+            if transport == "grpc":
+                timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+                return push.push_stream(self.transport, items, update, chunk_bytes, timeout)
+            with self._group_lock:
+                group = self._group_for_push()
+                try:
+                    return group.push(items, update)
+                finally:
+                    if group.closed:  # aborted: the next push opens a fresh group
+                        self._weight_group = None
+        finally:
+            self.invalidate_model_info()
+
+    def open_weight_group(
+        self,
+        address: str = "127.0.0.1",
+        port: int = 0,
+        backend: str = "",
+        timeout_s: float = 600.0,
+    ) -> push.WeightGroupHandle:
+        """Open the private broadcast group for `push_weights(transport="collective")`
+        (needs torch): host its store on address:port (an address every server can reach;
+        port 0 picks a free one), join as rank 0 while every address behind every target
+        joins as rank 1..N (JoinWeightGroup, concurrently). backend "" = nccl when every
+        server and this process have CUDA, else gloo. Replaces an open group; `close()`
+        leaves it."""
+        with self._group_lock:
+            self._close_group()
+            addresses = push.all_addresses(self.transport, "JoinWeightGroup")
+            self._weight_group = push.WeightGroupHandle(
+                self.transport, addresses, address, port, backend, timeout_s
             )
-            err.failed = failed  # type: ignore[attr-defined]
-            raise err
-        return out
+            return self._weight_group
+
+    def _group_for_push(self) -> push.WeightGroupHandle:
+        group = self._weight_group
+        if group is not None and not group.closed:
+            addresses, failed = self.transport.addresses()
+            if not failed and addresses == group.addresses:
+                return group
+            log.info("the address set changed (%s); opening a new weight group", addresses)
+            self._close_group()
+            kw = group.open_args
+        else:
+            kw = {}
+        addresses = push.all_addresses(self.transport, "JoinWeightGroup")
+        self._weight_group = push.WeightGroupHandle(self.transport, addresses, **kw)
+        return self._weight_group
+
+    def _close_group(self) -> None:
+        if self._weight_group is not None:
+            group, self._weight_group = self._weight_group, None
+            group.close()
 
     # -- scoring -------------------------------------------------------------------------
     def score(

@@ -4,7 +4,10 @@
 RESOURCE_EXHAUSTED are retried (each attempt on the next target not recently found down)
 after the server's retry hint plus 10 % jitter, at once when failing over to an untried
 target, else after exponential backoff with full jitter. Other codes raise at once.
-`Transport.call_one` calls one target exactly once (UpdateWeights must not fail over).
+`Transport.call_one` calls one target exactly once. Weight changes go to every concrete
+address behind every target (`expand_target`: a dns name resolved with getaddrinfo, gRPC's
+`ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
+replica is left on old weights by round-robin.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import itertools
 import logging
 import random
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +36,52 @@ DOWN_FOR_S = 1.0
 _HINT_KEYS = {"grpc-retry-pushback-ms": 1e-3, "retry-after-ms": 1e-3, "retry-after": 1.0}
 _HINT_TEXT = re.compile(r"retry after ~?\s*([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
 _MAX_MESSAGE = 256 * 1024 * 1024
+
+
+def _split_hostport(hostport: str) -> tuple[str, str]:
+    """ "host:port", "[v6]:port" or "host" (gRPC's default port 443)."""
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        return host, rest.removeprefix(":") or "443"
+    if hostport.count(":") > 1:  # a bare IPv6 literal
+        return hostport, "443"
+    host, _, port = hostport.partition(":")
+    return host, port or "443"
+
+
+def expand_target(target: str) -> list[str]:
+    """The concrete addresses ("ip:port", "[v6]:port") behind one target.
+
+    "dns:///name:port", "dns://authority/name:port" and plain "name:port" (gRPC's default
+    scheme is dns) are resolved now with socket.getaddrinfo; when a name has IPv4 addresses
+    only those are used (a dual-stack pod has one of each: pushing to both would load it
+    twice), else its IPv6 ones. "ipv4:a:p1,b:p2" / "ipv6:[a]:p1,[b]:p2" list them
+    explicitly; "unix:" targets are one address. OSError when a name does not resolve.
+    """
+    t = target.strip()
+    if t.startswith(("ipv4:", "ipv6:")):
+        rest = t.split(":", 1)[1].removeprefix("//")
+        return [a.strip() for a in rest.split(",") if a.strip()]
+    if t.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return [t]
+    rest = t
+    if t.startswith("dns:"):
+        rest = t[4:]
+        if rest.startswith("//"):
+            rest = rest[2:].partition("/")[2]
+    host, port = _split_hostport(rest)
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    v4 = dict.fromkeys(i[4][0] for i in infos if i[0] == socket.AF_INET)
+    v6 = dict.fromkeys(i[4][0] for i in infos if i[0] == socket.AF_INET6)
+    if v4:
+        return [f"{ip}:{port}" for ip in v4]
+    return [f"[{ip}]:{port}" for ip in v6]
+
+
+def _address_channel_target(address: str) -> str:
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return address
+    return f"ipv6:{address}" if address.startswith("[") else f"ipv4:{address}"
 
 
 def retry_hint(err: grpc.RpcError) -> float | None:
@@ -69,23 +120,65 @@ class Transport:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        options = [
+        base = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 0),
-            # dns:/// targets with several addresses: spread over all of them
-            ("grpc.lb_policy_name", "round_robin"),
-            *channel_options,
         ]
+        # dns:/// targets with several addresses: spread over all of them
+        options = [*base, ("grpc.lb_policy_name", "round_robin"), *channel_options]
+        self._address_options = [*base, *channel_options]
+        self._address_channels: dict[str, tuple[grpc.Channel, pb_grpc.CreditServiceStub]] = {}
+        self._address_lock = threading.Lock()
         self._channels = [grpc.insecure_channel(t, options=options) for t in self.targets]
         self._stubs = [pb_grpc.CreditServiceStub(c) for c in self._channels]
         self._rr = itertools.count()
         self._down_until = [0.0] * len(self.targets)
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Call metadata (the bearer token), for calls made outside this class."""
+        return self._metadata
+
     def close(self) -> None:
         for c in self._channels:
             c.close()
+        with self._address_lock:
+            for c, _ in self._address_channels.values():
+                c.close()
+            self._address_channels.clear()
+
+    def address_stub(self, address: str) -> pb_grpc.CreditServiceStub:
+        """The stub of one concrete address (its own channel, created once, kept)."""
+        with self._address_lock:
+            entry = self._address_channels.get(address)
+            if entry is None:
+                ch = grpc.insecure_channel(
+                    _address_channel_target(address), options=self._address_options
+                )
+                entry = self._address_channels[address] = (ch, pb_grpc.CreditServiceStub(ch))
+            return entry[1]
+
+    def addresses(self) -> tuple[list[str], dict[str, CreditServiceError]]:
+        """Every concrete address behind the targets, resolved now, in target order without
+        repeats; and {target: error} for targets that did not resolve."""
+        out: dict[str, None] = {}
+        failed: dict[str, CreditServiceError] = {}
+        for t in self.targets:
+            try:
+                found = expand_target(t)
+            except (OSError, ValueError) as exc:
+                failed[t] = CreditServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"cannot resolve {t}: {exc}", t
+                )
+                continue
+            if not found:
+                failed[t] = CreditServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"{t} resolves to no address", t
+                )
+            out.update(dict.fromkeys(found))
+        return list(out), failed
 
     def _pick(self, start: int, attempt: int) -> int:
         n = len(self.targets)

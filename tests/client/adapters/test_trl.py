@@ -3,7 +3,9 @@
 Asserts that the advantages reaching TRL's loss are exactly A * gamma, with A what TRL
 computed and gamma what the service returns for those very (prompt, completion) token ids
 (asked again through a separate, uncached client). Also checks the weight-sync callback
-moves the service to the trained policy version.
+(default: push over gRPC after every optimizer step) keeps the service on the trainer's
+latest weights: after each step every score comes from the version just pushed, whose
+weights equal the trainer's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 
 trl = pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 from anchorcredit.client import CreditClient, gamma_matrix  # noqa: E402
 from anchorcredit.client.adapters.trl import WeightSyncCallback, make_trainer_class  # noqa: E402
@@ -119,6 +122,17 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = 1
+        sync = WeightSyncCallback(client, run_id="t1")
+        served_after_step: list[tuple[str, dict]] = []
+
+        class AfterSync(transformers.TrainerCallback):
+            """Runs after the sync callback: what the service serves, and what it scores."""
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                info = checker.model_info(refresh=True)
+                trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+                served_after_step.append((info.policy_version, trained))
+
         trainer = Probe(
             model=model,
             reward_funcs=reward,
@@ -126,7 +140,7 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
             train_dataset=dataset,
             processing_class=tokenizer,
             credit_client=client,
-            callbacks=[WeightSyncCallback(client, tmp_path / "policy_sync", every_n_steps=1)],
+            callbacks=[sync, AfterSync()],
         )
         trainer.train()
 
@@ -150,14 +164,30 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
                 want = raw["advantages"][j] * torch.from_numpy(g)
                 torch.testing.assert_close(adv[i][cm], want[cm], rtol=0, atol=0)
             assert (adv != 0).any()
-            assert rec["version"] == str(step)  # step 0 on the initial policy, then synced
+            # pushed at train begin (step 0), then after each step
+            assert rec["version"] == f"step-{step}-t1"
         logged = [
             h["anchorcredit/gamma_mean"]
             for h in trainer.state.log_history
             if "anchorcredit/gamma_mean" in h
         ]
         assert len(logged) == 2 and all(g > 1.0 for g in logged)  # some tokens are boosted
-        assert client.model_info().policy_version == "2"  # synced after each step
+        assert [v for v, _ in served_after_step] == ["step-1-t1", "step-2-t1"]
+        assert client.model_info(refresh=True).policy_version == "step-2-t1"
+        assert sync.version == "step-2-t1" and len(sync.seconds) == 3
+        # the service now scores exactly as a Scorer loaded with the trainer's final weights
+        final = served_after_step[-1][1]
+        tuned = tmp_path / "final"
+        model.save_pretrained(tuned)
+        for n, p in AutoModelForCausalLM.from_pretrained(tuned).named_parameters():
+            torch.testing.assert_close(p, final[n], rtol=0, atol=0)
+        from anchorcredit.runner import Scorer
+
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        ref = Scorer.from_pretrained(tuned).score(list(zip(ids_p, ids_r, strict=True)))
+        got = checker.score(ids_p, ids_r, policy_version="step-2-t1")
+        np.testing.assert_array_equal(got[0].waad, ref[0].waad)
+        np.testing.assert_array_equal(got[0].gamma, ref[0].gamma)
         client.close()
         checker.close()
     finally:

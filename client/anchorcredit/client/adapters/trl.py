@@ -11,8 +11,8 @@ Usage (TRL >= 1.0; tested with TRL 1.16.0 on CPU):
         model=model_dir, reward_funcs=reward_fn, args=GRPOConfig(...), train_dataset=ds,
         credit_client=client, credit_strategy="coupled_rhythm", credit_sign="both",
         credit_params={"q": 0.4, "gamma_amp": 1.5},
-        # keep the service on the current policy: save + UpdateWeights every 10 steps
-        callbacks=[WeightSyncCallback(client, "/shared/policy", every_n_steps=10)],
+        # keep the service on the current policy: push the weights after every step
+        callbacks=[WeightSyncCallback(client)],
     )
     trainer.train()
 
@@ -22,10 +22,18 @@ Where it hooks: `_generate_and_score_completions` returns the batch the loss con
 the service and replaces `advantages` with the [B, T] product. TRL's `_compute_loss` already
 accepts [B, T] advantages (it unsqueezes only 1-D ones), so the loss needs no change.
 `make_trainer_class(base)` applies the same hook to a GRPOTrainer subclass of your own.
+
+`WeightSyncCallback(client)` pushes the trainer's weights to every service address at the
+start and after every optimizer step (gRPC stream by default; the private collective group
+or save + UpdateWeights(path) as options) and the trainer then pins score() to that
+version: results from any other weights are refused, never used.
 """
 
 from __future__ import annotations
 
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +51,8 @@ def make_trainer_class(base: type | None = None) -> type:
     """A subclass of `base` (default trl.GRPOTrainer) whose advantages carry gamma_t.
 
     Extra constructor keywords: credit_client (required), credit_strategy, credit_params,
-    credit_sign ("both" | "positive_only"), credit_policy_version (None: what the service
-    holds).
+    credit_sign ("both" | "positive_only"), credit_policy_version (None: the version a
+    WeightSyncCallback of this trainer synced last, else whatever the service holds).
     """
     if base is None:
         from trl import GRPOTrainer
@@ -73,6 +81,17 @@ def make_trainer_class(base: type | None = None) -> type:
             self.credit_sign = credit_sign
             self.credit_policy_version = credit_policy_version
 
+        def _credit_version(self) -> str | None:
+            """credit_policy_version if given, else the version a WeightSyncCallback of
+            this trainer last synced (scores from other weights are refused), else None."""
+            if self.credit_policy_version is not None:
+                return self.credit_policy_version
+            handler = getattr(self, "callback_handler", None)
+            for cb in getattr(handler, "callbacks", ()):
+                if getattr(cb, "is_anchorcredit_weight_sync", False) and cb.version:
+                    return str(cb.version)
+            return None
+
         def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
             adv = out["advantages"]
@@ -84,7 +103,7 @@ def make_trainer_class(base: type | None = None) -> type:
                 out["completion_ids"],
                 out["completion_mask"],
                 strategy=self.credit_strategy,
-                policy_version=self.credit_policy_version,
+                policy_version=self._credit_version(),
                 sign=self.credit_sign,
                 credit_params=self.credit_params,
             )
@@ -103,32 +122,129 @@ def make_trainer_class(base: type | None = None) -> type:
     return AnchorCreditTrainer
 
 
+SYNC_TRANSPORTS = ("grpc", "collective", "disk")
+
+
 def _weight_sync_callback_class() -> type:
     from transformers import TrainerCallback
 
     class _WeightSync(TrainerCallback):
-        def __init__(self, client: CreditClient, path: str | Path, every_n_steps: int = 1):
+        """See WeightSyncCallback."""
+
+        is_anchorcredit_weight_sync = True
+
+        def __init__(
+            self,
+            client: CreditClient,
+            path: str | Path | None = None,
+            every_n_steps: int = 1,
+            *,
+            transport: str | None = None,
+            dtype: str | None = "auto",
+            run_id: str | None = None,
+            sync_on_train_begin: bool = True,
+        ):
+            transport = transport or ("disk" if path is not None else "grpc")
+            if transport not in SYNC_TRANSPORTS:
+                raise ValueError(f"transport must be one of {SYNC_TRANSPORTS}, got {transport!r}")
+            if transport == "disk" and path is None:
+                raise ValueError("transport='disk' needs a path the service can read")
             self.client = client
-            self.path = Path(path)
+            self.path = Path(path) if path is not None else None
             self.every_n_steps = max(1, int(every_n_steps))
+            self.transport = transport
+            self.dtype = dtype
+            self.run_id = run_id or uuid.uuid4().hex[:8]
+            self.sync_on_train_begin = sync_on_train_begin
+            self.version: str | None = None  # the version the service serves for this run
+            self.seconds: list[float] = []  # wall time of each sync
+
+        def version_for(self, step: int) -> str:
+            return f"step-{step}-{self.run_id}"
+
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            self.run_id = _same_on_every_rank(self.run_id)
+            if self.sync_on_train_begin and model is not None:
+                self._sync(state, model)
 
         def on_step_end(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
             if model is None or state.global_step % self.every_n_steps:
                 return
-            if getattr(state, "is_world_process_zero", True):
-                # The service reads this folder: it must be on storage both can see.
-                model.save_pretrained(self.path, safe_serialization=True)
-                self.client.update_weights(str(self.path), str(state.global_step))
+            self._sync(state, model)
+
+        def _sync(self, state: Any, model: Any) -> None:
+            version = self.version_for(state.global_step)
+            if version == self.version:
+                return
+            rank0 = getattr(state, "is_world_process_zero", True)
+            t0 = time.perf_counter()
+            if self.transport == "disk":
+                if rank0:
+                    # The service reads this folder: it must be on storage both can see.
+                    model.save_pretrained(self.path, safe_serialization=True)
+                    self.client.update_weights(str(self.path), version)
+            else:
+                from anchorcredit.client.weights import full_state
+
+                # Every rank gathers (sharded models need all of them); rank 0 pushes.
+                with full_state(model) as weights:
+                    if rank0:
+                        self.client.push_weights(
+                            weights, version, transport=self.transport, dtype=self.dtype
+                        )
+            self.seconds.append(time.perf_counter() - t0)
+            self.version = version
 
     return _WeightSync
 
 
-def WeightSyncCallback(client: CreditClient, path: str | Path, every_n_steps: int = 1) -> Any:
-    """A TrainerCallback: every n steps save the policy to `path` (safetensors) and have each
-    service target load it as policy version str(global_step)."""
-    return _weight_sync_callback_class()(client, path, every_n_steps)
+def _same_on_every_rank(value: str) -> str:
+    """Rank 0's value on every rank (the run id that names versions), when distributed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return value
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def WeightSyncCallback(
+    client: CreditClient,
+    path: str | Path | None = None,
+    every_n_steps: int = 1,
+    *,
+    transport: str | None = None,
+    dtype: str | None = "auto",
+    run_id: str | None = None,
+    sync_on_train_begin: bool = True,
+) -> Any:
+    """A TrainerCallback that keeps the service on the trainer's current policy.
+
+    Default: at the start of training and after every `every_n_steps` optimizer steps,
+    push the model's full weights (gathered, PEFT-merged: `full_state`) to every address
+    behind the client's targets over gRPC (`transport="collective"`: over the private
+    broadcast group; `"disk"`, or giving `path`: save_pretrained to `path`, which the
+    service must be able to read, then UpdateWeights). dtype: cast before sending ("auto":
+    the serving dtype; None: as trained). Versions are "step-{global_step}-{run_id}" (a
+    random run id unless given, the same on every rank), so a rerun never reuses a label
+    whose cached results came from other weights. `.version` is the version the service
+    serves; AnchorCreditGRPOTrainer passes it to score(), so a stale answer is refused.
+    """
+    return _weight_sync_callback_class()(
+        client,
+        path,
+        every_n_steps,
+        transport=transport,
+        dtype=dtype,
+        run_id=run_id,
+        sync_on_train_begin=sync_on_train_begin,
+    )
 
 
 def __getattr__(name: str) -> Any:
