@@ -114,7 +114,8 @@ class CreditServiceServicer:
 
     def PushWeights(self, request_iterator, context):
         """Stream the weights: one WeightChunk with `update` first, then each tensor as a
-        `tensor` header followed by its raw bytes in `data` chunks (a few MiB each).
+        `tensor` header followed by its raw bytes in `data` chunks (a few MiB each); a message
+        may carry a tensor's header together with its first bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
