@@ -15,6 +15,7 @@ reported with their line number before any scoring starts (exit code 2), unless 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 from anchorcredit import contract
 from anchorcredit.budget import greedy_chunks
 from anchorcredit.cli.score_backends import LocalBackend, RemoteBackend, RemoteServiceError
-from anchorcredit.cli.score_input import choose_tokenizer, read_input
+from anchorcredit.cli.score_input import choose_tokenizer, read_input, tokenizer_name
 from anchorcredit.cli.score_output import ExistingOutput, check_resume, make_record, read_output
 from anchorcredit.contract import DEFAULT_STRATEGY, DEFAULTS, STRATEGIES, CreditParams
 from anchorcredit.errors import InputError
@@ -117,7 +118,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_layers,
         default=None,
         help="comma-separated layers whose attention is read, e.g. 12,15,18 (default: the "
-        "middle third, SPEC.md 'Layers'; with --target the server's)",
+        "middle third, SPEC.md 'Layers', moved to the nearest full-attention layers for "
+        "hybrid models; with --target the server's)",
+    )
+    p.add_argument(
+        "--prefer",
+        choices=("ids", "text"),
+        default=None,
+        help="for lines with both token ids and text: 'ids' scores the ids as given, 'text' "
+        "re-tokenises the text with the model's tokenizer (default: check that the ids are "
+        "this tokenizer's tokens of the text and refuse the line when they are not)",
     )
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
@@ -188,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, no_tokenizer = choose_tokenizer(
             args.tokenizer, args.model, remote.model_id if remote else None
         )
-        items, bad = read_input(args.input, tokenizer, args.skip_bad, no_tokenizer)
+        items, bad = read_input(
+            args.input, tokenizer, args.skip_bad, no_tokenizer, getattr(args, "prefer", None)
+        )
         existing = ExistingOutput() if args.overwrite else read_output(args.output)
     except (ValueError, EmbeddedModelUnavailable) as e:
         _say(str(e))
@@ -205,12 +217,18 @@ def run(args: argparse.Namespace) -> int:
     # decides (id, layers, versions) right after.
     refusal = check_resume(args.output, existing, settings)
     if refusal is None:
+        from anchorcredit.runner.layers import LayerChoiceError
+
         try:
             backend = remote or LocalBackend(args.model, args.device, args.dtype, args.layers)
+        except LayerChoiceError as e:  # nothing written: the output is untouched
+            _say(f"--layers: {e}")
+            return 2
         except (ValueError, OSError, RuntimeError) as e:
             _say(str(e))
             return 2
         settings |= backend.settings()
+        settings["tokenizer"] = tokenizer_name(tokenizer)
         refusal = check_resume(args.output, existing, settings)
     if refusal is not None:
         _say(refusal)
@@ -244,28 +262,41 @@ def _score_all(
         disable=args.quiet,
         mininterval=1.0,
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_done = 0
     groups = greedy_chunks([it.n_tokens for it in todo], args.max_batch_tokens)
-    with args.output.open("w" if args.overwrite else "a", encoding="utf-8") as out:
+    # The output is opened (created, or emptied by --overwrite) only once the first group
+    # has scored: a run that fails before that leaves the file as it was.
+    if not groups and args.overwrite:
+        args.output.write_text("", encoding="utf-8")  # --overwrite of an empty input
+    with contextlib.ExitStack() as stack:
+        out = None
         for idx in groups:
             group = [todo[i] for i in idx]
+            kept = f"{n_done} lines written to {args.output} are kept"
+            if out is None:
+                kept = f"nothing written; {args.output} is unchanged"
             try:
                 results = backend.score(group, params, settings["with_entropy"])
             except ValueError as e:  # InputError and friends: name the input line
                 i = getattr(e, "index", None)
                 where = f"{args.input}:{group[i].line}: " if i is not None else ""
                 bar.close()
-                _say(
-                    f"{where}{e}\n({n_done} lines written to {args.output} are kept; fix the "
-                    "line and re-run to resume)"
-                )
+                _say(f"{where}{e}\n({kept}; fix the line and re-run to resume)")
                 return 2
             except RemoteServiceError as e:
                 bar.close()
-                _say(f"{e}\n({n_done} lines written to {args.output} are kept; re-run to resume)")
+                _say(f"{e}\n({kept}; re-run to resume)")
                 return 1
+            except (RuntimeError, NotImplementedError) as e:  # one line, never a traceback
+                bar.close()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _say(f"scoring failed: {first}\n({kept})")
+                return 1
+            if out is None:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                mode = "w" if args.overwrite else "a"
+                out = stack.enter_context(args.output.open(mode, encoding="utf-8"))
             for it, res in zip(group, results, strict=True):
                 rec = make_record(it, res, tokenizer, settings)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")

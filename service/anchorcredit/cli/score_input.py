@@ -1,10 +1,15 @@
 """`anchorcredit score`'s input: the tokenizer for text, and the JSONL lines parsed to Items.
 
-One JSON object per line, token ids or text (ids win when both are given):
+One JSON object per line, token ids or text:
     {"id": "q1", "prompt_ids": [...], "response_ids": [...]}
     {"id": "q2", "prompt": "...", "response": "..."}
 Text is tokenised with the model's tokenizer (the prompt with the tokenizer's special
-tokens, e.g. BOS; the response without), each part on its own. `id` is optional (default:
+tokens, e.g. BOS; the response without), each part on its own. A line with both ids and
+text (e.g. a model's own generations) is checked: the ids must be this tokenizer's tokens
+of the text (re-encoding the text gives the ids, or decoding the ids gives the text, special
+tokens skipped or not); otherwise the line is refused (FILE:LINE) as ids from another
+tokenizer, naming --prefer: `ids` scores the ids as given, `text` re-tokenises the text.
+Without a tokenizer such lines use their ids (nothing to check against). `id` is optional (default:
 the 1-based line number) and must be unique; other scalar fields travel along in `meta`.
 Every bad line is reported as FILE:LINE: reason before any scoring starts.
 """
@@ -53,10 +58,40 @@ def _ids(v: Any, name: str) -> list[int]:
     return v
 
 
-def parse_line(text: str, line: int, tokenizer: Any, no_tokenizer: str = NO_TOKENIZER) -> Item:
+def tokenizer_name(tokenizer: Any) -> str | None:
+    """What an output records as its tokenizer: its name or path (None without one)."""
+    if tokenizer is None:
+        return None
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _encode(tokenizer: Any, text: str, prompt: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=prompt)["input_ids"])
+
+
+def _ids_match_text(tokenizer: Any, ids: list[int], text: str, prompt: bool) -> bool:
+    """True when `ids` are this tokenizer's tokens of `text` (either direction)."""
+    if _encode(tokenizer, text, prompt) == ids:
+        return True
+    try:
+        return any(
+            tokenizer.decode(ids, skip_special_tokens=skip) == text for skip in (False, True)
+        )
+    except Exception:  # ids outside this vocabulary
+        return False
+
+
+def parse_line(
+    text: str,
+    line: int,
+    tokenizer: Any,
+    no_tokenizer: str = NO_TOKENIZER,
+    prefer: str | None = None,
+) -> Item:
     """One input line -> Item; ValueError (without the line prefix) when malformed.
 
-    no_tokenizer: the message for a text line when `tokenizer` is None.
+    no_tokenizer: the message for a text line when `tokenizer` is None. prefer: for lines
+    with both ids and text, "ids", "text", or None (check that they agree; module docstring).
     """
     try:
         obj = json.loads(text)
@@ -70,10 +105,27 @@ def parse_line(text: str, line: int, tokenizer: Any, no_tokenizer: str = NO_TOKE
     prompt_text = obj.get("prompt")
     if prompt_text is not None and not isinstance(prompt_text, str):
         raise ValueError("prompt must be a string")
-    if "prompt_ids" in obj or "response_ids" in obj:
+    has_ids = "prompt_ids" in obj or "response_ids" in obj
+    has_text = "prompt" in obj or "response" in obj
+    if has_ids and not (has_text and prefer == "text"):
         p = _ids(obj.get("prompt_ids"), "prompt_ids")
         r = _ids(obj.get("response_ids"), "response_ids")
-    elif "prompt" in obj or "response" in obj:
+        resp = obj.get("response")
+        if has_text and prefer is None and tokenizer is not None:
+            if not isinstance(prompt_text, str) or not isinstance(resp, str):
+                raise ValueError("prompt and response must both be strings")
+            for name, ids, part, is_prompt in (
+                ("prompt", p, prompt_text, True),
+                ("response", r, resp, False),
+            ):
+                if not _ids_match_text(tokenizer, ids, part, is_prompt):
+                    raise ValueError(
+                        f"{name}_ids are not what the tokenizer {tokenizer_name(tokenizer)} "
+                        f"makes of the {name} text (ids from another tokenizer?); pass "
+                        "--prefer text to re-tokenise the text with this model's tokenizer, "
+                        "or --prefer ids to score the ids as they are"
+                    )
+    elif has_text:
         resp = obj.get("response")
         if not isinstance(prompt_text, str) or not isinstance(resp, str):
             raise ValueError("prompt and response must both be strings")
@@ -94,11 +146,15 @@ def parse_line(text: str, line: int, tokenizer: Any, no_tokenizer: str = NO_TOKE
 
 
 def read_input(
-    path: Path, tokenizer: Any, skip_bad: bool, no_tokenizer: str = NO_TOKENIZER
+    path: Path,
+    tokenizer: Any,
+    skip_bad: bool,
+    no_tokenizer: str = NO_TOKENIZER,
+    prefer: str | None = None,
 ) -> tuple[list[Item], list[str]]:
     """All items of the input file, and the error messages (FILE:LINE: ...) of bad lines.
 
-    Raises InputLineError listing the bad lines unless skip_bad.
+    Raises InputLineError listing the bad lines unless skip_bad. prefer: parse_line's.
     """
     items: list[Item] = []
     errors: list[str] = []
@@ -108,7 +164,7 @@ def read_input(
             if not text.strip():
                 continue
             try:
-                item = parse_line(text, n, tokenizer, no_tokenizer)
+                item = parse_line(text, n, tokenizer, no_tokenizer, prefer)
                 key = str(item.id)
                 if key in seen:
                     raise ValueError(

@@ -2,7 +2,8 @@
 
 Every record carries the settings it was computed with (`SETTINGS`): the strategy, every
 SPEC.md parameter (defaults included, CreditParams.record()), with_entropy, the layers read,
-the model id and revision, the policy version and the statistics version. Resuming compares
+the model id and revision, the policy version, the statistics version and the tokenizer
+(its name or path; null when ids were scored without one). Resuming compares
 them with the new run's and refuses to mix results of different settings.
 """
 
@@ -26,6 +27,7 @@ SETTINGS = (
     "revision",
     "policy_version",
     "stat_version",
+    "tokenizer",
 )
 # How a setting is named in a "what differs" message (the flag that sets it, if any).
 _LABELS = {"strategy": "--strategy", "with_entropy": "--entropy"}
