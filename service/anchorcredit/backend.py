@@ -9,6 +9,16 @@ server never imports torch and a test can stand in a fake backend.
                                     sized it) -> BatchScores (results + per-stage seconds)
     load_weights(source, version)   swap weights; later results carry `version`
     info()                          -> ModelInfo
+
+Weight changes (docs/SERVICE.md "Changing the weights") stage beside the live model and
+commit in one step on the device thread:
+
+    stage = backend.stage_weights(update)   a WeightStage (checks the version rules now)
+    stage.begin/write | put/load | receive  fill it off the device thread (scoring goes on)
+    stage.finish()                          nothing cut short, nothing missing unless partial
+    backend.commit_weights(stage)           device thread: version rules again, staged ->
+                                            live under the scoring lock, the new version
+    backend.join_weight_group(...)          a collective group handle for stage.receive
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from anchorcredit.contract import STAT_VERSION, CreditParams
+from anchorcredit.weight_wire import WeightUpdateSpec
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -79,6 +90,58 @@ class ModelInfo:
     policy_version: str
     kernel_backend: str
     stat_version: str = STAT_VERSION
+    loaded_param_count: int = 0  # parameters held on the device (tied ones counted once)
+    total_param_count: int = 0  # parameters of the whole model (tied ones counted once)
+
+
+class TruncatedWeights(RuntimeError):
+    """A tensor's bytes stopped short (the stream ended or the broadcast failed part way)
+    -> ABORTED, naming the tensor; nothing was changed."""
+
+
+@runtime_checkable
+class WeightStage(Protocol):
+    """One weight change being assembled beside the live model (invisible to scoring).
+
+    Header checks raise InputError naming the tensor (unknown name, other shape, a dtype
+    that does not cast); a stream or broadcast cut short raises TruncatedWeights."""
+
+    tensors: int  # tensors staged so far
+    bytes: int  # bytes staged so far
+
+    def begin(self, name: str, dtype: str, shape: Sequence[int]) -> None:
+        """A wire tensor header (dtype float32 | bfloat16 | float16); its bytes follow."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """The next raw little-endian bytes of the current tensor."""
+        ...
+
+    def load(self, source: str | Path | Mapping[str, Any]) -> None:
+        """Every tensor of a checkpoint (directory or .safetensors file) or state dict."""
+        ...
+
+    def receive(self, group: Any, headers: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+        """The listed tensors broadcast by rank 0 of a joined group, in order; every
+        header is checked before the first broadcast."""
+        ...
+
+    def finish(self) -> None:
+        """No tensor cut short; every tensor present unless the update is partial."""
+        ...
+
+    def discard(self) -> None:
+        """Drop the staged tensors (the live weights are untouched)."""
+        ...
+
+
+class WeightGroupHandle(Protocol):
+    """A joined collective group (the runner's weight_group.WeightGroup)."""
+
+    backend: str
+    device: Any
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -105,5 +168,26 @@ class ScoringBackend(Protocol):
         ...
 
     def load_weights(self, source: str | Path | Mapping[str, Any], version: str) -> None:
-        """Swap in new weights (checked first); a failure leaves no half-loaded model."""
+        """Swap in new weights (staged and checked first); a failure changes nothing."""
+        ...
+
+    def stage_weights(self, update: WeightUpdateSpec) -> WeightStage:
+        """An empty staging buffer for `update` (its version rules checked now)."""
+        ...
+
+    def commit_weights(self, stage: WeightStage) -> None:
+        """Device thread: re-check the version rules, copy staged -> live under the scoring
+        lock and serve `stage.update.version` from the next batch on (atomic)."""
+        ...
+
+    def join_weight_group(
+        self,
+        address: str,
+        port: int,
+        world_size: int,
+        rank: int,
+        backend: str = "",
+        timeout_s: float = 0,
+    ) -> WeightGroupHandle:
+        """Join the trainer's private broadcast group (blocks until every rank joined)."""
         ...

@@ -37,7 +37,8 @@ from anchorcredit.runner.inputs import validate_pairs
 from anchorcredit.runner.layers import select_layers
 from anchorcredit.runner.loading import load_model, parse_dtype
 from anchorcredit.runner.timing import StageTimer
-from anchorcredit.runner.weights import PartialWeightsError, load_weights_into
+from anchorcredit.runner.weights import PartialWeightsError, WeightStaging
+from anchorcredit.weight_wire import WeightUpdateSpec
 
 __all__ = ["Scorer", "ScoreResult", "parse_dtype"]
 
@@ -76,7 +77,10 @@ class Scorer:
         self.max_positions = int(mp) if mp else None
         self.model_id = model_id or str(getattr(model.config, "_name_or_path", "") or "")
         self.revision = revision or str(getattr(model.config, "_commit_hash", "") or "")
-        self._lock = threading.Lock()  # scoring and load_weights() never interleave
+        # Parameters (tied ones once): the whole model is loaded, so loaded == total.
+        self.total_param_count = sum(p.numel() for p in model.parameters())
+        self.loaded_param_count = self.total_param_count
+        self._lock = threading.Lock()  # scoring and a weight commit never interleave
         self._weights_broken: str | None = None  # set by a reload that failed half way
 
     @classmethod
@@ -129,21 +133,69 @@ class Scorer:
             policy_version=self.policy_version,
             kernel_backend=self.backend,
             stat_version=contract.STAT_VERSION,  # read now: the contract is the one source
+            loaded_param_count=self.loaded_param_count,
+            total_param_count=self.total_param_count,
         )
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, source: str | Path | Mapping[str, torch.Tensor], version: str) -> None:
-        """Swap in new policy weights (checked before any copy); later results carry `version`."""
+    def load_weights(
+        self,
+        source: str | Path | Mapping[str, torch.Tensor],
+        version: str,
+        *,
+        replaces: str = "",
+    ) -> None:
+        """Swap in new policy weights (a checkpoint directory, a .safetensors file or a
+        state dict): staged beside the model and checked, then committed at once; later
+        results carry `version`. Version rules as WeightUpdateSpec.check (a new, non-empty
+        label; `replaces`, if given, must be served). Any failure changes nothing."""
+        stage = self.stage_weights(WeightUpdateSpec(str(version), replaces))
+        try:
+            stage.load(source)
+            self.commit_weights(stage)
+        finally:
+            stage.discard()
+
+    def stage_weights(self, update: WeightUpdateSpec) -> WeightStaging:
+        """An empty staging buffer for `update` (the version rules are checked now and again
+        at commit). Fill it with begin/write, put/load or receive; then commit_weights()."""
+        update.check(self.policy_version)
+        return WeightStaging(self.model, update)
+
+    def commit_weights(self, stage: WeightStaging) -> None:
+        """Copy the staged tensors into the model and serve the new version, under the
+        scoring lock (the server calls this on its device thread, between batches)."""
+        stage.finish()
         with self._lock:
+            stage.update.check(self.policy_version)
             try:
-                load_weights_into(self.model, source)
+                stage.commit_into()
             except PartialWeightsError as err:
                 # Mixed old/new weights carry no honest version: refuse to score until a
                 # reload succeeds, rather than answer under either label.
                 self._weights_broken = str(err)
                 raise
             self._weights_broken = None
-            self.policy_version = str(version)
+            self.policy_version = stage.update.version
+
+    def join_weight_group(
+        self,
+        address: str,
+        port: int,
+        world_size: int,
+        rank: int,
+        backend: str = "",
+        timeout_s: float = 0,
+    ) -> Any:
+        """Join the trainer's private broadcast group (anchorcredit.weight_group) as `rank`;
+        blocks until every rank has joined. gloo groups receive on the CPU, nccl groups on
+        this scorer's device."""
+        from anchorcredit import weight_group
+
+        name = weight_group.resolve_backend(backend, self.device)
+        device = self.device if name == "nccl" else torch.device("cpu")
+        store = weight_group.connect_store(address, port, world_size, timeout_s)
+        return weight_group.open_group(store, rank, world_size, name, device, timeout_s)
 
     # ------------------------------------------------------------------ inputs
     def validate(self, pairs: Sequence[Any]) -> list[TokenPair]:

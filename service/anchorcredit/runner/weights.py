@@ -1,25 +1,42 @@
-"""Swap policy weights into a loaded model in place (no restart, no re-registration).
+"""New policy weights are staged beside the live model, then committed in one step.
 
-Sources: a directory of *.safetensors shards (what save_pretrained writes), one .safetensors
-file, or a state dict. Everything is checked (names, shapes) before the first copy, so a
-bad checkpoint leaves the old weights intact. Keys the model ties to another key (e.g.
-lm_head.weight = embed_tokens.weight) may be absent, as save_pretrained omits them.
+Every way of changing the weights (a checkpoint path or state dict, a gRPC stream of raw
+bytes, a collective broadcast) writes into a `WeightStaging` buffer, never into the live
+model. Each tensor is checked against the model when it is announced (known name, same
+shape, a dtype that casts to the parameter's) and written into a staging tensor allocated
+like the parameter (same device, same dtype), lazily, as its header arrives. `finish()`
+checks that every tensor arrived (unless the update is partial; keys the model ties to
+another key, e.g. lm_head.weight = embed_tokens.weight, may be absent, as save_pretrained
+omits them). `commit_into()` then copies staged -> live: the Scorer runs it under its lock
+on the device thread, so scoring sees the old weights or the new ones, never a mix.
+
+Peak memory of one change: the live weights plus one staged copy of the tensors sent (tied
+names share one buffer) plus one chunk (a stream's `data` bytes, or one tensor received in
+another dtype or on another device than the parameter's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from anchorcredit.backend import TruncatedWeights
 from anchorcredit.errors import InputError
+from anchorcredit.weight_wire import DTYPE_ITEMSIZE, WeightUpdateSpec, tensor_nbytes
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert set(WIRE_DTYPES) == set(DTYPE_ITEMSIZE)
+FIELD = "weights"
 
 
 class PartialWeightsError(RuntimeError):
-    """A copy failed after some tensors were already replaced: the model holds mixed weights."""
+    """A commit failed after some tensors were already replaced: the model holds mixed weights."""
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -29,24 +46,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
         if files:
             return files
-    raise InputError(f"no .safetensors weights at {path}", field="weights")
-
-
-def _open_sources(source: Any, stack: ExitStack) -> tuple[dict[str, tuple[int, ...]], Any]:
-    """(name -> shape, loader(name) -> tensor) for a path or a state dict."""
-    if isinstance(source, Mapping):
-        shapes = {k: tuple(v.shape) for k, v in source.items()}
-        return shapes, lambda name: source[name]
-    from safetensors import safe_open
-
-    handles = {}
-    shapes = {}
-    for f in _safetensors_files(Path(source)):
-        h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-        for name in h.keys():
-            handles[name] = h
-            shapes[name] = tuple(h.get_slice(name).get_shape())
-    return shapes, lambda name: handles[name].get_tensor(name)
+    raise InputError(f"no .safetensors weights at {path}", field=FIELD)
 
 
 def _model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -54,48 +54,285 @@ def _model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def load_weights_into(model: torch.nn.Module, source: Any) -> int:
-    """Copy `source` into `model`'s parameters in place; returns the number of tensors copied."""
-    targets = dict(_model_tensors(model))
-    persistent = set(model.state_dict().keys())
-    with ExitStack() as stack:
-        shapes, load = _open_sources(source, stack)
-        unknown = sorted(set(shapes) - set(targets))
-        if unknown:
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src == dst or (src.is_floating_point and dst.is_floating_point)
+
+
+@dataclass
+class _Pending:
+    """The tensor a stream is writing: its staging buffer (flat) and how far it got."""
+
+    name: str
+    flat: torch.Tensor
+    wire: torch.dtype
+    itemsize: int
+    offset: int = 0  # elements written
+    carry: bytes = b""  # bytes of an element split across two chunks
+
+    @property
+    def done(self) -> bool:
+        return self.offset == self.flat.numel() and not self.carry
+
+    def received_bytes(self) -> int:
+        return self.offset * self.itemsize + len(self.carry)
+
+
+class WeightStaging:
+    """One weight change being assembled beside `model` (not visible to scoring)."""
+
+    def __init__(self, model: torch.nn.Module, update: WeightUpdateSpec) -> None:
+        self.update = update
+        self._targets = dict(_model_tensors(model))
+        self._persistent = set(model.state_dict().keys())
+        # Tied names (lm_head.weight = embed_tokens.weight) share one live storage and so
+        # one staging buffer: keyed by the first name that owns the storage.
+        owner: dict[tuple[int, torch.device], str] = {}
+        self._owner: dict[str, str] = {}
+        for name, t in self._targets.items():
+            self._owner[name] = owner.setdefault((t.data_ptr(), t.device), name)
+        self._staged: dict[str, torch.Tensor] = {}
+        self._received: set[str] = set()
+        self._current: _Pending | None = None
+        self._last = ""  # the last tensor completed
+        self.tensors = 0
+        self.bytes = 0
+        self.finished = False
+
+    # -- checks -------------------------------------------------------------------------
+    def check(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        """The live tensor `name` if a tensor of this dtype and shape may replace it;
+        InputError naming the tensor otherwise."""
+        if not name:
+            raise InputError("a tensor header needs a name", field=FIELD)
+        target = self._targets.get(name)
+        if target is None:
             raise InputError(
-                f"{len(unknown)} tensors the model does not have, e.g. {unknown[:3]}",
-                field="weights",
+                f"tensor {name!r}: the model does not have a tensor of that name", FIELD
             )
-        bad = [
-            f"{n}: {shapes[n]} != {tuple(targets[n].shape)}"
-            for n in shapes
-            if shapes[n] != tuple(targets[n].shape)
-        ]
-        if bad:
-            raise InputError(f"shape mismatch: {'; '.join(bad[:3])}", field="weights")
-        given_storage = {targets[n].data_ptr() for n in shapes}
-        missing = sorted(
-            n
-            for n in persistent - set(shapes)
-            if n in targets and targets[n].data_ptr() not in given_storage
-        )
-        if missing:
+        if name in self._received or (self._current and self._current.name == name):
+            raise InputError(f"tensor {name!r} was sent twice in one update", FIELD)
+        if tuple(int(d) for d in shape) != tuple(target.shape):
             raise InputError(
-                f"{len(missing)} model tensors missing from the new weights, e.g. {missing[:3]}",
-                field="weights",
+                f"tensor {name!r}: shape {tuple(int(d) for d in shape)} != the model's "
+                f"{tuple(target.shape)}",
+                FIELD,
             )
+        if not _castable(dtype, target.dtype):
+            raise InputError(
+                f"tensor {name!r}: dtype {str(dtype).removeprefix('torch.')} cannot be cast to "
+                f"the model's {str(target.dtype).removeprefix('torch.')}",
+                FIELD,
+            )
+        return target
+
+    def check_wire(self, name: str, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+        """check() for a header on the wire (dtype by name: float32 | bfloat16 | float16)."""
+        tensor_nbytes(dtype, tuple(int(d) for d in shape), name)  # InputError on other dtypes
+        return self.check(name, WIRE_DTYPES[dtype], shape)
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        """The staging tensor of `name`, allocated like the live one on first use."""
+        key = self._owner[name]
+        buf = self._staged.get(key)
+        if buf is None:
+            buf = self._staged[key] = torch.empty_like(self._targets[key])
+        return buf
+
+    def _done(self, name: str, nbytes: int) -> None:
+        self._last = name
+        self._received.add(name)
+        self.tensors += 1
+        self.bytes += nbytes
+
+    def _require_open(self) -> None:
+        if self.finished:
+            raise RuntimeError("this weight update is finished; start another")
+
+    # -- a stream of raw bytes -------------------------------------------------------------
+    def begin(self, name: str, dtype: str, shape: Sequence[int]) -> None:
+        """A tensor header: check it, allocate its buffer; its bytes follow in write()."""
+        self._require_open()
+        cur = self._current
+        if cur is not None:
+            raise InputError(
+                f"tensor {cur.name!r}: {cur.received_bytes()} of "
+                f"{cur.flat.numel() * cur.itemsize} bytes received when the header of "
+                f"{name!r} arrived",
+                FIELD,
+            )
+        self.check_wire(name, dtype, shape)
+        flat = self._buffer(name).view(-1)
+        self._current = _Pending(name, flat, WIRE_DTYPES[dtype], DTYPE_ITEMSIZE[dtype])
+        if flat.numel() == 0:
+            self._current = None
+            self._done(name, 0)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The next bytes of the current tensor (little-endian values, any chunking)."""
+        self._require_open()
+        cur = self._current
+        if cur is None:
+            after = f"after tensor {self._last!r} was complete" if self._last else "before"
+            raise InputError(
+                f"{len(data)} tensor bytes arrived {after} without a tensor header", FIELD
+            )
+        raw = cur.carry + bytes(data) if cur.carry else data
+        n = len(raw) // cur.itemsize
+        rest = len(raw) - n * cur.itemsize
+        total = cur.flat.numel()
+        if cur.offset + n > total or (rest and cur.offset + n == total):
+            raise InputError(
+                f"tensor {cur.name!r}: more than its {total * cur.itemsize} bytes were sent",
+                FIELD,
+            )
+        if n:
+            # One copy of the chunk into a writable buffer torch can view, then one cast
+            # (and device transfer) into the staging tensor.
+            src = torch.frombuffer(bytearray(memoryview(raw)[: n * cur.itemsize]), dtype=cur.wire)
+            cur.flat[cur.offset : cur.offset + n].copy_(src)
+            cur.offset += n
+        cur.carry = bytes(memoryview(raw)[n * cur.itemsize :]) if rest else b""
+        if cur.done:
+            self._current = None
+            self._done(cur.name, total * cur.itemsize)
+
+    # -- tensors in memory: a checkpoint or a state dict -------------------------------------
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Stage one whole tensor (any castable dtype, any device)."""
+        self._require_open()
+        self.check(name, tensor.dtype, tuple(tensor.shape))
+        self._buffer(name).copy_(tensor)
+        self._done(name, tensor.numel() * tensor.element_size())
+
+    def load(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
+        """Stage everything in a checkpoint (directory of *.safetensors, one file) or a
+        state dict. Every name and shape is checked before the first tensor is read."""
+        self._require_open()
+        with ExitStack() as stack:
+            if isinstance(source, Mapping):
+                shapes = {k: (v.dtype, tuple(v.shape)) for k, v in source.items()}
+
+                def read(name: str) -> torch.Tensor:
+                    return source[name]
+
+            else:
+                from safetensors import safe_open
+
+                handles: dict[str, Any] = {}
+                shapes = {}
+                for f in _safetensors_files(Path(source)):
+                    h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                    for name in h.keys():
+                        sl = h.get_slice(name)
+                        handles[name] = h
+                        shapes[name] = (_safetensors_dtype(name, sl.get_dtype()), sl.get_shape())
+
+                def read(name: str) -> torch.Tensor:
+                    return handles[name].get_tensor(name)
+
+            for name, (dtype, shape) in shapes.items():
+                self.check(name, dtype, shape)
+            for name in shapes:
+                self.put(name, read(name))
+
+    # -- a collective broadcast ------------------------------------------------------------
+    def receive(self, group: Any, headers: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+        """Receive the listed tensors from rank 0 of `group` (a weight_group.WeightGroup),
+        in order. Every header is checked before the first broadcast, so a bad list fails
+        with nothing received (the trainer must then not broadcast). A broadcast that fails
+        raises TruncatedWeights naming the tensor (the group should be closed)."""
+        self._require_open()
+        names = [h[0] for h in headers]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise InputError(f"tensor {dup!r} is listed twice", FIELD)
+        for name, dtype, shape in headers:
+            self.check_wire(name, dtype, shape)
+        for name, dtype, shape in headers:
+            staged = self._buffer(name)
+            wire = WIRE_DTYPES[dtype]
+            direct = staged.dtype == wire and staged.device == group.device
+            buf = staged if direct else torch.empty(tuple(shape), dtype=wire, device=group.device)
+            try:
+                group.broadcast(buf)
+            except Exception as err:
+                raise TruncatedWeights(
+                    f"tensor {name!r}: the broadcast failed after {self.tensors} of "
+                    f"{len(headers)} tensors ({' '.join(str(err).split())[:300]})"
+                ) from err
+            if not direct:
+                staged.copy_(buf)
+                del buf
+            self._done(name, staged.numel() * wire.itemsize)
+
+    # -- completion ------------------------------------------------------------------------
+    def finish(self) -> None:
+        """No tensor cut short; every model tensor present unless the update is partial."""
+        cur = self._current
+        if cur is not None:
+            raise TruncatedWeights(
+                f"tensor {cur.name!r}: the stream ended after {cur.received_bytes()} of its "
+                f"{cur.flat.numel() * cur.itemsize} bytes"
+            )
+        if not self.update.partial:
+            covered = {self._owner[n] for n in self._received}
+            missing = sorted(
+                n for n in self._persistent if n in self._targets and self._owner[n] not in covered
+            )
+            if missing:
+                raise InputError(
+                    f"{len(missing)} model tensors missing from the new weights, e.g. "
+                    f"{missing[:3]} (send every tensor, or mark the update partial)",
+                    FIELD,
+                )
+        self.finished = True
+
+    def commit_into(self) -> int:
+        """Copy staged -> live (the caller holds the model's lock); returns tensors copied.
+        The staging buffers are freed afterwards."""
+        if not self.finished:
+            self.finish()
         copied = 0
         with torch.no_grad():
-            for name in shapes:
-                dst = targets[name]
+            for key, staged in self._staged.items():
                 try:
-                    dst.copy_(load(name).to(device=dst.device, dtype=dst.dtype))
-                except Exception as err:  # a read error or device OOM half way through
+                    self._targets[key].copy_(staged)
+                except Exception as err:  # a device error half way through
                     if copied == 0:
                         raise
                     raise PartialWeightsError(
-                        f"loading {name!r} failed after {copied} of {len(shapes)} tensors "
-                        f"were replaced: {err}"
+                        f"committing {key!r} failed after {copied} of {len(self._staged)} "
+                        f"tensors were replaced: {err}"
                     ) from err
                 copied += 1
-    return len(shapes)
+        self.discard()
+        return copied
+
+    def discard(self) -> None:
+        """Free the staging buffers (the live model is untouched)."""
+        self._staged.clear()
+        self._current = None
+
+
+def _safetensors_dtype(tensor: str, name: str) -> torch.dtype:
+    """safetensors' dtype names ("F32", "BF16", "I64", ...) -> torch dtypes."""
+    table = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    dtype = table.get(str(name).upper())
+    if dtype is None:
+        raise InputError(f"tensor {tensor!r}: safetensors dtype {name} is not supported", FIELD)
+    return dtype
+
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+    raise ImportError("weight staging decodes little-endian bytes; this host is big-endian")

@@ -119,6 +119,7 @@ class CreditServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self.servicer: CreditServicer | None = None
         self._http: Any = None
         self.port = 0
         self.metrics_port = -1
@@ -139,7 +140,8 @@ class CreditServer:
             options=grpc_options(cfg),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
-        credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(self.state), server)
+        self.servicer = CreditServicer(self.state)
+        credit_pb2_grpc.add_CreditServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         names = (
@@ -231,6 +233,8 @@ class CreditServer:
             except TimeoutError:
                 log.warning("batcher still busy after the grace period; exiting anyway")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.servicer is not None:
+            self.servicer.weights.close()  # weight groups and their worker threads
         if self._http is not None:
             http_server, thread = self._http
             http_server.shutdown()

@@ -72,6 +72,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
 
+        if handler.stream_unary is not None:
+
+            async def client_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await deny(context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                client_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
         async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             await deny(context)
             yield  # pragma: no cover - abort raises; this makes it an async generator

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from anchorcredit.weight_wire import CHUNK_BYTES
+
 ENV_PREFIX = "ANCHORCREDIT_"
 # gRPC service name used for per-service health (readiness means: model loaded).
 SERVICE_NAME = "anchorcredit.v1.CreditService"
@@ -85,7 +87,9 @@ class ServeConfig:
     @property
     def max_receive_bytes(self) -> int:
         # A uint32 id is at most 5 varint bytes; each sequence adds a few bytes of framing.
-        return 5 * self.max_request_tokens + 16 * self.max_request_sequences + (1 << 16)
+        score = 5 * self.max_request_tokens + 16 * self.max_request_sequences + (1 << 16)
+        # PushWeights: one WeightChunk carries up to CHUNK_BYTES of tensor data + a header.
+        return max(score, CHUNK_BYTES + (1 << 16))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeConfig:

@@ -19,6 +19,7 @@ from anchorcredit.backend import ModelInfo, ScoreResult
 from anchorcredit.contract import CreditParams
 from anchorcredit.errors import InputError
 from anchorcredit.v1 import credit_pb2 as pb
+from anchorcredit.weight_wire import WeightUpdateSpec
 
 _LE_F32 = np.dtype("<f4")
 
@@ -132,6 +133,7 @@ def model_info(
     max_batch_tokens: int,
     max_request_sequences: int,
     server_version: str,
+    max_request_tokens: int = 0,
 ) -> pb.ModelInfo:
     """The backend's ModelInfo plus the server's limits -> the proto ModelInfo."""
     return pb.ModelInfo(
@@ -153,4 +155,17 @@ def model_info(
         kernel_backend=info.kernel_backend,
         server_version=server_version,
         stat_version=info.stat_version,
+        max_request_tokens=max_request_tokens,
+        loaded_param_count=info.loaded_param_count,
+        total_param_count=info.total_param_count,
     )
+
+
+def weight_update(msg: pb.WeightUpdate) -> WeightUpdateSpec:
+    """The proto WeightUpdate -> the spec whose check() holds the version rules."""
+    return WeightUpdateSpec(version=msg.version, replaces=msg.replaces, partial=msg.partial)
+
+
+def tensor_header(msg: pb.TensorHeader) -> tuple[str, str, tuple[int, ...]]:
+    """(name, dtype, shape) of a TensorHeader (checked against the model by the stage)."""
+    return msg.name, msg.dtype, tuple(int(d) for d in msg.shape)

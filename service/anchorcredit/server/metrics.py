@@ -101,7 +101,22 @@ class ServerMetrics:
             registry=r,
         )
         self.weight_updates = Counter(
-            "anchorcredit_weight_updates", "successful UpdateWeights calls", registry=r
+            "anchorcredit_weight_updates",
+            "successful weight changes (UpdateWeights, PushWeights, ReceiveWeights)",
+            registry=r,
+        )
+        self.weight_updates_by_transport = Counter(
+            "anchorcredit_weight_updates_by_transport",
+            "successful weight changes by transport (path, stream, collective)",
+            ["transport"],
+            registry=r,
+        )
+        self.weight_bytes = Counter(
+            "anchorcredit_weight_bytes",
+            "tensor bytes staged by weight changes (read, streamed or broadcast; failed "
+            "changes included) by transport",
+            ["transport"],
+            registry=r,
         )
         self.model_info = Info(
             "anchorcredit_model", "model, policy version and limits served", registry=r
@@ -233,6 +248,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.stream_unary is not None and ours:
+            inner_su = handler.stream_unary
+
+            async def client_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with observed(context):
+                    return await inner_su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                client_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

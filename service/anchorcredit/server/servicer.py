@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
 
 from anchorcredit import __version__
-from anchorcredit.backend import ModelInfo, ScoringBackend
-from anchorcredit.errors import DeviceOutOfMemory, InputError, PolicyVersionMismatch, is_oom
+from anchorcredit.backend import ModelInfo, ScoringBackend, TruncatedWeights
+from anchorcredit.errors import (
+    DeviceOutOfMemory,
+    InputError,
+    PolicyVersionMismatch,
+    WeightVersionConflict,
+)
 from anchorcredit.server import convert
 from anchorcredit.server.batcher import (
     Batcher,
@@ -29,6 +35,7 @@ from anchorcredit.server.batcher import (
 )
 from anchorcredit.server.config import ServeConfig
 from anchorcredit.server.metrics import ServerMetrics
+from anchorcredit.server.weights import GroupError, WeightChanges
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc
 
@@ -78,6 +85,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.weights = WeightChanges(state)
 
     # -- error mapping --------------------------------------------------------------------------
     def _failure(self, exc: BaseException, request_id: str = "") -> _Failure:
@@ -90,6 +98,15 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         if isinstance(exc, PolicyVersionMismatch):
             fails.labels("policy_version").inc()
             return _Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if isinstance(exc, WeightVersionConflict):
+            fails.labels("weight_version").inc()
+            return _Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if isinstance(exc, TruncatedWeights):
+            fails.labels("weights_truncated").inc()
+            return _Failure(grpc.StatusCode.ABORTED, str(exc))
+        if isinstance(exc, GroupError):
+            fails.labels("weight_group").inc()
+            return _Failure(exc.code, str(exc))
         if isinstance(exc, QueueFull):
             fails.labels("queue_full").inc()
             ms = str(max(1, round(exc.retry_after_s * 1000)))
@@ -242,49 +259,44 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             max_batch_tokens=cfg.max_batch_tokens,
             max_request_sequences=cfg.max_request_sequences,
             server_version=__version__,
+            max_request_tokens=cfg.max_request_tokens,
         )
+
+    # -- weights (server/weights.py: stage beside the model, commit on the device thread) ---
+    async def _weights_call(
+        self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        await self._require_ready(context)
+        try:
+            return await call()
+        except Exception as exc:
+            await self._abort(context, self._failure(exc))
+            raise AssertionError("unreachable") from None
 
     async def UpdateWeights(
         self, request: pb.UpdateWeightsRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateWeightsResponse:
-        await self._require_ready(context)
-        state = self.state
-        try:
-            if not request.path:
-                raise InputError("a checkpoint path is required", field="path")
-            if not request.version:
-                raise InputError("the new policy version must be non-empty", field="version")
-            backend, path, version = state.backend, request.path, request.version
-            assert backend is not None
+        return await self._weights_call(context, lambda: self.weights.from_path(request))
 
-            def load() -> float:
-                t0 = time.perf_counter()
-                try:
-                    backend.load_weights(path, version)
-                except Exception as exc:
-                    # The runner keeps the old weights when a load fails. Running out of
-                    # device memory is the server's problem; anything else (missing file,
-                    # garbled or truncated safetensors: SafetensorError, wrong shapes, ...)
-                    # is the caller's checkpoint, reported with the loader's message.
-                    if is_oom(exc):
-                        raise DeviceOutOfMemory(
-                            f"not enough device memory to load weights from {path!r}"
-                        ) from exc
-                    message = " ".join(str(exc).split()) or type(exc).__name__
-                    raise InputError(
-                        f"cannot load weights from {path!r}: {message}", field="path"
-                    ) from exc
-                return time.perf_counter() - t0
+    async def PushWeights(
+        self, request_iterator: AsyncIterator[pb.WeightChunk], context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        return await self._weights_call(context, lambda: self.weights.from_stream(request_iterator))
 
-            assert state.batcher is not None
-            seconds = await state.batcher.run_exclusive(load)
-        except Exception as exc:
-            await self._abort(context, self._failure(exc))
-            raise AssertionError("unreachable") from None
-        info = state.refresh_info()
-        state.metrics.weight_updates.inc()
-        log.info("policy weights now at version %r (%.2f s)", info.policy_version, seconds)
-        return pb.UpdateWeightsResponse(policy_version=info.policy_version, load_seconds=seconds)
+    async def JoinWeightGroup(
+        self, request: pb.JoinWeightGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinWeightGroupResponse:
+        return await self._weights_call(context, lambda: self.weights.join(request))
+
+    async def ReceiveWeights(
+        self, request: pb.ReceiveWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        return await self._weights_call(context, lambda: self.weights.receive(request))
+
+    async def LeaveWeightGroup(
+        self, request: pb.LeaveWeightGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaveWeightGroupResponse:
+        return await self._weights_call(context, lambda: self.weights.leave(request))
 
 
 def _with_id(exc: BaseException, request_id: str) -> BaseException:
