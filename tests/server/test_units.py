@@ -426,3 +426,26 @@ def test_the_batcher_cuts_a_request_over_the_budget_into_forwards():
 
     out = _run(go, scorer, max_batch_tokens=25, max_wait_s=0.0)
     assert scorer.calls == [2, 2, 1] and [r.tag for r in out.results] == [5] * 5
+
+
+def test_a_bad_layers_setting_names_the_flag_and_the_scorable_layers(tmp_path):
+    from anchorcredit.offline.debug_model import save_debug_model
+    from anchorcredit.runner.layers import LayerChoiceError
+    from anchorcredit.server.app import CreditServer
+
+    model = save_debug_model(tmp_path / "m", arch="llama")  # 6 layers
+    cfg = cfgmod.ServeConfig(
+        model=str(model), layers="99", host="127.0.0.1", port=0, metrics_port=-1,
+        device="cpu", dtype="float32",
+    )  # fmt: skip
+    server = CreditServer(cfg)
+
+    async def go():
+        await server.start()
+        try:
+            await server.load()
+        finally:
+            await server.stop(0)
+
+    with pytest.raises(LayerChoiceError, match=r"--layers / ANCHORCREDIT_LAYERS: layer 99 .*0-5"):
+        asyncio.run(go())

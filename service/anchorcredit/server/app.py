@@ -55,15 +55,19 @@ def default_backend_factory(config: ServeConfig) -> Callable[[], ScoringBackend]
 
     def build() -> ScoringBackend:
         from anchorcredit.runner import Scorer
+        from anchorcredit.runner.layers import LayerChoiceError
 
         device = resolve_device(config.device)
-        return Scorer.from_pretrained(
-            config.model,
-            device=device,
-            dtype=resolve_dtype(config.dtype, device),
-            layers=config.layer_list,
-            policy_version=config.policy_version,
-        )
+        try:
+            return Scorer.from_pretrained(
+                config.model,
+                device=device,
+                dtype=resolve_dtype(config.dtype, device),
+                layers=config.layer_list,
+                policy_version=config.policy_version,
+            )
+        except LayerChoiceError as e:  # the operator's setting: name the flag and variable
+            raise LayerChoiceError(f"--layers / ANCHORCREDIT_LAYERS: {e}", e.scorable) from None
 
     return build
 
