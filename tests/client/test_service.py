@@ -202,14 +202,23 @@ def test_retries_resource_exhausted_honouring_the_hint(fake_servers):
     assert (gaps >= 0.14).all()  # waited as told, not the 50 ms default backoff
 
 
-def test_gives_up_after_retries_with_backoff(fake_servers):
-    svc = FakeService(exhausted=100)
+def test_gives_up_when_the_retry_budget_is_spent(fake_servers):
+    svc = FakeService(exhausted=10_000)
     target = fake_servers(svc)
-    with CreditClient([target], cache=False, retries=2, backoff_base_s=0.01) as client:
+    with CreditClient([target], cache=False, backoff_base_s=0.01, retry_budget_s=0.5) as c:
+        t0 = time.monotonic()
         with pytest.raises(CreditServiceError) as e:
-            client.score([[1]], [[2]])
+            c.score([[1]], [[2]])
+        spent = time.monotonic() - t0
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert len(svc.calls) == 3
+    assert "retry_budget_s=0.5" in str(e.value)
+    assert len(svc.calls) > 3  # busy: bounded by time, not by the UNAVAILABLE count
+    assert spent >= 0.5
+    with CreditClient([target], cache=False, retries=0) as c:  # 0: no retries at all
+        n = len(svc.calls)
+        with pytest.raises(CreditServiceError):
+            c.score([[1]], [[2]])
+        assert len(svc.calls) == n + 1
 
 
 def test_round_robin_split_and_order(fake_servers):

@@ -78,9 +78,11 @@ class CreditClient:
     """Client of one or more CreditService targets ("host:port", "dns:///name:port").
 
     cache: None -> in-process LRU bounded in bytes; "redis://..." -> Redis; False -> none;
-    or any object with get_many/set_many. timeout_s is each RPC's deadline; retries is how
-    many more attempts UNAVAILABLE / RESOURCE_EXHAUSTED get (exponential backoff with full
-    jitter, or the server's hint), each on the next target.
+    or any object with get_many/set_many. timeout_s is each RPC's deadline. A busy server
+    (RESOURCE_EXHAUSTED) is retried until retry_budget_s has passed since the call began;
+    retries is how many more attempts a target that is down (UNAVAILABLE) gets, each on the
+    next target (0: no retries at all). Waits: the server's hint (its queue's drain time)
+    plus exponential backoff with full jitter.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class CreditClient:
         namespace: str = DEFAULT_NAMESPACE,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        retry_budget_s: float = 120.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ):
@@ -108,6 +111,7 @@ class CreditClient:
             retries,
             backoff_base_s=backoff_base_s,
             backoff_max_s=backoff_max_s,
+            retry_budget_s=retry_budget_s,
             token=token,
             channel_options=channel_options,
         )
@@ -134,7 +138,8 @@ class CreditClient:
 
     @property
     def retries(self) -> int:
-        """Further attempts UNAVAILABLE / RESOURCE_EXHAUSTED get."""
+        """Further attempts UNAVAILABLE gets (0: no retries at all; RESOURCE_EXHAUSTED is
+        bounded by retry_budget_s instead)."""
         return self.transport.retries
 
     @retries.setter
@@ -412,7 +417,10 @@ class CreditClient:
         """Score the misses on the service, filling `results`; returns the cache values to
         write, as (caller index, value)."""
         lengths = [len(pairs[i][0]) + len(pairs[i][1]) for i in misses]
-        max_tokens = int(info.max_batch_tokens)
+        # A request never exceeds the server's request limit (it answers INVALID_ARGUMENT
+        # beyond it) nor its batch budget (the server scores larger ones in pieces anyway).
+        limits = [int(x) for x in (info.max_batch_tokens, info.max_request_tokens) if x > 0]
+        max_tokens = min(limits) if limits else 0
         if len(self.targets) > 1:
             # Several targets: cut the work into at least one piece per target.
             share = -(-sum(lengths) // len(self.targets))

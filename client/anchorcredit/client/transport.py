@@ -1,9 +1,13 @@
 """Channels to the targets and the unary call: round-robin, failover, retries with backoff.
 
 `Transport.call` spreads calls round-robin over the targets; UNAVAILABLE and
-RESOURCE_EXHAUSTED are retried (each attempt on the next target not recently found down)
-after the server's retry hint plus 10 % jitter, at once when failing over to an untried
-target, else after exponential backoff with full jitter. Other codes raise at once.
+RESOURCE_EXHAUSTED are retried, each attempt on the next target not recently found down.
+A busy server (RESOURCE_EXHAUSTED) is retried until `retry_budget_s` has passed since the
+call began, a target that is down (UNAVAILABLE) at most `retries` times (0 = no retries at
+all). The wait before a retry is at least the server's hint (its queue's drain time) plus
+exponential backoff with full jitter over a window of at least that hint, so rejected
+callers spread out instead of coming back in waves; failing over to an untried target
+after UNAVAILABLE is immediate. Other codes raise at once.
 `Transport.call_one` calls one target exactly once. Weight changes go to every concrete
 address behind every target (`expand_target`: a dns name resolved with getaddrinfo, gRPC's
 `ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
@@ -109,6 +113,7 @@ class Transport:
         *,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        retry_budget_s: float = 120.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ):
@@ -119,6 +124,7 @@ class Transport:
         self.retries = int(retries)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.retry_budget_s = float(retry_budget_s)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         base = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -189,18 +195,27 @@ class Transport:
                 return ti
         return (start + attempt) % n
 
-    def _invoke(self, ti: int, method: str, request: Any) -> Any:
+    def _invoke(self, ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
         fn: Callable[..., Any] = getattr(self._stubs[ti], method)
-        return fn(request, timeout=self.timeout_s, metadata=self._metadata)
+        timeout = self.timeout_s if timeout is None else timeout
+        return fn(request, timeout=timeout, metadata=self._metadata)
 
     def call(self, method: str, request: Any) -> Any:
         """Unary call on the next target with failover, retries and backoff; non-retryable
-        codes raise CreditServiceError (StalePolicyVersionError) at once."""
+        codes raise CreditServiceError (StalePolicyVersionError) at once.
+
+        RESOURCE_EXHAUSTED is retried while `retry_budget_s` (from the first attempt)
+        lasts (the last wait is cut to end at the budget, then one more attempt);
+        UNAVAILABLE at most `retries` times; `retries=0` never retries."""
         start = next(self._rr)
+        t0 = time.monotonic()
+        give_up_at = t0 + self.retry_budget_s
         tried: set[int] = set()
         last: grpc.RpcError | None = None
         last_target = ""
-        for attempt in range(self.retries + 1):
+        unavailable = 0
+        attempt = 0
+        while True:
             ti = self._pick(start, attempt)
             tried.add(ti)
             try:
@@ -212,9 +227,19 @@ class Transport:
                     raise from_rpc(err, self.targets[ti]) from None
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self._down_until[ti] = time.monotonic() + DOWN_FOR_S
-                if attempt == self.retries:
+                    unavailable += 1
+                if self.retries <= 0 or unavailable > self.retries:
+                    why = f"gave up after {attempt + 1} attempts"
                     break
                 delay = self._delay(err, attempt, self._pick(start, attempt + 1) not in tried)
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    why = (
+                        f"gave up after {attempt + 1} attempts in "
+                        f"{time.monotonic() - t0:.1f} s (retry_budget_s={self.retry_budget_s:g})"
+                    )
+                    break
+                delay = min(delay, left)
                 log.info(
                     "%s on %s: %s; retry %d in %.3f s",
                     method,
@@ -224,22 +249,22 @@ class Transport:
                     delay,
                 )
                 time.sleep(delay)
+                attempt += 1
         assert last is not None
-        raise CreditServiceError(
-            last.code(),
-            f"{last.details()} (gave up after {self.retries + 1} attempts)",
-            last_target,
-        )
+        raise CreditServiceError(last.code(), f"{last.details()} ({why})", last_target)
 
     def _delay(self, err: grpc.RpcError, attempt: int, next_untried: bool) -> float:
-        """Seconds to wait before attempt + 1."""
+        """Seconds to wait before attempt + 1: the server's hint (when it sent one) plus
+        exponential backoff with full jitter over a window of at least that hint."""
         hint = retry_hint(err)
-        if hint is not None:
-            return hint * (1.0 + 0.1 * random.random())  # jitter: no thundering herd
-        if err.code() == grpc.StatusCode.UNAVAILABLE and next_untried:
+        if hint is None and err.code() == grpc.StatusCode.UNAVAILABLE and next_untried:
             return 0.0  # fail over to a target not tried yet right away
         cap = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
-        return random.uniform(0.0, cap)  # full jitter
+        if hint is None:
+            return random.uniform(0.0, cap)  # full jitter
+        # Never sooner than told; spread over at least one drain time so the rejected
+        # callers of one burst come back across it, not together.
+        return hint + random.uniform(0.0, max(hint, cap))
 
     def call_one(self, ti: int, method: str, request: Any) -> Any:
         """One call on target ti only: no failover, no retries."""
