@@ -6,7 +6,9 @@ server never imports torch and a test can stand in a fake backend.
 
     validate(pairs)                 ids checked once, at the edge -> list[TokenPair]
     score_batch(pairs, params, ...) ONE packed forward over what it is given (the batcher
-                                    sized it) -> BatchScores (results + per-stage seconds)
+                                    sized it) -> BatchScores (results + per-stage seconds);
+                                    it may stop early at `check_cancelled()` (Cancelled)
+                                    when run inside `cancellable(...)`
     load_weights(source, version)   swap weights; later results carry `version`
     info()                          -> ModelInfo
 
@@ -23,7 +25,9 @@ commit in one step on the device thread:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -92,6 +96,33 @@ class ModelInfo:
     stat_version: str = STAT_VERSION
     loaded_param_count: int = 0  # parameters held on the device (tied ones counted once)
     total_param_count: int = 0  # parameters of the whole model (tied ones counted once)
+
+
+class Cancelled(Exception):
+    """Every caller of the work being scored gave up (deadline passed or cancelled): the
+    forward stopped early at a cooperative check (between layers or budget-sized forwards)."""
+
+
+_cancel = threading.local()
+
+
+@contextlib.contextmanager
+def cancellable(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """While active on this thread, `check_cancelled()` raises Cancelled once should_stop()
+    is true. The batcher wraps each device call in it; the runner checks between layers."""
+    previous = getattr(_cancel, "check", None)
+    _cancel.check = should_stop
+    try:
+        yield
+    finally:
+        _cancel.check = previous
+
+
+def check_cancelled() -> None:
+    """A cooperative cancellation point (cheap; a no-op outside `cancellable`)."""
+    check = getattr(_cancel, "check", None)
+    if check is not None and check():
+        raise Cancelled("every caller of this work gave up; stopped between layers")
 
 
 class TruncatedWeights(RuntimeError):

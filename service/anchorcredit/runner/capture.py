@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from anchorcredit.backend import check_cancelled
+
 ATTN_IMPLEMENTATION = "anchorcredit_capture"
 
 # sink(layer_idx, q [Hq, T, d], k [Hkv, T, d], scale, variant); variant holds the layer's
@@ -250,6 +252,7 @@ def capture_attention_forward(
             softcap=softcap,
             **kwargs,
         )
+    check_cancelled()  # cooperative: stop between layers once every caller gave up
     sinks = kwargs.get("s_aux")
     sinks = None if sinks is None else sinks.detach()
     softcap = None if softcap is None else float(softcap)

@@ -30,7 +30,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from anchorcredit.backend import BatchScores, ScoreResult, ScoringBackend, TokenPair
+from anchorcredit.backend import (
+    BatchScores,
+    Cancelled,
+    ScoreResult,
+    ScoringBackend,
+    TokenPair,
+    cancellable,
+    check_cancelled,
+)
 from anchorcredit.budget import greedy_chunks, halve_on_oom
 from anchorcredit.contract import CreditParams
 from anchorcredit.errors import PolicyVersionMismatch
@@ -75,6 +83,26 @@ class _Work:
     deadline: float | None  # time.monotonic() based
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when it first reached the device (retries keep it)
+    # Fairness: a request is scored in budget-sized pieces; `next` is its first pair not
+    # yet taken, `results` what its pieces returned so far, `compute_s` their seconds.
+    next: int = 0
+    results: list[ScoreResult] = field(default_factory=list)
+    compute_s: float = 0.0
+    settled: bool = False  # dropped and counted already (a partial one still queued)
+
+    @property
+    def tokens_left(self) -> int:
+        if self.next == 0:
+            return self.parsed.num_tokens
+        return sum(p.num_tokens for p in self.parsed.pairs[self.next :])
+
+    def dead(self, now: float) -> bool:
+        """Its caller gave up: cancelled, or the deadline passed (read from any thread)."""
+        return self.future.done() or (self.deadline is not None and now >= self.deadline)
+
+
+# One piece of a request: pairs[lo:hi] of a _Work.
+_Piece = tuple[_Work, int, int]
 
 
 @dataclass
@@ -89,19 +117,25 @@ def run_budgeted(
     params: CreditParams,
     with_entropy: bool,
     max_batch_tokens: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchScores:
     """Score `pairs` in budget-sized forwards, halving any that runs out of device memory
-    (blocking: runs on the device thread). Stage seconds add up over the forwards."""
+    (blocking: runs on the device thread). Stage seconds add up over the forwards.
+
+    `should_stop`: checked between forwards and (through anchorcredit.backend.cancellable)
+    between the layers of each; true -> Cancelled, the rest is not computed."""
     stages: Counter[str] = Counter()
 
     def forward(chunk: list[TokenPair]) -> list[ScoreResult]:
+        check_cancelled()
         got = backend.score_batch(chunk, params, with_entropy=with_entropy)
         stages.update(got.stage_seconds)
         return got.results
 
     results: list[ScoreResult] = []
-    for idx in greedy_chunks([p.num_tokens for p in pairs], max_batch_tokens):
-        results += halve_on_oom(forward, [pairs[i] for i in idx])
+    with cancellable(should_stop or (lambda: False)):
+        for idx in greedy_chunks([p.num_tokens for p in pairs], max_batch_tokens):
+            results += halve_on_oom(forward, [pairs[i] for i in idx])
     return BatchScores(results, dict(stages))
 
 
@@ -130,9 +164,10 @@ class Batcher:
         self._room = asyncio.Event()  # set whenever requests leave the queue
         self._closing = False
         self._task: asyncio.Task | None = None
-        # Moving averages for the retry hint.
+        # Moving averages for the retry hint (the queue's drain time).
         self._ema_batch_s = 0.05
-        self._ema_batch_requests = 1.0
+        self._ema_s_per_token = 0.0  # 0 until the first batch was timed
+        self._busy_since: float | None = None  # when the running batch started
 
     # -- public -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,9 +178,24 @@ class Batcher:
     def depth(self) -> int:
         return sum(isinstance(w, _Work) for w in self._queue)
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(w.tokens_left for w in self._queue if isinstance(w, _Work))
+
     def retry_after_s(self) -> float:
-        batches_ahead = max(1.0, self.depth / max(1.0, self._ema_batch_requests))
-        return min(30.0, max(0.05, batches_ahead * self._ema_batch_s))
+        """When the queue will have drained: the tokens waiting times the measured seconds
+        per token, plus what is left of the running batch (at least one batch time before
+        the first batch was timed); 50 ms to 30 s."""
+        now = time.monotonic()
+        running = 0.0
+        if self._busy_since is not None:
+            running = max(0.0, self._ema_batch_s - (now - self._busy_since))
+        if self._ema_s_per_token > 0:
+            drain = running + self.queued_tokens * self._ema_s_per_token
+        else:
+            per_batch = max(1.0, self.max_batch_requests / 4)
+            drain = running + max(1.0, self.depth / per_batch) * self._ema_batch_s
+        return min(30.0, max(0.05, drain))
 
     async def submit(
         self, parsed: ParsedRequest, deadline: float | None = None, block: bool = False
@@ -223,7 +273,7 @@ class Batcher:
                 if isinstance(w, _Control):
                     return  # a reload is waiting: do not hold it up
                 if w.parsed.key == head.parsed.key:
-                    tokens += w.parsed.num_tokens
+                    tokens += w.tokens_left
                     count += 1
             if tokens >= self.max_batch_tokens or count >= self.max_batch_requests:
                 return
@@ -237,46 +287,77 @@ class Batcher:
                 return
 
     def _drop_if_dead(self, w: _Work, now: float) -> bool:
+        if w.settled:  # stopped in flight and counted then; its remaining pieces go
+            return True
         # Deadline first: the handler's wait_for cancels the future at the deadline, so a
         # done future past its deadline is a deadline drop, not a caller's cancel.
         if w.deadline is not None and now >= w.deadline:
-            self._metrics.dropped.labels("deadline").inc()
-            if not w.future.done():
-                w.future.set_exception(DeadlineExpired("deadline expired while queued"))
+            self._settle(w, "deadline")
             return True
-        if w.future.done():  # cancelled by its caller
-            self._metrics.dropped.labels("cancelled").inc()
+        if w.future.cancelled():  # cancelled by its caller
+            self._settle(w, "cancelled")
             return True
-        return False
+        return w.future.done()  # failed already (a piece of it raised): nothing to count
 
-    def _take(self) -> list[_Work]:
-        """Pop the batch: the first live request's key, FIFO, within budget; stop at control."""
+    def _settle(self, w: _Work, reason: str) -> None:
+        """Count a request dropped unserved (queued, between pieces or in flight) once."""
+        if w.settled:
+            return
+        w.settled = True
+        self._metrics.dropped.labels(reason).inc()
+        if not w.future.done():
+            w.future.set_exception(DeadlineExpired(f"deadline expired ({reason})"))
+
+    def _take(self) -> list[_Piece]:
+        """Pop the next batch: FIFO from the first live request's key, within budget and
+        request cap; stop at control work (nothing jumps over a reload).
+
+        Fairness: a request is taken a budget-sized piece at a time; what is left of it goes
+        back to the end of the queue (still before any reload, so one version scores all of
+        it), so requests queued behind a large one are interleaved with its pieces."""
         now = time.monotonic()
         loaded = str(self._backend.policy_version)
-        batch: list[_Work] = []
+        batch: list[_Piece] = []
         kept: collections.deque[_Work | _Control] = collections.deque()
+        rest: list[_Work] = []  # partly taken: back of the queue
         key, tokens, blocked = None, 0, False
+        budget = self.max_batch_tokens
         while self._queue:
             w = self._queue.popleft()
             if blocked or isinstance(w, _Control):
-                blocked = True  # nothing may jump over a reload
+                blocked = True
                 kept.append(w)
                 continue
             if self._drop_if_dead(w, now):
                 continue
             expected = w.parsed.expected_policy_version
-            if expected and expected != loaded:
+            if w.next == 0 and expected and expected != loaded:
                 w.future.set_exception(PolicyVersionMismatch(expected, loaded))
                 continue
             if key is None:
                 key = w.parsed.key
-            fits = not batch or tokens + w.parsed.num_tokens <= self.max_batch_tokens
-            if w.parsed.key == key and fits and len(batch) < self.max_batch_requests:
-                batch.append(w)
-                tokens += w.parsed.num_tokens
-            else:
+            full = len(batch) >= self.max_batch_requests or (batch and tokens >= budget)
+            if w.parsed.key != key or full:
                 kept.append(w)
-        self._queue = kept
+                continue
+            pairs = w.parsed.pairs
+            lo = hi = w.next
+            while hi < len(pairs):
+                n = pairs[hi].num_tokens
+                if (batch or hi > lo) and tokens + n > budget:
+                    break  # an item larger than the budget goes alone
+                tokens += n
+                hi += 1
+            if hi == lo:
+                kept.append(w)
+                continue
+            batch.append((w, lo, hi))
+            w.next = hi
+            if hi < len(pairs):
+                rest.append(w)
+        # What is left of split requests: behind everything else, before the first reload.
+        cut = next((i for i, w in enumerate(kept) if isinstance(w, _Control)), len(kept))
+        self._queue = collections.deque([*list(kept)[:cut], *rest, *list(kept)[cut:]])
         return batch
 
     async def _run_control(self, ctl: _Control) -> None:
@@ -292,29 +373,50 @@ class Batcher:
             if not ctl.future.done():
                 ctl.future.set_result(result)
 
-    async def _run_batch(self, batch: list[_Work]) -> None:
+    async def _run_batch(self, batch: list[_Piece]) -> None:
         m = self._metrics
         start = time.monotonic()
-        for w in batch:
-            if w.started is None:  # once per request: _recover re-runs failed batches
+        for w, _, _ in batch:
+            if w.started is None:  # once per request: pieces and _recover re-runs keep it
                 w.started = start
                 m.queue_duration.observe(start - w.enqueued)
-        pairs = [p for w in batch for p in w.parsed.pairs]
-        head = batch[0].parsed
+        pairs = [p for w, lo, hi in batch for p in w.parsed.pairs[lo:hi]]
+        head = batch[0][0].parsed
+        works = [w for w, _, _ in batch]
+
+        def should_stop() -> bool:  # device thread: every caller of this batch gave up
+            now = time.monotonic()
+            return all(w.dead(now) for w in works)
+
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             scored = await loop.run_in_executor(
                 self._executor,
                 lambda: run_budgeted(
-                    self._backend, pairs, head.params, head.with_entropy, self.max_batch_tokens
+                    self._backend,
+                    pairs,
+                    head.params,
+                    head.with_entropy,
+                    self.max_batch_tokens,
+                    should_stop,
                 ),
             )
+        except Cancelled:
+            self._busy_since = None
+            now = time.monotonic()
+            for w in works:  # in flight: counted like queued drops, by reason
+                deadline = w.deadline is not None and now >= w.deadline
+                self._settle(w, "deadline" if deadline else "cancelled")
+            return
         except Exception as exc:
+            self._busy_since = None
             await self._recover(batch, exc)
             return
+        self._busy_since = None
         elapsed = time.perf_counter() - t0
-        ntok = sum(w.parsed.num_tokens for w in batch)
+        ntok = sum(p.num_tokens for p in pairs)
         m.inference_duration.observe(elapsed)
         m.batch_size.observe(len(batch))
         m.batch_tokens.observe(ntok)
@@ -324,37 +426,47 @@ class Batcher:
             m.stage_duration.labels(stage).observe(float(seconds))
         results = scored.results
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
-        self._ema_batch_requests = 0.8 * self._ema_batch_requests + 0.2 * len(batch)
+        per_token = elapsed / max(1, ntok)
+        self._ema_s_per_token = (
+            per_token
+            if self._ema_s_per_token == 0
+            else 0.8 * self._ema_s_per_token + 0.2 * per_token
+        )
         if len(results) != len(pairs):
             err = RuntimeError(f"runner returned {len(results)} results for {len(pairs)}")
-            for w in batch:
+            for w in works:
                 if not w.future.done():
                     w.future.set_exception(err)
             return
         offset = 0
-        for w in batch:
-            n = len(w.parsed.pairs)
-            mine = results[offset : offset + n]
-            offset += n
+        for w, lo, hi in batch:
+            mine = results[offset : offset + hi - lo]
+            offset += hi - lo
             if w.future.done():
                 continue  # its caller gave up while the batch ran
+            w.results += mine
+            w.compute_s += elapsed
+            if hi < len(w.parsed.pairs):
+                continue  # more pieces of it are queued
             expected = w.parsed.expected_policy_version
-            served = {str(r.policy_version) for r in mine}
-            if expected and served != {expected}:
+            served = {str(r.policy_version) for r in w.results}
+            if (expected and served != {expected}) or len(served) > 1:
                 # Belt and braces: never hand out numbers from other weights than asked for.
-                w.future.set_exception(PolicyVersionMismatch(expected, ",".join(sorted(served))))
+                w.future.set_exception(
+                    PolicyVersionMismatch(expected or "one version", ",".join(sorted(served)))
+                )
                 continue
             queued = (w.started if w.started is not None else start) - w.enqueued
-            w.future.set_result(Outcome(mine, queued, elapsed))
+            w.future.set_result(Outcome(w.results, queued, w.compute_s))
 
-    async def _recover(self, batch: list[_Work], exc: Exception) -> None:
-        """Isolate failures: retry the requests one by one; a lone failure is final."""
-        live = [w for w in batch if not w.future.done()]
+    async def _recover(self, batch: list[_Piece], exc: Exception) -> None:
+        """Isolate failures: retry the pieces one by one; a lone failure is final."""
+        live = [piece for piece in batch if not piece[0].future.done()]
         if not live:
             return
         if len(live) == 1:
-            live[0].future.set_exception(exc)
+            live[0][0].future.set_exception(exc)
             return
         log.info("batch of %d requests failed (%s); retrying one by one", len(live), exc)
-        for w in live:
-            await self._run_batch([w])
+        for piece in live:
+            await self._run_batch([piece])

@@ -122,7 +122,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             fails.labels("deadline").inc()
             return _Failure(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "deadline expired before the request reached the device",
+                "deadline expired before the request was answered; its work was dropped",
             )
         if isinstance(exc, ShuttingDown):
             fails.labels("unavailable").inc()
@@ -204,15 +204,34 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         """Responses in request order; up to `stream_window` requests of a stream in flight.
 
         A stream ends with one status, so the first failing request ends it (its message
-        carries the request_id); responses before it have been delivered.
+        carries the request_id); responses before it have been delivered. A frame that is
+        no ScoreRequest ends it with INVALID_ARGUMENT naming the frame; every answer
+        carries its request's request_id; a stream never ends OK with answers missing.
         """
         await self._require_ready(context)
         pending: asyncio.Queue = asyncio.Queue(maxsize=self.state.config.stream_window)
         done = object()
 
         async def reader() -> None:
+            frame = 0
             try:
-                async for request in request_iterator:
+                requests = aiter(request_iterator)
+                while True:
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:  # a frame that is no ScoreRequest (counted)
+                        await pending.put(
+                            self._failure(
+                                InputError(
+                                    f"ScoreStream frame {frame} could not be parsed as a "
+                                    f"ScoreRequest ({type(exc).__name__}); the stream ends here"
+                                )
+                            )
+                        )
+                        return
+                    frame += 1
                     try:
                         parsed = self._parse(request)
                     except Exception as exc:
@@ -231,6 +250,11 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             while True:
                 item = await pending.get()
                 if item is done:
+                    # Never OK with answers missing: a reader that died ends the stream
+                    # with its error, not with a clean close.
+                    await asyncio.wait({reading})
+                    if not reading.cancelled() and reading.exception() is not None:
+                        await self._abort(context, self._failure(reading.exception()))
                     break
                 if isinstance(item, _Failure):
                     await self._abort(context, item)

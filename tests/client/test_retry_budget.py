@@ -1,0 +1,70 @@
+"""The client's retry policy (issue 12, failure 4): a busy server is retried within a time
+budget after its hint plus exponential backoff with full jitter; a down one by count."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from anchorcredit.client import CreditServiceError
+from anchorcredit.client.transport import Transport
+
+
+class _Err(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, hint_ms: int | None = None) -> None:
+        self._code, self._hint = code, hint_ms
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "busy"
+
+    def trailing_metadata(self) -> Any:
+        return () if self._hint is None else (("retry-after-ms", str(self._hint)),)
+
+
+def _transport(**kw: Any) -> Transport:
+    return Transport(["127.0.0.1:1"], **kw)
+
+
+def test_waits_are_at_least_the_hint_and_spread_over_it():
+    t = _transport(backoff_base_s=0.05, backoff_max_s=5.0)
+    err = _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=400)
+    waits = [t._delay(err, attempt=0, next_untried=False) for _ in range(400)]
+    assert min(waits) >= 0.4  # never sooner than told
+    assert max(waits) <= 0.8 + 1e-9  # hint + uniform(0, max(hint, backoff))
+    assert max(waits) - min(waits) > 0.2  # full jitter: spread over the drain time, no wave
+    late = [t._delay(err, attempt=8, next_untried=False) for _ in range(400)]
+    assert max(late) > 1.0  # the backoff window grows past the hint with the attempts
+
+
+def test_busy_is_bounded_by_time_and_down_by_count(monkeypatch: pytest.MonkeyPatch):
+    t = _transport(retries=2, backoff_base_s=0.001, backoff_max_s=0.01, retry_budget_s=0.3)
+    calls: list[float] = []
+
+    def busy(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        calls.append(time.monotonic())
+        raise _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=20)
+
+    monkeypatch.setattr(t, "_invoke", busy)
+    with pytest.raises(CreditServiceError) as e:
+        t.call("Score", None)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(calls) > 3  # more than `retries`: a busy server is retried by time
+    assert 0.3 <= calls[-1] - calls[0] < 2.0  # the last attempt starts at the budget
+
+    calls.clear()
+
+    def down(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        calls.append(time.monotonic())
+        raise _Err(grpc.StatusCode.UNAVAILABLE)
+
+    monkeypatch.setattr(t, "_invoke", down)
+    with pytest.raises(CreditServiceError) as e:
+        t.call("Score", None)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and len(calls) == 3  # 1 + retries=2
+    t.close()
