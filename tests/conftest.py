@@ -114,7 +114,8 @@ class ServerThread:
     """A real CreditServer (grpc.aio) on 127.0.0.1:<free>, on its own event-loop thread.
 
     ServerThread(model_dir_or_None, backend=None, load=True, backend_factory=None, **config):
-    config fields default to loopback, port 0, no /metrics, CPU float32. `stub` and `health`
+    config fields default to loopback, port 0, no /metrics, CPU float32, and development-mode
+    weight changes (allow_unauthenticated_weights=True). `stub` and `health`
     are sync clients of it; `sample(name, labels)` reads its Prometheus registry.
     """
 
@@ -134,7 +135,17 @@ class ServerThread:
         from anchorcredit.server.config import ServeConfig
         from anchorcredit.v1 import credit_pb2_grpc
 
-        base = dict(host="127.0.0.1", port=0, metrics_port=-1, device="cpu", dtype="float32")
+        # Development mode for weight changes (no admin token, any path), so the suite's
+        # servers take UpdateWeights/PushWeights as before; tests/server/test_security.py
+        # passes allow_unauthenticated_weights=False to test the default.
+        base = dict(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            device="cpu",
+            dtype="float32",
+            allow_unauthenticated_weights=True,
+        )
         cfg = ServeConfig(model=str(model) if model else None, **{**base, **config})
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

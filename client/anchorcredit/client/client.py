@@ -15,8 +15,11 @@ grpcio, protobuf, redis, cachetools.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +86,12 @@ class CreditClient:
     retries is how many more attempts a target that is down (UNAVAILABLE) gets, each on the
     next target (0: no retries at all). Waits: the server's hint (its queue's drain time)
     plus exponential backoff with full jitter.
+
+    Security: token is the scoring token (every call); admin_token goes only on the
+    weight-changing calls (update_weights, push_weights, the weight group). tls=True uses
+    TLS, trusting root_certificates (PEM bytes/text or a file; None: the system roots);
+    certificate_chain + private_key add a client certificate (mutual TLS). A token sent in
+    cleartext to a target off this machine logs a warning.
     """
 
     def __init__(
@@ -100,6 +109,11 @@ class CreditClient:
         retry_budget_s: float = 120.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        admin_token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | None = None,
+        certificate_chain: bytes | str | None = None,
+        private_key: bytes | str | None = None,
     ):
         if isinstance(targets, str):
             targets = [targets]
@@ -114,6 +128,11 @@ class CreditClient:
             retry_budget_s=retry_budget_s,
             token=token,
             channel_options=channel_options,
+            admin_token=admin_token,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
         )
         self.targets = self.transport.targets
         self.cache: CreditCache | None = make_cache(cache, ttl_s=cache_ttl_s)
@@ -333,7 +352,8 @@ class CreditClient:
         ]
         if not pairs:
             return []
-        for attempt in range(3):
+        t0 = time.monotonic()
+        for attempt in itertools.count():
             # policy_version=None: re-read the served version on every call, so cache keys
             # never name a version the server has since replaced (another process may have
             # called UpdateWeights). One small GetModelInfo per score() call.
@@ -344,9 +364,16 @@ class CreditClient:
             except StalePolicyVersionError:
                 # Weights changed under us: what we know of the server is stale.
                 self.invalidate_model_info()
-                if policy_version is not None or attempt == 2:
+                if policy_version is not None:
+                    raise
+                # While a weight change rolls out, targets serve two versions for a
+                # moment: ask again (3 times, then with backoff within retry_budget_s).
+                spent = time.monotonic() - t0
+                if attempt >= 2 and spent >= self.transport.retry_budget_s:
                     raise
                 log.info("server policy version moved on from %r; asking again", version)
+                if attempt >= 2:
+                    time.sleep(random.uniform(0.0, min(1.0, 0.05 * 2 ** min(attempt, 8))))
         raise AssertionError("unreachable")
 
     def _score(

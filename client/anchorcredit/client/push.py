@@ -114,7 +114,7 @@ def update_from_path(
 
     def load(address: str) -> pb.UpdateWeightsResponse:
         return transport.address_stub(address).UpdateWeights(
-            req, timeout=transport.timeout_s, metadata=transport.metadata
+            req, timeout=transport.timeout_s, metadata=transport.admin_metadata
         )
 
     done, failed = on_every_address(addresses, load)
@@ -139,7 +139,7 @@ def push_stream(
         return transport.address_stub(address).PushWeights(
             weight_chunks(items, update, chunk_bytes),
             timeout=timeout_s,
-            metadata=transport.metadata,
+            metadata=transport.admin_metadata,
         )
 
     done, failed = on_every_address(addresses, push)
@@ -202,7 +202,7 @@ class WeightGroupHandle:
         }
         futures = {
             a: transport.address_stub(a).JoinWeightGroup.future(
-                reqs[a], timeout=self.timeout_s + 30, metadata=transport.metadata
+                reqs[a], timeout=self.timeout_s + 30, metadata=transport.admin_metadata
             )
             for a in self.addresses
         }
@@ -240,7 +240,7 @@ class WeightGroupHandle:
         )
         futures = {
             a: self.transport.address_stub(a).ReceiveWeights.future(
-                req, timeout=self.timeout_s + 30, metadata=self.transport.metadata
+                req, timeout=self.timeout_s + 30, metadata=self.transport.admin_metadata
             )
             for a in self.addresses
         }
@@ -317,7 +317,9 @@ class WeightGroupHandle:
 
         def leave(address: str) -> None:
             self.transport.address_stub(address).LeaveWeightGroup(
-                req, timeout=min(self.transport.timeout_s, 10.0), metadata=self.transport.metadata
+                req,
+                timeout=min(self.transport.timeout_s, 10.0),
+                metadata=self.transport.admin_metadata,
             )
 
         _, failed = on_every_address(self.addresses, leave)

@@ -3,8 +3,9 @@
 `Transport.call` spreads calls round-robin over the targets; UNAVAILABLE and
 RESOURCE_EXHAUSTED are retried, each attempt on the next target not recently found down.
 A busy server (RESOURCE_EXHAUSTED) is retried until `retry_budget_s` has passed since the
-call began, a target that is down (UNAVAILABLE) at most `retries` times (0 = no retries at
-all). The wait before a retry is at least the server's hint (its queue's drain time) plus
+call began; UNAVAILABLE while every target is down at most `retries` times (0 = no retries
+at all); failing over from a down target to one that is up is not counted. The wait
+before a retry is at least the server's hint (its queue's drain time) plus
 exponential backoff with full jitter over a window of at least that hint, so rejected
 callers spread out instead of coming back in waves; failing over to an untried target
 after UNAVAILABLE is immediate. Other codes raise at once.
@@ -16,6 +17,7 @@ replica is left on old weights by round-robin.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import random
@@ -88,6 +90,62 @@ def _address_channel_target(address: str) -> str:
     return f"ipv6:{address}" if address.startswith("[") else f"ipv4:{address}"
 
 
+def _pem(value: bytes | str | None) -> bytes | None:
+    """PEM bytes from bytes, PEM text or the path of a PEM file."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if "-----BEGIN" in value:
+        return value.encode()
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(
+    tls: bool,
+    root_certificates: bytes | str | None = None,
+    certificate_chain: bytes | str | None = None,
+    private_key: bytes | str | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials (None: plaintext). root_certificates: the CA to trust (None:
+    the system roots); certificate_chain + private_key: the client's certificate for mutual
+    TLS. Each is PEM bytes, PEM text or a file path."""
+    given = root_certificates, certificate_chain, private_key
+    if not tls:
+        if any(v is not None for v in given):
+            raise ValueError("root_certificates / certificate_chain / private_key need tls=True")
+        return None
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates),
+        private_key=_pem(private_key),
+        certificate_chain=_pem(certificate_chain),
+    )
+
+
+def is_loopback_target(target: str) -> bool:
+    """True when the target is this machine (a token may travel there in cleartext)."""
+    t = target.strip()
+    if t.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return t.startswith(("unix:", "unix-abstract:"))
+    if t.startswith(("ipv4:", "ipv6:")):
+        rest = t.split(":", 1)[1].removeprefix("//")
+        hosts = [_split_hostport(a.strip())[0] for a in rest.split(",") if a.strip()]
+    else:
+        if t.startswith("dns:"):
+            t = t[4:].removeprefix("//").partition("/")[2] if t[4:].startswith("//") else t[4:]
+        hosts = [_split_hostport(t)[0]]
+    for host in hosts:
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False  # another name: not known to be local
+    return bool(hosts)
+
+
 def retry_hint(err: grpc.RpcError) -> float | None:
     """Seconds the server asked us to wait, if it said."""
     try:
@@ -116,6 +174,11 @@ class Transport:
         retry_budget_s: float = 120.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        admin_token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | None = None,
+        certificate_chain: bytes | str | None = None,
+        private_key: bytes | str | None = None,
     ):
         if not targets:
             raise ValueError("give at least one target")
@@ -126,6 +189,21 @@ class Transport:
         self.backoff_max_s = backoff_max_s
         self.retry_budget_s = float(retry_budget_s)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # The admin token goes on weight-changing calls only (admin_metadata).
+        self._admin_metadata = (
+            (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
+        )
+        self._credentials = channel_credentials(
+            tls, root_certificates, certificate_chain, private_key
+        )
+        if self._credentials is None and (token or admin_token):
+            for t in targets:
+                if not is_loopback_target(t):
+                    log.warning(
+                        "a token will be sent in cleartext to %s: use tls=True "
+                        "(root_certificates=...) for targets off this machine",
+                        t,
+                    )
         base = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -137,15 +215,25 @@ class Transport:
         self._address_options = [*base, *channel_options]
         self._address_channels: dict[str, tuple[grpc.Channel, pb_grpc.CreditServiceStub]] = {}
         self._address_lock = threading.Lock()
-        self._channels = [grpc.insecure_channel(t, options=options) for t in self.targets]
+        self._channels = [self._channel(t, options) for t in self.targets]
         self._stubs = [pb_grpc.CreditServiceStub(c) for c in self._channels]
         self._rr = itertools.count()
         self._down_until = [0.0] * len(self.targets)
 
+    def _channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, self._credentials, options=options)
+
     @property
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """Call metadata (the bearer token), for calls made outside this class."""
+        """Call metadata (the scoring bearer token), for calls made outside this class."""
         return self._metadata
+
+    @property
+    def admin_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Metadata of the weight-changing calls: the admin token (else the scoring one)."""
+        return self._admin_metadata
 
     def close(self) -> None:
         for c in self._channels:
@@ -160,9 +248,7 @@ class Transport:
         with self._address_lock:
             entry = self._address_channels.get(address)
             if entry is None:
-                ch = grpc.insecure_channel(
-                    _address_channel_target(address), options=self._address_options
-                )
+                ch = self._channel(_address_channel_target(address), self._address_options)
                 entry = self._address_channels[address] = (ch, pb_grpc.CreditServiceStub(ch))
             return entry[1]
 
@@ -226,8 +312,10 @@ class Transport:
                 if code not in RETRYABLE:
                     raise from_rpc(err, self.targets[ti]) from None
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    self._down_until[ti] = time.monotonic() + DOWN_FOR_S
-                    unavailable += 1
+                    now = time.monotonic()
+                    self._down_until[ti] = now + DOWN_FOR_S
+                    if all(until > now for until in self._down_until):
+                        unavailable += 1  # counts only while no target is known up
                 if self.retries <= 0 or unavailable > self.retries:
                     why = f"gave up after {attempt + 1} attempts"
                     break

@@ -17,6 +17,8 @@ another dtype or on another device than the parameter's).
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -39,13 +41,28 @@ class PartialWeightsError(RuntimeError):
     """A commit failed after some tensors were already replaced: the model holds mixed weights."""
 
 
+def _regular(path: Path) -> Path:
+    """`path` when it is a regular file. Checked on a non-blocking descriptor, so a FIFO,
+    device or socket named *.safetensors is refused at once instead of blocking the load."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise InputError(f"cannot open {path}: {exc.strerror}", field=FIELD) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{path} is not a regular file", field=FIELD)
+    finally:
+        os.close(fd)
+    return path
+
+
 def _safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if files:
-            return files
+            return [_regular(f) for f in files]
+    elif path.exists():
+        return [_regular(path)]
     raise InputError(f"no .safetensors weights at {path}", field=FIELD)
 
 

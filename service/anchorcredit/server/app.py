@@ -104,6 +104,77 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, Any]]:
     return opts
 
 
+class MalformedFrameLog(logging.Filter):
+    """grpc logs a full traceback for every request frame that does not parse (logger
+    `grpc._cython.cygrpc`, "Unexpected [DecodeError] raised by servicer method"): anyone
+    could flood the log. This filter lets one such record through per `interval_s`, as one
+    line without the traceback and with the count of those dropped since; other records
+    pass untouched. Installed once per process by CreditServer.start()."""
+
+    LOGGER = "grpc._cython.cygrpc"
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._next = 0.0
+        self.dropped = 0
+
+    @staticmethod
+    def _is_malformed(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return type(exc).__name__ == "DecodeError"
+        return "[DecodeError]" in str(record.msg)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._is_malformed(record):
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            self.dropped += 1
+            return False
+        self._next = now + self.interval_s
+        exc = record.exc_info[1] if record.exc_info else None
+        detail = " ".join(str(exc).split())[:200] if exc is not None else record.getMessage()
+        record.msg = "malformed request frame (%s); %d more dropped in the last %.0f s"
+        record.args = (detail, self.dropped, self.interval_s)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        self.dropped = 0
+        return True
+
+    @classmethod
+    def install(cls) -> MalformedFrameLog:
+        logger = logging.getLogger(cls.LOGGER)
+        for f in logger.filters:
+            if isinstance(f, cls):
+                return f
+        f = cls()
+        logger.addFilter(f)
+        return f
+
+
+def _warn_security(cfg: ServeConfig) -> None:
+    """One warning per weakened default, at start."""
+    if cfg.allow_unauthenticated_weights and not cfg.admin_token:
+        log.warning(
+            "--allow-unauthenticated-weights (DEVELOPMENT ONLY): anyone who can %s may change "
+            "the weights%s",
+            "present the scoring token" if cfg.auth_token else "reach this port",
+            "" if cfg.weights_dir else ", and UpdateWeights loads any path this process can read",
+        )
+    elif not cfg.admin_token:
+        log.info("no --admin-token: weight-changing RPCs answer PERMISSION_DENIED")
+    if (
+        (cfg.admin_token or cfg.auth_token)
+        and not cfg.tls_cert
+        and cfg.host not in ("127.0.0.1", "::1", "localhost")
+    ):
+        log.warning(
+            "tokens arrive in cleartext: no --tls-cert on %s (terminate TLS in front)", cfg.host
+        )
+
+
 class CreditServer:
     """One server instance. `backend` (already built) or `backend_factory` (built in load());
     the default factory builds the runner's Scorer from the config."""
@@ -138,7 +209,10 @@ class CreditServer:
                 MetricsInterceptor(self.metrics),
                 BearerTokenInterceptor(
                     cfg.auth_token,
+                    admin_token=cfg.admin_token,
+                    allow_unauthenticated_weights=cfg.allow_unauthenticated_weights,
                     on_denied=self.metrics.failures.labels("unauthenticated").inc,
+                    on_forbidden=self.metrics.failures.labels("permission_denied").inc,
                 ),
             ],
             options=grpc_options(cfg),
@@ -157,12 +231,21 @@ class CreditServer:
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert and cfg.tls_key:
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                pair = (k.read(), c.read())
+            ca = None
+            if cfg.tls_client_ca:
+                with open(cfg.tls_client_ca, "rb") as f:
+                    ca = f.read()
+            creds = grpc.ssl_server_credentials(
+                [pair], root_certificates=ca, require_client_auth=ca is not None
+            )
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {address}")
+        _warn_security(cfg)
+        MalformedFrameLog.install()
         await server.start()
         self._server = server
         if cfg.metrics_port >= 0:
@@ -172,7 +255,7 @@ class CreditServer:
             "gRPC on %s:%d (%s), metrics %s",
             cfg.host,
             self.port,
-            "TLS" if cfg.tls_cert else "plaintext",
+            ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext",
             f"on {cfg.metrics_host}:{self.metrics_port}" if self._http else "off",
         )
         return self.port

@@ -8,6 +8,7 @@ Kubernetes ConfigMap can set anything the CLI can.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,11 @@ from typing import Any
 from anchorcredit.weight_wire import CHUNK_BYTES
 
 ENV_PREFIX = "ANCHORCREDIT_"
+# Secrets that may come from a file (`--<name>-file`, `ANCHORCREDIT_<NAME>_FILE`) instead of
+# the command line (visible in the process list) or the environment.
+SECRET_FILES = ("auth_token", "admin_token")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 # gRPC service name used for per-service health (readiness means: model loaded).
 SERVICE_NAME = "anchorcredit.v1.CreditService"
 
@@ -61,8 +67,33 @@ class ServeConfig:
     keepalive_min_ping_s: float = _opt(10.0, "shortest client keepalive ping interval allowed")
     tls_cert: str | None = _opt(None, "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str | None = _opt(None, "PEM private key for --tls-cert")
+    tls_client_ca: str | None = _opt(
+        None, "PEM CA bundle; with TLS, require client certificates it signed (mutual TLS)"
+    )
     auth_token: str | None = _opt(
-        None, "require `authorization: Bearer <token>` on CreditService calls", secret=True
+        None,
+        "scoring token: require `authorization: Bearer <token>` on Score, ScoreStream and "
+        "GetModelInfo (the admin token is accepted there too)",
+        secret=True,
+    )
+    auth_token_file: str | None = _opt(None, "read --auth-token from this file (kept off argv)")
+    admin_token: str | None = _opt(
+        None,
+        "admin token: required (`authorization: Bearer <token>`) on the weight-changing RPCs "
+        "(UpdateWeights, PushWeights, Join/Receive/LeaveWeightGroup); unset: they are refused",
+        secret=True,
+    )
+    admin_token_file: str | None = _opt(None, "read --admin-token from this file (kept off argv)")
+    allow_unauthenticated_weights: bool = _opt(
+        False,
+        "DEVELOPMENT ONLY: without --admin-token, weight changes need only the scoring token "
+        "(none when --auth-token is unset) and, without --weights-dir, UpdateWeights may load "
+        "any path; logs a warning",
+    )
+    weights_dir: str | None = _opt(
+        None,
+        "UpdateWeights loads only checkpoints inside this directory (symlinks resolved, "
+        "regular files only); unset: path loads are refused",
     )
     log_level: str = _opt("INFO", "logging level")
 
@@ -77,6 +108,24 @@ class ServeConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.max_request_tokens <= 0:
             self.max_request_tokens = 8 * self.max_batch_tokens
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
+        for name in SECRET_FILES:
+            path = getattr(self, name + "_file")
+            if not path:
+                continue
+            if getattr(self, name):
+                raise ValueError(f"give {flag_name(name)} or {flag_name(name + '_file')}, not both")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    value = f.read().strip()
+            except OSError as exc:
+                raise ValueError(f"{flag_name(name + '_file')}: {exc}") from None
+            if not value:
+                raise ValueError(f"{flag_name(name + '_file')}: {path} is empty")
+            setattr(self, name, value)
+        if self.auth_token and self.admin_token and self.auth_token == self.admin_token:
+            raise ValueError("--auth-token and --admin-token must differ (two roles)")
 
     @property
     def layer_list(self) -> list[int] | None:
@@ -125,6 +174,10 @@ def _kind(f: Any) -> type:
 
 def _parse(f: Any, raw: str) -> Any:
     kind = _kind(f)
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not a boolean (1/0, true/false)")
     try:
         return kind(raw)
     except ValueError:
@@ -137,6 +190,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "(unset)" if f.default is None else repr(f.default)
         if f.metadata.get("secret"):
             shown = "(unset)"
+        if _kind(f) is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{f.metadata['help']} [env {env_name(f.name)}=1; default off]",
+            )
+            continue
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
@@ -158,4 +221,12 @@ def env_table() -> list[tuple[str, str, str]]:
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeConfig:
     """Flags given on the command line win over env vars, which win over defaults."""
     given = {f.name: getattr(args, f.name, None) for f in fields(ServeConfig)}
+    for name in SECRET_FILES:
+        if given.get(name):
+            logging.getLogger(__name__).warning(
+                "%s on the command line is visible in the process list; use %s or %s",
+                flag_name(name),
+                flag_name(name + "_file"),
+                env_name(name + "_file"),
+            )
     return ServeConfig.from_env(environ, **given)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -115,12 +118,16 @@ class WeightChanges:
             raise InputError("a checkpoint path is required", field="path")
         spec = WeightUpdateSpec(request.version, request.replaces)
         path = request.path
+        cfg = self.state.config
+        checked = await self._off_loop(
+            checked_weights_path, path, cfg.weights_dir, cfg.allow_unauthenticated_weights
+        )
         async with self._lock:
             t0 = time.perf_counter()
             stage = await self._stage(spec)
             try:
                 try:
-                    await self._off_loop(stage.load, path)
+                    await self._off_loop(stage.load, str(checked))
                     await self._off_loop(stage.finish)
                 except (WeightVersionConflict, DeviceOutOfMemory):
                     raise
@@ -285,6 +292,72 @@ class WeightChanges:
             except Exception as exc:
                 log.warning("closing weight group %r: %s", name, exc)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def require_regular_file(path: Path) -> None:
+    """InputError unless `path` is a regular file. Opened non-blocking and checked with
+    fstat, so a FIFO, device or socket is refused at once instead of blocking a reader."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise InputError(f"cannot open {str(path)!r}: {exc.strerror}", field="path") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(
+                f"{str(path)!r} is not a regular file (a FIFO, device or socket is refused)",
+                field="path",
+            )
+    finally:
+        os.close(fd)
+
+
+def checked_weights_path(raw: str, weights_dir: str | None, allow_anywhere: bool) -> Path:
+    """The checkpoint an UpdateWeights path names, resolved, after the security checks:
+
+    - inside `weights_dir` once every symlink is resolved (a relative path is taken from
+      it); without `weights_dir` only when `allow_anywhere` (the development flag);
+    - a regular *.safetensors file, or a directory whose *.safetensors are regular files
+      that also resolve inside `weights_dir`.
+    PERMISSION_DENIED (GroupError) for a path outside, InputError for the rest. Blocking
+    (filesystem calls): run it off the event loop."""
+    if weights_dir:
+        root = Path(weights_dir).resolve()
+        target = (root / raw).resolve()  # an absolute `raw` replaces root
+
+        def inside(p: Path) -> bool:
+            return p == root or root in p.parents
+
+        if not inside(target):
+            raise GroupError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"path {raw!r} is outside the server's --weights-dir (symlinks resolved)",
+            )
+    elif allow_anywhere:
+        target = Path(raw).resolve()
+
+        def inside(p: Path) -> bool:
+            return True
+
+    else:
+        raise GroupError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this server loads no paths: start it with --weights-dir (or push the weights "
+            "with PushWeights)",
+        )
+    if target.is_dir():
+        files = sorted(target.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"no .safetensors weights in {raw!r}", field="path")
+        for f in files:
+            if not inside(f.resolve()):
+                raise GroupError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{f.name} in {raw!r} links outside the server's --weights-dir",
+                )
+            require_regular_file(f)
+    else:
+        require_regular_file(target)
+    return target
 
 
 def _close_if_joined(fut: Any) -> None:
