@@ -178,6 +178,34 @@ def test_server_deployment_invariants(docs: list[dict]):
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_both_tokens_come_from_a_required_secret(docs: list[dict]):
+    # Issue 12, failure 1: the Secret was `optional: true`, so a missing one left the
+    # server open. Now the pod needs it, and it carries both roles as files.
+    from anchorcredit.server.config import ServeConfig
+
+    dep = _one(docs, "Deployment", "anchorcredit")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c.get("env", [])}
+    for e in env.values():  # no secret is optional, none travels as a plain env value
+        assert not e.get("valueFrom", {}).get("secretKeyRef", {}).get("optional", False)
+    assert "ANCHORCREDIT_AUTH_TOKEN" not in env and "ANCHORCREDIT_ADMIN_TOKEN" not in env
+    (vol,) = [v for v in pod["volumes"] if "secret" in v]
+    secret = vol["secret"]
+    assert secret["secretName"] == "anchorcredit-auth" and secret["optional"] is False
+    assert {i["key"] for i in secret["items"]} == {"token", "admin-token"}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount["readOnly"] is True
+    files = {i["path"] for i in secret["items"]}
+    for var in ("ANCHORCREDIT_AUTH_TOKEN_FILE", "ANCHORCREDIT_ADMIN_TOKEN_FILE"):
+        path = Path(env[var]["value"])
+        assert path.parent == Path(mount["mountPath"]) and path.name in files, var
+    fields = {f"ANCHORCREDIT_{n.upper()}" for n in ServeConfig.__dataclass_fields__}
+    assert {"ANCHORCREDIT_AUTH_TOKEN_FILE", "ANCHORCREDIT_ADMIN_TOKEN_FILE"} <= fields
+    cm = _one(docs, "ConfigMap", "anchorcredit-config")["data"]
+    assert cm.get("ANCHORCREDIT_ALLOW_UNAUTHENTICATED_WEIGHTS", "0") in ("0", "false", "")
+
+
 def test_service_hpa_pdb_redis(docs: list[dict]):
     dep = _one(docs, "Deployment", "anchorcredit")
     labels = dep["spec"]["template"]["metadata"]["labels"]
