@@ -321,8 +321,11 @@ def test_malformed_frames_are_one_line_per_interval(start_server: Any, models: d
         fn = s.channel.unary_unary("/anchorcredit.v1.CreditService/Score")
         with caplog.at_level(logging.INFO, logger=MalformedFrameLog.LOGGER):
             for _ in range(20):
-                with pytest.raises(grpc.RpcError):
+                with pytest.raises(grpc.RpcError) as info:
                     fn(GARBAGE, timeout=TIMEOUT, metadata=AS_SCORER)
+                # a clear status for the caller (it was UNKNOWN: grpc's own parse failed)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid Score request" in info.value.details()
         logged = [
             r
             for r in caplog.records

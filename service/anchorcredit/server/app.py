@@ -29,6 +29,7 @@ from anchorcredit.backend import ScoringBackend
 from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
+from anchorcredit.server.frames import MalformedFrameInterceptor
 from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
 from anchorcredit.server.servicer import CreditServicer, ServerState
 from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
@@ -214,6 +215,8 @@ class CreditServer:
                     on_denied=self.metrics.failures.labels("unauthenticated").inc,
                     on_forbidden=self.metrics.failures.labels("permission_denied").inc,
                 ),
+                # Innermost: only calls that passed auth get their frame parsed.
+                MalformedFrameInterceptor(self.metrics.failures.labels("invalid_argument").inc),
             ],
             options=grpc_options(cfg),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
