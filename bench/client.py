@@ -12,59 +12,23 @@ only makes it slower, while hit latency stays the same.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from inproc_server import start_server_thread  # bench/inproc_server.py (the script's folder)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _start_server(model_dir: Path):
-    from anchorcredit.server.app import CreditServer
-    from anchorcredit.server.config import ServeConfig
-
-    cfg = ServeConfig(
-        model=str(model_dir),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=-1,
-        device="cpu",
-        dtype="float32",
-    )
-    server = CreditServer(cfg)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        loop.run_until_complete(server.load())
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    ready.wait(120)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(30)
-
-    return f"127.0.0.1:{server.port}", stop
 
 
 def _time(fn, repeats: int) -> float:
@@ -94,7 +58,7 @@ def main() -> None:
     responses = [rng.integers(3, 256, args.response).tolist() for _ in range(args.batch)]
     redis_proc = None
     with tempfile.TemporaryDirectory() as tmp:
-        target, stop = _start_server(save_debug_model(Path(tmp) / "llama"))
+        target, stop = start_server_thread(save_debug_model(Path(tmp) / "llama"))
         try:
             redis_url = None
             if args.redis_port:

@@ -24,46 +24,14 @@ device: median seconds, MB/s of the weights in the serving dtype, and speed-up o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-
-def _start_server(model_dir: Path, device: str, dtype: str):
-    from anchorcredit.server.app import CreditServer
-    from anchorcredit.server.config import ServeConfig
-
-    cfg = ServeConfig(
-        model=str(model_dir), host="127.0.0.1", port=0, metrics_port=-1, device=device,
-        dtype=dtype,
-    )  # fmt: skip
-    server = CreditServer(cfg)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        loop.run_until_complete(server.load())
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    if not ready.wait(300):
-        raise RuntimeError("the server did not start")
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(30)
-
-    return f"127.0.0.1:{server.port}", stop
+from inproc_server import start_server_thread  # bench/inproc_server.py (the script's folder)
 
 
 def _start_process(model_dir: Path, device: str, dtype: str):
@@ -78,6 +46,8 @@ def _start_process(model_dir: Path, device: str, dtype: str):
     code = "import sys; from anchorcredit.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
     args += ["--metrics-port", "-1", "--device", device, "--dtype", dtype]
+    # A loopback benchmark: weight changes without an admin token or a weights dir.
+    args += ["--allow-unauthenticated-weights"]
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -114,7 +84,7 @@ def _section(model_dir: Path, device: str, dtype: str, repeats: int, server: str
     with full_state(model) as items:
         payload = sum(t.numel() * t.element_size() for _, t in items)
     mb = payload / 1e6
-    start = _start_process if server == "process" else _start_server
+    start = _start_process if server == "process" else start_server_thread
     target, stop = start(model_dir, device, dtype)
     counter = iter(range(10**6))
     times: dict[str, list[float]] = {"disk": [], "stream": [], "collective": []}
