@@ -361,22 +361,11 @@ def health(servers: list[Server], down: set[str], tally: Tally, stop: threading.
             c.close()
 
 
-def chaos(
-    args: argparse.Namespace,
-    servers: list[Server],
-    redis: Redis,
-    model: str,
-    env: dict[str, str],
-    pool: list,
-    ref: list,
-    tally: Tally,
-    down: set[str],
-    stop: threading.Event,
-    events_running: threading.Event,
-) -> None:
-    """The events, at fractions of the requests done (callers go on until they ended)."""
+def chaos(events_running: threading.Event, *event_args: Any) -> None:
+    """The events, at fractions of the requests done (callers go on until they ended);
+    `events_running` is cleared when they are over, whatever happened."""
     try:
-        _events(args, servers, redis, model, env, pool, ref, tally, down, stop)
+        _events(*event_args)
     finally:
         events_running.clear()
 
@@ -576,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             events = threading.Thread(
                 target=chaos,
-                args=(args, servers, redis, model, env, pool, ref, tally, down, stop, running),
+                args=(running, args, servers, redis, model, env, pool, ref, tally, down, stop),
                 daemon=True,
             )
             for t in [*threads, *side, events]:
