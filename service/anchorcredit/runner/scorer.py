@@ -28,7 +28,7 @@ import torch
 from anchorcredit import contract
 from anchorcredit.backend import BatchScores, Head, ModelInfo, ScoreResult, TokenPair
 from anchorcredit.contract import CreditParams
-from anchorcredit.engine import resolve_backend
+from anchorcredit.engine import SpanStats, resolve_backend
 from anchorcredit.errors import InputError
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.credit_stage import credit_result
@@ -250,17 +250,8 @@ class Scorer:
             version = self.policy_version
             t0 = time.perf_counter()
             timer = StageTimer(self.device)
-            stats, entropies = packed_forward(
-                self.decoder,
-                self.lm_head,
-                pairs,
-                self.layers,
-                Horizon(params.window, params.h_lo, params.h_hi),
-                self.backend,
-                timer,
-                with_entropy=with_entropy,
-                final_logit_softcap=getattr(self._cfg, "final_logit_softcapping", None),
-            )
+            horizon = Horizon(params.window, params.h_lo, params.h_hi)
+            stats, entropies = self._forward_stats(pairs, horizon, timer, with_entropy)
             with timer.stage("credit"):  # head classes, aggregation and gamma
                 results = [
                     credit_result(
@@ -277,6 +268,27 @@ class Scorer:
                 ]
             seconds = {**timer.seconds(), "runner": time.perf_counter() - t0}
         return BatchScores(results, seconds)
+
+    def _forward_stats(
+        self,
+        pairs: Sequence[TokenPair],
+        horizon: Horizon,
+        timer: StageTimer,
+        with_entropy: bool,
+    ) -> tuple[list[list[SpanStats]], list[torch.Tensor | None]]:
+        """Per-layer statistics of every pair (all heads) and entropies: the one packed
+        forward (tensor_parallel.py overrides it to shard the forward and gather the heads)."""
+        return packed_forward(
+            self.decoder,
+            self.lm_head,
+            pairs,
+            self.layers,
+            horizon,
+            self.backend,
+            timer,
+            with_entropy=with_entropy,
+            final_logit_softcap=getattr(self._cfg, "final_logit_softcapping", None),
+        )
 
     def score(
         self,
