@@ -13,6 +13,12 @@ model (no ModuleList surgery that a concurrent weight reload or a later full for
 trip over), needs no per-architecture knowledge, and stops even earlier: the last selected
 layer's own attention output and MLP are skipped too. The LM head never runs (we call the
 decoder, not the CausalLM wrapper) unless entropy is asked for.
+
+Partial loading: layers after the last selected one, and the LM head, would never run, so
+from_pretrained(entropy=False) does not load them at all (loading.py; docs/MEMORY.md). The
+layer choice is fixed when the scorer is built, so what to load is known then; entropy, a
+per-request output, needs every layer and the head, and is refused (InputError) by a scorer
+loaded without them.
 """
 
 from __future__ import annotations
@@ -34,8 +40,14 @@ from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.credit_stage import credit_result
 from anchorcredit.runner.forward import Horizon, packed_forward
 from anchorcredit.runner.inputs import validate_pairs
-from anchorcredit.runner.layers import select_layers
-from anchorcredit.runner.loading import load_model, parse_dtype
+from anchorcredit.runner.layers import LayerChoiceError, select_layers
+from anchorcredit.runner.loading import (
+    load_model,
+    model_config,
+    param_count,
+    parse_dtype,
+    resolve_source,
+)
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.weights import PartialWeightsError, WeightStaging
 from anchorcredit.weight_wire import WeightUpdateSpec
@@ -55,17 +67,30 @@ class Scorer:
         backend: str = "auto",
         model_id: str | None = None,
         revision: str | None = None,
+        full_config: Any = None,
+        total_param_count: int | None = None,
     ):
+        """`full_config`/`total_param_count`: the whole checkpoint's config and parameter
+        count when `model` holds only its first layers (loading.load_model); by default the
+        model is the whole model."""
         model.eval().requires_grad_(False)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
-        cfg = model.config.get_text_config()
+        cfg = (full_config or model.config).get_text_config()
         self._cfg = cfg
-        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_layers = int(cfg.num_hidden_layers)  # the whole model's depth
         self.layers = select_layers(self.num_layers, layers, getattr(cfg, "layer_types", None))
+        self.layers_loaded = int(model.config.get_text_config().num_hidden_layers)
+        if max(self.layers) >= self.layers_loaded:
+            raise LayerChoiceError(
+                f"layer {max(self.layers)} is beyond the {self.layers_loaded} layers loaded; "
+                "load the model with more layers (Scorer.from_pretrained loads what `layers` "
+                "needs)",
+                list(range(self.layers_loaded)),
+            )
         self.policy_version = str(policy_version)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -77,9 +102,9 @@ class Scorer:
         self.max_positions = int(mp) if mp else None
         self.model_id = model_id or str(getattr(model.config, "_name_or_path", "") or "")
         self.revision = revision or str(getattr(model.config, "_commit_hash", "") or "")
-        # Parameters (tied ones once): the whole model is loaded, so loaded == total.
-        self.total_param_count = sum(p.numel() for p in model.parameters())
-        self.loaded_param_count = self.total_param_count
+        # Parameters (tied ones once): what is held, and the whole model's.
+        self.loaded_param_count = param_count(model)
+        self.total_param_count = int(total_param_count or self.loaded_param_count)
         self._lock = threading.Lock()  # scoring and a weight commit never interleave
         self._weights_broken: str | None = None  # set by a reload that failed half way
 
@@ -95,21 +120,41 @@ class Scorer:
         backend: str = "auto",
         model_id: str | None = None,
         revision: str | None = None,
+        entropy: bool = True,
     ) -> Scorer:
         """Load a decoder-only causal LM (local safetensors folder, offline) or wrap a model.
 
         path_or_model: a directory, an already built transformers model (the Scorer takes it
         over: eval mode, our attention implementation, moved to device/dtype), or None for the
         embedded default model (anchorcredit.offline.models).
+
+        entropy: keep entropy available (every layer and the LM head are loaded). False loads
+        from a folder only the layers up to the last selected one and no LM head (about 2/3
+        of the weights with the default layers; docs/MEMORY.md); entropy is then refused.
+        A model object is used as it is.
         """
-        model, default_id = load_model(path_or_model, torch.device(device), parse_dtype(dtype))
+        source, default_id = resolve_source(path_or_model)
+        full = model_config(source)
+        text = full.get_text_config()
+        chosen = select_layers(
+            int(text.num_hidden_layers), layers, getattr(text, "layer_types", None)
+        )
+        loaded = load_model(
+            source,
+            torch.device(device),
+            parse_dtype(dtype),
+            layers_needed=None if entropy else max(chosen) + 1,
+            with_head=entropy,
+        )
         return cls(
-            model,
-            layers=layers,
+            loaded.model,
+            layers=chosen,
             policy_version=policy_version,
             backend=backend,
             model_id=model_id or default_id,
             revision=revision,
+            full_config=loaded.config,
+            total_param_count=loaded.total_param_count,
         )
 
     # ------------------------------------------------------------------ metadata
@@ -238,7 +283,13 @@ class Scorer:
         self.check_heads(local_heads, global_heads)
         with_entropy = bool(with_entropy) or params.needs_entropy
         if with_entropy and self.lm_head is None:
-            raise InputError("this model has no LM head: entropy is unavailable", "with_entropy")
+            raise InputError(
+                f"entropy needs the LM head and all {self.num_layers} layers, which were not "
+                f"loaded (only layers 0-{self.layers_loaded - 1}); start the server with "
+                "--entropy (ANCHORCREDIT_ENTROPY=1) or load with Scorer.from_pretrained(..., "
+                "entropy=True)",
+                "with_entropy",
+            )
         if not pairs:
             return BatchScores([], {})
         with self._lock, torch.inference_mode():

@@ -66,6 +66,7 @@ def default_backend_factory(config: ServeConfig) -> Callable[[], ScoringBackend]
                 dtype=resolve_dtype(config.dtype, device),
                 layers=config.layer_list,
                 policy_version=config.policy_version,
+                entropy=config.entropy,
             )
         except LayerChoiceError as e:  # the operator's setting: name the flag and variable
             raise LayerChoiceError(f"--layers / ANCHORCREDIT_LAYERS: {e}", e.scorable) from None
@@ -289,11 +290,17 @@ class CreditServer:
         if not self._stopping:
             await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "model %s (policy %s, statistics v%s) loaded in %.1f s",
+            "model %s (policy %s, statistics v%s) loaded in %.1f s: %d of %d parameters "
+            "(%.0f%%), layers %s of %d",
             info.model_id,
             info.policy_version,
             info.stat_version,
             time.perf_counter() - t0,
+            info.loaded_param_count,
+            info.total_param_count,
+            100.0 * info.loaded_param_count / max(1, info.total_param_count),
+            ",".join(map(str, info.layers)),
+            info.num_layers,
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -46,6 +46,12 @@ class ServeConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _opt("auto", "float32, bfloat16, float16 or auto (bfloat16 on cuda, else float32)")
     layers: str | None = _opt(None, "comma-separated layer indices (default: SPEC middle third)")
+    entropy: bool = _opt(
+        False,
+        "load every layer and the LM head so requests may ask for entropy (strategy "
+        "'entropy' or outputs.entropy); default off: only the layers up to the last scored "
+        "one are loaded (about 2/3 of the weights) and entropy requests get INVALID_ARGUMENT",
+    )
     policy_version: str = _opt("0", "policy version the initial weights carry")
     max_batch_tokens: int = _opt(16384, "token budget of one device batch")
     max_wait_ms: float = _opt(5.0, "how long the batcher waits to fill a batch once idle")
