@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class LoadedModel:
     config: Any  # the checkpoint's config, all layers (the model's own may be truncated)
     loaded_param_count: int  # parameters held (tied ones once)
     total_param_count: int  # parameters of the whole model (tied ones once)
+    # Tensors of the whole model that were not loaded (later layers, the head): name -> shape.
+    # A weight update may carry them; they are checked against these shapes and dropped.
+    skipped_tensors: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -182,6 +185,7 @@ def _from_folder(
     config = truncated_config(full, layers)
     shell = _meta_model(full)
     total = param_count(shell)
+    every = {name: tuple(t.shape) for name, t in shell.state_dict(keep_vars=True).items()}
     # Straight onto an accelerator (no host copy of the weights); on the CPU as before.
     placement = {} if device.type == "cpu" else {"device_map": {"": device}}
     kwargs = dict(
@@ -214,7 +218,9 @@ def _from_folder(
         total,
         skipped,
     )
-    return LoadedModel(model, model_id, full, loaded, total)
+    held = model.state_dict(keep_vars=True).keys()
+    skipped_tensors = {name: shape for name, shape in every.items() if name not in held}
+    return LoadedModel(model, model_id, full, loaded, total, skipped_tensors)
 
 
 def _headless(shell: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:

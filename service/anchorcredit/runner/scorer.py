@@ -42,6 +42,7 @@ from anchorcredit.runner.forward import Horizon, packed_forward
 from anchorcredit.runner.inputs import validate_pairs
 from anchorcredit.runner.layers import LayerChoiceError, select_layers
 from anchorcredit.runner.loading import (
+    LoadedModel,
     load_model,
     model_config,
     param_count,
@@ -67,19 +68,18 @@ class Scorer:
         backend: str = "auto",
         model_id: str | None = None,
         revision: str | None = None,
-        full_config: Any = None,
-        total_param_count: int | None = None,
+        loaded: LoadedModel | None = None,
     ):
-        """`full_config`/`total_param_count`: the whole checkpoint's config and parameter
-        count when `model` holds only its first layers (loading.load_model); by default the
-        model is the whole model."""
+        """`loaded`: what loading.load_model returned when `model` (its .model) may hold only
+        the first layers of the checkpoint's model: the whole model's config, parameter
+        count and the tensors not loaded. Without it `model` is the whole model."""
         model.eval().requires_grad_(False)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
-        cfg = (full_config or model.config).get_text_config()
+        cfg = (loaded.config if loaded else model.config).get_text_config()
         self._cfg = cfg
         self.num_layers = int(cfg.num_hidden_layers)  # the whole model's depth
         self.layers = select_layers(self.num_layers, layers, getattr(cfg, "layer_types", None))
@@ -104,7 +104,8 @@ class Scorer:
         self.revision = revision or str(getattr(model.config, "_commit_hash", "") or "")
         # Parameters (tied ones once): what is held, and the whole model's.
         self.loaded_param_count = param_count(model)
-        self.total_param_count = int(total_param_count or self.loaded_param_count)
+        self.total_param_count = loaded.total_param_count if loaded else self.loaded_param_count
+        self._skipped_tensors = dict(loaded.skipped_tensors) if loaded else {}
         self._lock = threading.Lock()  # scoring and a weight commit never interleave
         self._weights_broken: str | None = None  # set by a reload that failed half way
 
@@ -153,8 +154,7 @@ class Scorer:
             backend=backend,
             model_id=model_id or default_id,
             revision=revision,
-            full_config=loaded.config,
-            total_param_count=loaded.total_param_count,
+            loaded=loaded,
         )
 
     # ------------------------------------------------------------------ metadata
@@ -205,7 +205,7 @@ class Scorer:
         """An empty staging buffer for `update` (the version rules are checked now and again
         at commit). Fill it with begin/write, put/load or receive; then commit_weights()."""
         update.check(self.policy_version)
-        return WeightStaging(self.model, update)
+        return WeightStaging(self.model, update, skipped=self._skipped_tensors)
 
     def commit_weights(self, stage: WeightStaging) -> None:
         """Copy the staged tensors into the model and serve the new version, under the

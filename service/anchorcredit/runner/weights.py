@@ -13,6 +13,12 @@ on the device thread, so scoring sees the old weights or the new ones, never a m
 Peak memory of one change: the live weights plus one staged copy of the tensors sent (tied
 names share one buffer) plus one chunk (a stream's `data` bytes, or one tensor received in
 another dtype or on another device than the parameter's).
+
+A partly loaded model (loading.py: the first layers, maybe no LM head) is updated with the
+whole model's tensors, as a trainer has them: the tensors it did not load (`skipped`, name ->
+shape) are checked like the others and then dropped (stream bytes discarded, checkpoint
+tensors never read, a broadcast received into one scratch tensor and freed), so an update
+fills exactly the loaded layers.
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ class _Pending:
     """The tensor a stream is writing: its staging buffer (flat) and how far it got."""
 
     name: str
-    flat: torch.Tensor
+    flat: torch.Tensor | None  # None: a tensor the model did not load (bytes are dropped)
+    numel: int
     wire: torch.dtype
     itemsize: int
     offset: int = 0  # elements written
@@ -88,7 +95,7 @@ class _Pending:
 
     @property
     def done(self) -> bool:
-        return self.offset == self.flat.numel() and not self.carry
+        return self.offset == self.numel and not self.carry
 
     def received_bytes(self) -> int:
         return self.offset * self.itemsize + len(self.carry)
@@ -97,9 +104,16 @@ class _Pending:
 class WeightStaging:
     """One weight change being assembled beside `model` (not visible to scoring)."""
 
-    def __init__(self, model: torch.nn.Module, update: WeightUpdateSpec) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        update: WeightUpdateSpec,
+        skipped: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         self.update = update
         self._targets = dict(_model_tensors(model))
+        # The whole model's tensors that `model` does not hold: accepted and dropped.
+        self._skipped = {k: tuple(v) for k, v in (skipped or {}).items() if k not in self._targets}
         self._persistent = set(model.state_dict().keys())
         # Tied names (lm_head.weight = embed_tokens.weight) share one live storage and so
         # one staging buffer: keyed by the first name that owns the storage.
@@ -111,29 +125,35 @@ class WeightStaging:
         self._received: set[str] = set()
         self._current: _Pending | None = None
         self._last = ""  # the last tensor completed
-        self.tensors = 0
+        self.tensors = 0  # received, the dropped ones included
         self.bytes = 0
+        self.skipped_tensors = 0  # of them, tensors of layers (or the head) not loaded
         self.finished = False
 
     # -- checks -------------------------------------------------------------------------
-    def check(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-        """The live tensor `name` if a tensor of this dtype and shape may replace it;
-        InputError naming the tensor otherwise."""
+    def check(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor | None:
+        """The live tensor `name` if a tensor of this dtype and shape may replace it, None for
+        a tensor of a layer (or head) the model did not load; InputError naming the tensor
+        otherwise."""
         if not name:
             raise InputError("a tensor header needs a name", field=FIELD)
         target = self._targets.get(name)
-        if target is None:
+        if target is None and name not in self._skipped:
             raise InputError(
                 f"tensor {name!r}: the model does not have a tensor of that name", FIELD
             )
         if name in self._received or (self._current and self._current.name == name):
             raise InputError(f"tensor {name!r} was sent twice in one update", FIELD)
-        if tuple(int(d) for d in shape) != tuple(target.shape):
+        want = tuple(target.shape) if target is not None else self._skipped[name]
+        if tuple(int(d) for d in shape) != want:
             raise InputError(
-                f"tensor {name!r}: shape {tuple(int(d) for d in shape)} != the model's "
-                f"{tuple(target.shape)}",
+                f"tensor {name!r}: shape {tuple(int(d) for d in shape)} != the model's {want}",
                 FIELD,
             )
+        if target is None:
+            if not dtype.is_floating_point:
+                raise InputError(f"tensor {name!r}: dtype {dtype} is not floating point", FIELD)
+            return None
         if not _castable(dtype, target.dtype):
             raise InputError(
                 f"tensor {name!r}: dtype {str(dtype).removeprefix('torch.')} cannot be cast to "
@@ -142,7 +162,7 @@ class WeightStaging:
             )
         return target
 
-    def check_wire(self, name: str, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    def check_wire(self, name: str, dtype: str, shape: Sequence[int]) -> torch.Tensor | None:
         """check() for a header on the wire (dtype by name: float32 | bfloat16 | float16)."""
         tensor_nbytes(dtype, tuple(int(d) for d in shape), name)  # InputError on other dtypes
         return self.check(name, WIRE_DTYPES[dtype], shape)
@@ -155,11 +175,12 @@ class WeightStaging:
             buf = self._staged[key] = torch.empty_like(self._targets[key])
         return buf
 
-    def _done(self, name: str, nbytes: int) -> None:
+    def _done(self, name: str, nbytes: int, kept: bool = True) -> None:
         self._last = name
         self._received.add(name)
         self.tensors += 1
         self.bytes += nbytes
+        self.skipped_tensors += not kept
 
     def _require_open(self) -> None:
         if self.finished:
@@ -173,16 +194,17 @@ class WeightStaging:
         if cur is not None:
             raise InputError(
                 f"tensor {cur.name!r}: {cur.received_bytes()} of "
-                f"{cur.flat.numel() * cur.itemsize} bytes received when the header of "
+                f"{cur.numel * cur.itemsize} bytes received when the header of "
                 f"{name!r} arrived",
                 FIELD,
             )
-        self.check_wire(name, dtype, shape)
-        flat = self._buffer(name).view(-1)
-        self._current = _Pending(name, flat, WIRE_DTYPES[dtype], DTYPE_ITEMSIZE[dtype])
-        if flat.numel() == 0:
+        kept = self.check_wire(name, dtype, shape) is not None
+        flat = self._buffer(name).view(-1) if kept else None
+        numel = flat.numel() if flat is not None else _numel(shape)
+        self._current = _Pending(name, flat, numel, WIRE_DTYPES[dtype], DTYPE_ITEMSIZE[dtype])
+        if numel == 0:
             self._current = None
-            self._done(name, 0)
+            self._done(name, 0, kept)
 
     def write(self, data: bytes | memoryview) -> None:
         """The next bytes of the current tensor (little-endian values, any chunking)."""
@@ -196,13 +218,15 @@ class WeightStaging:
         raw = cur.carry + bytes(data) if cur.carry else data
         n = len(raw) // cur.itemsize
         rest = len(raw) - n * cur.itemsize
-        total = cur.flat.numel()
+        total = cur.numel
         if cur.offset + n > total or (rest and cur.offset + n == total):
             raise InputError(
                 f"tensor {cur.name!r}: more than its {total * cur.itemsize} bytes were sent",
                 FIELD,
             )
-        if n:
+        if n and cur.flat is None:  # a tensor the model did not load: count, drop
+            cur.offset += n
+        elif n:
             # One copy of the chunk into a writable buffer torch can view, then one cast
             # (and device transfer) into the staging tensor.
             src = torch.frombuffer(bytearray(memoryview(raw)[: n * cur.itemsize]), dtype=cur.wire)
@@ -211,15 +235,16 @@ class WeightStaging:
         cur.carry = bytes(memoryview(raw)[n * cur.itemsize :]) if rest else b""
         if cur.done:
             self._current = None
-            self._done(cur.name, total * cur.itemsize)
+            self._done(cur.name, total * cur.itemsize, cur.flat is not None)
 
     # -- tensors in memory: a checkpoint or a state dict -------------------------------------
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Stage one whole tensor (any castable dtype, any device)."""
         self._require_open()
-        self.check(name, tensor.dtype, tuple(tensor.shape))
-        self._buffer(name).copy_(tensor)
-        self._done(name, tensor.numel() * tensor.element_size())
+        kept = self.check(name, tensor.dtype, tuple(tensor.shape)) is not None
+        if kept:
+            self._buffer(name).copy_(tensor)
+        self._done(name, tensor.numel() * tensor.element_size(), kept)
 
     def load(self, source: str | Path | Mapping[str, torch.Tensor]) -> None:
         """Stage everything in a checkpoint (directory of *.safetensors, one file) or a
@@ -247,10 +272,12 @@ class WeightStaging:
                 def read(name: str) -> torch.Tensor:
                     return handles[name].get_tensor(name)
 
-            for name, (dtype, shape) in shapes.items():
-                self.check(name, dtype, shape)
-            for name in shapes:
+            kept = [n for n, (dt, shape) in shapes.items() if self.check(n, dt, shape) is not None]
+            for name in kept:
                 self.put(name, read(name))
+            for name in shapes.keys() - set(kept):  # layers not loaded: never read
+                dtype, shape = shapes[name]
+                self._done(name, _numel(shape) * dtype.itemsize, kept=False)
 
     # -- a collective broadcast ------------------------------------------------------------
     def receive(self, group: Any, headers: Sequence[tuple[str, str, Sequence[int]]]) -> None:
@@ -263,24 +290,32 @@ class WeightStaging:
         dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if dup is not None:
             raise InputError(f"tensor {dup!r} is listed twice", FIELD)
+        kept = {n for n, dt, shape in headers if self.check_wire(n, dt, shape) is not None}
         for name, dtype, shape in headers:
-            self.check_wire(name, dtype, shape)
-        for name, dtype, shape in headers:
-            staged = self._buffer(name)
             wire = WIRE_DTYPES[dtype]
+            if name not in kept:  # every rank takes part in each broadcast: receive, drop
+                scratch = torch.empty(tuple(shape), dtype=wire, device=group.device)
+                self._broadcast(group, scratch, name, len(headers))
+                del scratch
+                self._done(name, _numel(shape) * wire.itemsize, kept=False)
+                continue
+            staged = self._buffer(name)
             direct = staged.dtype == wire and staged.device == group.device
             buf = staged if direct else torch.empty(tuple(shape), dtype=wire, device=group.device)
-            try:
-                group.broadcast(buf)
-            except Exception as err:
-                raise TruncatedWeights(
-                    f"tensor {name!r}: the broadcast failed after {self.tensors} of "
-                    f"{len(headers)} tensors ({' '.join(str(err).split())[:300]})"
-                ) from err
+            self._broadcast(group, buf, name, len(headers))
             if not direct:
                 staged.copy_(buf)
                 del buf
             self._done(name, staged.numel() * wire.itemsize)
+
+    def _broadcast(self, group: Any, buf: torch.Tensor, name: str, total: int) -> None:
+        try:
+            group.broadcast(buf)
+        except Exception as err:
+            raise TruncatedWeights(
+                f"tensor {name!r}: the broadcast failed after {self.tensors} of "
+                f"{total} tensors ({' '.join(str(err).split())[:300]})"
+            ) from err
 
     # -- completion ------------------------------------------------------------------------
     def finish(self) -> None:
@@ -289,10 +324,10 @@ class WeightStaging:
         if cur is not None:
             raise TruncatedWeights(
                 f"tensor {cur.name!r}: the stream ended after {cur.received_bytes()} of its "
-                f"{cur.flat.numel() * cur.itemsize} bytes"
+                f"{cur.numel * cur.itemsize} bytes"
             )
         if not self.update.partial:
-            covered = {self._owner[n] for n in self._received}
+            covered = {self._owner[n] for n in self._received if n in self._owner}
             missing = sorted(
                 n for n in self._persistent if n in self._targets and self._owner[n] not in covered
             )
@@ -329,6 +364,13 @@ class WeightStaging:
         """Free the staging buffers (the live model is untouched)."""
         self._staged.clear()
         self._current = None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _safetensors_dtype(tensor: str, name: str) -> torch.dtype:
