@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if cfg.tensor_parallel > 1:
+        from anchorcredit.runner.tp_serve import serve_tensor_parallel
+
+        return serve_tensor_parallel(cfg)
     from anchorcredit.server.app import serve
 
     return asyncio.run(serve(cfg))

@@ -37,7 +37,15 @@ from anchorcredit.backend import TokenPair, cancellable
 from anchorcredit.errors import WeightVersionConflict
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.forward import Horizon
-from anchorcredit.runner.loading import parse_dtype
+from anchorcredit.runner.layers import select_layers
+from anchorcredit.runner.loading import (
+    LoadedModel,
+    model_config,
+    param_count,
+    parse_dtype,
+    resolve_source,
+    truncated_config,
+)
 from anchorcredit.runner.scorer import Scorer
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.tp_gather import Stats, gather_heads
@@ -72,27 +80,49 @@ def check_divisible(config: Any, world_size: int) -> None:
         )
 
 
-def load_sharded(path: str | Path, dtype: torch.dtype, world_size: int) -> torch.nn.Module:
+def load_sharded(
+    path: str | Path,
+    dtype: torch.dtype,
+    world_size: int,
+    layers_needed: int | None = None,
+    with_head: bool = True,
+) -> LoadedModel:
     """This rank's shard of the causal LM in `path` (collective: every rank calls it).
-    transformers reads only this rank's slices and places them on the device it binds
-    (cuda:LOCAL_RANK on CUDA, else the CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    check_divisible(AutoConfig.from_pretrained(str(path), local_files_only=True), world_size)
-    kwargs: dict[str, Any] = {"tp_plan": "auto", "tp_size": world_size}
+    As loading.load_model: only the first `layers_needed` decoder layers and, with
+    `with_head`, the LM head are built and read. transformers reads only this rank's slices
+    and places them on the device it binds (cuda:LOCAL_RANK on CUDA, else the CPU)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    full = model_config(Path(path))
+    check_divisible(full, world_size)
+    depth = int(full.get_text_config().num_hidden_layers)
+    layers = depth if with_head or layers_needed is None else int(layers_needed)
+    with torch.device("meta"):  # shapes only: the whole model's parameter count
+        total = param_count(AutoModelForCausalLM.from_config(full))
     try:
         from transformers import DistributedConfig
 
-        kwargs = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=world_size)}
+        plan: dict[str, Any] = {
+            "distributed_config": DistributedConfig(tp_plan="auto", tp_size=world_size)
+        }
     except ImportError:  # transformers before DistributedConfig: the plain arguments
-        pass
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True,
-        **kwargs,
-    )  # fmt: skip
+        plan = {"tp_plan": "auto", "tp_size": world_size}
+    # Without the head, the base model: the head's and later layers' tensors are skipped
+    # unread, and get_decoder() is the model itself, get_output_embeddings() None.
+    auto = AutoModelForCausalLM if with_head else AutoModel
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no table of the (deliberately) skipped tensors
+    try:
+        model = auto.from_pretrained(
+            str(path), config=truncated_config(full, layers), dtype=dtype,
+            attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True, **plan,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    held = sum(local_numel(p) for p in model.parameters())
+    return LoadedModel(model, str(path), full, held, total)
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -108,12 +138,13 @@ class TensorParallelScorer(Scorer):
     def __init__(self, model: torch.nn.Module, group: TPGroup, **kwargs: Any):
         super().__init__(model, **kwargs)
         self.group = group
+        # This rank's share (a DTensor parameter counts its whole size in numel()).
         self.loaded_param_count = sum(local_numel(p) for p in model.parameters())
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        path: str | Path,
+        path: str | Path | None,
         group: TPGroup,
         dtype: str | torch.dtype = "float32",
         layers: Sequence[int] | None = None,
@@ -122,17 +153,30 @@ class TensorParallelScorer(Scorer):
         backend: str = "auto",
         model_id: str | None = None,
         revision: str | None = None,
+        entropy: bool = True,
     ) -> TensorParallelScorer:
-        """Load this rank's shard of the model in `path` (every rank calls it)."""
-        model = load_sharded(path, parse_dtype(dtype), group.world_size)
+        """Load this rank's shard of the model in `path` (None: the embedded default), every
+        rank at once. entropy=False: only the layers up to the last selected one, no LM head
+        (as Scorer.from_pretrained)."""
+        source, default_id = resolve_source(path)
+        if isinstance(source, torch.nn.Module):
+            raise ValueError("tensor parallelism loads from a model directory, not an object")
+        text = model_config(source).get_text_config()
+        chosen = select_layers(
+            int(text.num_hidden_layers), layers, getattr(text, "layer_types", None)
+        )
+        loaded = load_sharded(
+            source, parse_dtype(dtype), group.world_size, max(chosen) + 1, with_head=entropy
+        )
         return cls(
-            model,
+            loaded.model,
             group,
-            layers=layers,
+            layers=chosen,
             policy_version=policy_version,
             backend=backend,
-            model_id=model_id or str(path),
+            model_id=model_id or default_id,
             revision=revision,
+            loaded=loaded,
         )
 
     # ------------------------------------------------------------------ scoring
@@ -187,7 +231,10 @@ class TensorParallelScorer(Scorer):
         """Rank 0: tell the other ranks to stop (after any running batch), then leave."""
         if self.group.is_leader:
             with self._lock:
-                self.group.send(None)
+                try:
+                    self.group.send(None)
+                except Exception as exc:  # a rank already gone: close() still reaps the rest
+                    log.warning("could not tell the tensor-parallel ranks to stop: %s", exc)
         self.group.close()
 
     # ------------------------------------------------------------------ weights
@@ -202,7 +249,7 @@ class TensorParallelScorer(Scorer):
 
 
 def _worker(
-    group: TPGroup, device_type: str, path: str, dtype: str, scorer_kwargs: dict[str, Any]
+    group: TPGroup, device_type: str, path: str | None, dtype: str, scorer_kwargs: dict[str, Any]
 ) -> None:
     """A rank > 0: load its shard, then follow rank 0 until told to stop."""
     group.device(device_type)
@@ -211,15 +258,16 @@ def _worker(
 
 def launch(
     world_size: int,
-    path: str | Path,
+    path: str | Path | None,
     *,
     device: str = "cpu",
     dtype: str = "float32",
     **scorer_kwargs: Any,
 ) -> TensorParallelScorer | None:
-    """Shard the model in `path` over `world_size` ranks and return rank 0's scorer (call
-    close() on it when done). device: "cpu" (gloo) or "cuda" (nccl, one GPU per rank:
-    cuda:LOCAL_RANK). scorer_kwargs: layers, policy_version, backend, model_id, revision.
+    """Shard the model in `path` (None: the embedded default) over `world_size` ranks and
+    return rank 0's scorer (call close() on it when done). device: "cpu" (gloo) or "cuda"
+    (nccl, one GPU per rank: cuda:LOCAL_RANK). scorer_kwargs: layers, policy_version,
+    backend, model_id, revision, entropy (as TensorParallelScorer.from_pretrained).
 
     In a plain process the other ranks are spawned here. Under torchrun every process calls
     launch: ranks > 0 serve rank 0's forwards until it closes, then get None.
@@ -229,7 +277,7 @@ def launch(
         raise ValueError(f"tensor parallelism runs on cpu or cuda, not {device!r}")
     from anchorcredit.runner import tp_launch
 
-    args = (device_type, str(path), str(dtype), dict(scorer_kwargs))
+    args = (device_type, None if path is None else str(path), str(dtype), dict(scorer_kwargs))
     group = tp_launch.start(world_size, device_type, _worker, args)
     try:
         if not group.is_leader:  # torchrun: this process is a worker

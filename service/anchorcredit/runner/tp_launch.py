@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,9 +108,21 @@ def _join(
 
 
 def _spawned_entry(
-    rank: int, world_size: int, init_method: str, device_type: str, worker: Callable, args: tuple
+    rank: int,
+    world_size: int,
+    init_method: str,
+    device_type: str,
+    log_level: int,
+    worker: Callable,
+    args: tuple,
 ) -> None:
+    # A spawned interpreter starts with no logging set up: log like rank 0, rank named.
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s"
+    )
     os.environ["LOCAL_RANK"] = str(rank)  # transformers binds its device from it
+    # Ctrl-C reaches the whole process group: rank 0 alone decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     group = _join(rank, world_size, rank, device_type, init_method)
     try:
         worker(group, *args)
@@ -141,11 +154,12 @@ def start(
     # stays as it was (a later start() must not mistake it for a torchrun launch).
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
+    log_level = logging.getLogger().getEffectiveLevel()
     workers = []
     for rank in range(1, world_size):
         proc = ctx.Process(
             target=_spawned_entry,
-            args=(rank, world_size, init_method, device_type, worker, args),
+            args=(rank, world_size, init_method, device_type, log_level, worker, args),
             name=f"anchorcredit-tp{rank}",
             daemon=True,  # never outlive rank 0
         )

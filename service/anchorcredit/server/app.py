@@ -353,9 +353,14 @@ class CreditServer:
         await self.stop()
 
 
-async def serve(config: ServeConfig, backend: ScoringBackend | None = None) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load."""
-    server = CreditServer(config, backend=backend)
+async def serve(
+    config: ServeConfig,
+    backend: ScoringBackend | None = None,
+    backend_factory: Callable[[], ScoringBackend] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load.
+    backend / backend_factory: as CreditServer (default: the runner's Scorer)."""
+    server = CreditServer(config, backend=backend, backend_factory=backend_factory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -52,6 +52,11 @@ class ServeConfig:
         "'entropy' or outputs.entropy); default off: only the layers up to the last scored "
         "one are loaded (about 2/3 of the weights) and entropy requests get INVALID_ARGUMENT",
     )
+    tensor_parallel: int = _opt(
+        1,
+        "shard the model by attention head over N processes (spawned here, or started by "
+        "torchrun with N processes); one GPU each on CUDA; see docs/TENSOR_PARALLEL.md",
+    )
     policy_version: str = _opt("0", "policy version the initial weights carry")
     max_batch_tokens: int = _opt(16384, "token budget of one device batch")
     max_wait_ms: float = _opt(5.0, "how long the batcher waits to fill a batch once idle")
@@ -108,6 +113,8 @@ class ServeConfig:
             raise ValueError("max_batch_tokens must be >= 1")
         if self.max_queue < 1 or self.max_batch_requests < 1 or self.stream_window < 1:
             raise ValueError("max_queue, max_batch_requests and stream_window must be >= 1")
+        if self.tensor_parallel < 1:
+            raise ValueError("tensor_parallel must be >= 1")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.shutdown_delay_s < 0:
             raise ValueError("max_wait_ms, grace_s and shutdown_delay_s must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
