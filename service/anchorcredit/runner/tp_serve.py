@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 
 from anchorcredit.runner.layers import LayerChoiceError
 from anchorcredit.runner.tensor_parallel import TensorParallelScorer, launch
@@ -33,6 +34,10 @@ def serve_tensor_parallel(cfg: ServeConfig) -> int:
         entropy=cfg.entropy,
     )
     if under_torchrun() and int(os.environ["RANK"]) != 0:
+        # torchrun passes SIGTERM / SIGINT to every rank at once: let rank 0 drain its
+        # in-flight batches (which need every rank) and then tell this one to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         launch(cfg.tensor_parallel, cfg.model, **kwargs)  # returns once rank 0 stops
         return 0
 
