@@ -8,9 +8,10 @@
 Flow of one `score` call: validated parameters (anchorcredit.contract) and ids -> model info
 -> one cache key per sequence -> batched cache read -> the misses only, split to the
 server's limits (anchorcredit.budget) and spread round-robin over the targets (in parallel
-when there are several chunks) -> cache write of what came back -> results in the caller's
-order. The calls themselves are transport.py's; errors errors.py's. Torch-free: numpy,
-grpcio, protobuf, redis, cachetools.
+when there are several chunks), every piece pinned to one policy version (a piece that
+reaches a replica on other weights is re-sent to the replicas serving it: replicas.py) ->
+cache write of what came back -> results in the caller's order. The calls themselves are
+transport.py's; errors errors.py's. Torch-free: numpy, grpcio, protobuf, redis, cachetools.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from anchorcredit.client.errors import (
     caller_index_error,
 )
 from anchorcredit.client.keys import DEFAULT_NAMESPACE, KeyBuilder, ModelKey
+from anchorcredit.client.replicas import Replica, ReplicaSet, disagreement
 from anchorcredit.client.results import (
     CreditResult,
     arrays_wanted,
@@ -87,6 +89,12 @@ class CreditClient:
     next target (0: no retries at all). Waits: the server's hint (its queue's drain time)
     plus exponential backoff with full jitter.
 
+    Replicas: a score call is pinned to one policy version (policy_version, else the one
+    GetModelInfo reports when the call starts); a piece that reaches a replica on other
+    weights is re-sent to the addresses serving that version, waiting up to
+    replica_wait_s for one when none does (then StalePolicyVersionError naming each
+    address's version). `replicas()` reports every address and its version.
+
     Security: token is the scoring token (every call); admin_token goes only on the
     weight-changing calls (update_weights, push_weights, the weight group). tls=True uses
     TLS, trusting root_certificates (PEM bytes/text or a file; None: the system roots);
@@ -114,6 +122,7 @@ class CreditClient:
         root_certificates: bytes | str | None = None,
         certificate_chain: bytes | str | None = None,
         private_key: bytes | str | None = None,
+        replica_wait_s: float = 10.0,
     ):
         if isinstance(targets, str):
             targets = [targets]
@@ -135,6 +144,8 @@ class CreditClient:
             private_key=private_key,
         )
         self.targets = self.transport.targets
+        self.replica_set = ReplicaSet(self.transport)
+        self.replica_wait_s = float(replica_wait_s)
         self.cache: CreditCache | None = make_cache(cache, ttl_s=cache_ttl_s)
         self.cache_dtype = cache_dtype
         self.namespace = namespace
@@ -189,11 +200,35 @@ class CreditClient:
 
     # -- model info and weights ----------------------------------------------------------
     def model_info(self, refresh: bool = False) -> pb.ModelInfo:
-        """The served model's info (GetModelInfo), cached until refresh or a stale version."""
+        """The served model's info (GetModelInfo), cached until refresh or a stale version.
+
+        It comes from whichever replica answered: its policy_version is that replica's.
+        `served_version()` checks that every replica agrees; `replicas()` lists them."""
         with self._info_lock:
             if self._info is None or refresh:
                 self._info = self.transport.call("GetModelInfo", pb.GetModelInfoRequest())
             return self._info
+
+    def replicas(self) -> list[Replica]:
+        """Every concrete address behind every target (resolved now: a dns name's records,
+        an `ipv4:a:p1,b:p2` list) with the policy version it serves (GetModelInfo on each,
+        in parallel): [Replica(address, target, policy_version, error)]; a replica that did
+        not answer, or a target that did not resolve, has policy_version None and `error`."""
+        return self.replica_set.survey()
+
+    def served_version(self) -> str:
+        """The policy version every replica serves; a StalePolicyVersionError
+        (FAILED_PRECONDITION) naming each address and its version (or its error) when they
+        disagree or one does not answer."""
+        replicas = self.replicas()
+        differ = disagreement(replicas)
+        if differ:
+            err = StalePolicyVersionError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"replicas out of step: {differ}"
+            )
+            err.versions = {r.address: r.policy_version for r in replicas}  # type: ignore[attr-defined]
+            raise err
+        return str(replicas[0].policy_version)
 
     def invalidate_model_info(self) -> None:
         """Forget the cached model info (next call asks the server again)."""
@@ -336,8 +371,12 @@ class CreditClient:
 
         prompts/responses: token-id sequences (lists, numpy or CPU tensors), no padding.
         strategy: one of anchorcredit.contract.STRATEGIES.
-        policy_version: the version the results must come from; None = whatever the server
-        holds (asked via GetModelInfo, so cached results are keyed on the version served).
+        policy_version: the version the results must come from; None = the version the
+        replica answering GetModelInfo serves now (so cached results are keyed on it). Every
+        result of one call comes from that one version (`.policy_version`): a piece sent to a
+        replica on other weights is re-sent to replicas that serve it; with a pinned version
+        and none serving it, the call waits up to replica_wait_s, then raises
+        StalePolicyVersionError naming every address and its version.
         credit_params: SPEC.md parameters (q, gamma_amp, alpha, k, tau_waad, tau_delta, seed,
         window, h_lo, h_hi (int, or None / "end" = to the end), head_quantile); None = the
         default. Validated by CreditParams.build (a ValueError naming the parameter, before
@@ -360,7 +399,9 @@ class CreditClient:
             info = self.model_info(refresh=policy_version is None)
             version = info.policy_version if policy_version is None else policy_version
             try:
-                return self._score(pairs, params, version, info, with_entropy)
+                return self._score(
+                    pairs, params, version, info, with_entropy, policy_version is not None
+                )
             except StalePolicyVersionError:
                 # Weights changed under us: what we know of the server is stale.
                 self.invalidate_model_info()
@@ -383,8 +424,10 @@ class CreditClient:
         version: str,
         info: pb.ModelInfo,
         with_entropy: bool,
+        pinned: bool,
     ) -> list[CreditResult]:
-        """Cache read -> compute the misses -> cache write."""
+        """Cache read -> compute the misses -> cache write. pinned: the caller chose
+        `version`."""
         results: list[CreditResult | None] = [None] * len(pairs)
         keys: list[str] = []
         if self.cache is not None:
@@ -402,7 +445,9 @@ class CreditClient:
             count_cache(len(pairs) - len(misses), len(misses))
         self.last_stats = {"hits": len(pairs) - len(misses), "misses": len(misses)}
         if misses:
-            writes = self._compute(pairs, misses, results, params, version, info, with_entropy)
+            writes = self._compute(
+                pairs, misses, results, params, version, info, with_entropy, pinned
+            )
             if writes and self.cache is not None:
                 try:
                     self.cache.set_many([(keys[i], value) for i, value in writes])
@@ -440,6 +485,7 @@ class CreditClient:
         version: str,
         info: pb.ModelInfo,
         with_entropy: bool,
+        pinned: bool,
     ) -> list[tuple[int, bytes]]:
         """Score the misses on the service, filling `results`; returns the cache values to
         write, as (caller index, value)."""
@@ -458,6 +504,9 @@ class CreditClient:
         ]
         cparams = pb.CreditParams(**params.proto_fields())
         outputs = pb.Outputs(waad=True, fai=True, gamma=True, entropy=with_entropy)
+        # pinned by the caller: wait for a lagging replica set to catch up; pinned by us
+        # (policy_version=None): score() re-reads the version instead of waiting
+        wait_s = self.replica_wait_s if pinned else 0.0
 
         def run(chunk: list[int]) -> tuple[list[int], pb.ScoreResponse]:
             req = pb.ScoreRequest(
@@ -472,7 +521,20 @@ class CreditClient:
                 request_id=uuid.uuid4().hex,
             )
             try:
-                return chunk, self.transport.call("Score", req)
+                try:
+                    resp = self.transport.call("Score", req)
+                    if resp.policy_version in ("", version):
+                        return chunk, resp
+                    # a server that ignored the pin: its numbers are never used
+                except StalePolicyVersionError:
+                    pass  # a replica on other weights: send it where `version` is served
+                resp = self.replica_set.call_on_version("Score", req, version, wait_s)
+                if resp.policy_version not in ("", version):
+                    raise StalePolicyVersionError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"asked for policy version {version!r}, got {resp.policy_version!r}",
+                    )
+                return chunk, resp
             except StalePolicyVersionError:
                 raise
             except CreditServiceError as err:

@@ -10,9 +10,11 @@ exponential backoff with full jitter over a window of at least that hint, so rej
 callers spread out instead of coming back in waves; failing over to an untried target
 after UNAVAILABLE is immediate. Other codes raise at once.
 `Transport.call_one` calls one target exactly once. Weight changes go to every concrete
-address behind every target (`expand_target`: a dns name resolved with getaddrinfo, gRPC's
-`ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
-replica is left on old weights by round-robin.
+address behind every target (`resolve.expand_target`: a dns name resolved as gRPC does,
+gRPC's `ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
+replica is left on old weights by round-robin; `call(..., addresses=[...])` spreads a call
+over chosen addresses the same way `call` spreads it over the targets (replicas.py uses it
+to reach only the replicas that serve a policy version).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import itertools
 import logging
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 import grpc
 
 from anchorcredit.client.errors import CreditServiceError, from_rpc
+from anchorcredit.client.resolve import dns_name, expand_target, split_hostport
 from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("anchorcredit.client")
@@ -42,46 +44,6 @@ DOWN_FOR_S = 1.0
 _HINT_KEYS = {"grpc-retry-pushback-ms": 1e-3, "retry-after-ms": 1e-3, "retry-after": 1.0}
 _HINT_TEXT = re.compile(r"retry after ~?\s*([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
 _MAX_MESSAGE = 256 * 1024 * 1024
-
-
-def _split_hostport(hostport: str) -> tuple[str, str]:
-    """ "host:port", "[v6]:port" or "host" (gRPC's default port 443)."""
-    if hostport.startswith("["):
-        host, _, rest = hostport[1:].partition("]")
-        return host, rest.removeprefix(":") or "443"
-    if hostport.count(":") > 1:  # a bare IPv6 literal
-        return hostport, "443"
-    host, _, port = hostport.partition(":")
-    return host, port or "443"
-
-
-def expand_target(target: str) -> list[str]:
-    """The concrete addresses ("ip:port", "[v6]:port") behind one target.
-
-    "dns:///name:port", "dns://authority/name:port" and plain "name:port" (gRPC's default
-    scheme is dns) are resolved now with socket.getaddrinfo; when a name has IPv4 addresses
-    only those are used (a dual-stack pod has one of each: pushing to both would load it
-    twice), else its IPv6 ones. "ipv4:a:p1,b:p2" / "ipv6:[a]:p1,[b]:p2" list them
-    explicitly; "unix:" targets are one address. OSError when a name does not resolve.
-    """
-    t = target.strip()
-    if t.startswith(("ipv4:", "ipv6:")):
-        rest = t.split(":", 1)[1].removeprefix("//")
-        return [a.strip() for a in rest.split(",") if a.strip()]
-    if t.startswith(("unix:", "unix-abstract:", "vsock:")):
-        return [t]
-    rest = t
-    if t.startswith("dns:"):
-        rest = t[4:]
-        if rest.startswith("//"):
-            rest = rest[2:].partition("/")[2]
-    host, port = _split_hostport(rest)
-    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    v4 = dict.fromkeys(i[4][0] for i in infos if i[0] == socket.AF_INET)
-    v6 = dict.fromkeys(i[4][0] for i in infos if i[0] == socket.AF_INET6)
-    if v4:
-        return [f"{ip}:{port}" for ip in v4]
-    return [f"[{ip}]:{port}" for ip in v6]
 
 
 def _address_channel_target(address: str) -> str:
@@ -130,11 +92,11 @@ def is_loopback_target(target: str) -> bool:
         return t.startswith(("unix:", "unix-abstract:"))
     if t.startswith(("ipv4:", "ipv6:")):
         rest = t.split(":", 1)[1].removeprefix("//")
-        hosts = [_split_hostport(a.strip())[0] for a in rest.split(",") if a.strip()]
+        hosts = [split_hostport(a.strip())[0] for a in rest.split(",") if a.strip()]
     else:
         if t.startswith("dns:"):
             t = t[4:].removeprefix("//").partition("/")[2] if t[4:].startswith("//") else t[4:]
-        hosts = [_split_hostport(t)[0]]
+        hosts = [split_hostport(t)[0]]
     for host in hosts:
         if host == "localhost":
             continue
@@ -215,10 +177,13 @@ class Transport:
         self._address_options = [*base, *channel_options]
         self._address_channels: dict[str, tuple[grpc.Channel, pb_grpc.CreditServiceStub]] = {}
         self._address_lock = threading.Lock()
+        # address -> the dns name it was resolved from (TLS checks the certificate for it)
+        self._address_names: dict[str, str] = {}
         self._channels = [self._channel(t, options) for t in self.targets]
         self._stubs = [pb_grpc.CreditServiceStub(c) for c in self._channels]
         self._rr = itertools.count()
-        self._down_until = [0.0] * len(self.targets)
+        # target or address -> until when round-robin passes it over (it answered UNAVAILABLE)
+        self._down: dict[str, float] = {}
 
     def _channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
         if self._credentials is None:
@@ -248,37 +213,54 @@ class Transport:
         with self._address_lock:
             entry = self._address_channels.get(address)
             if entry is None:
-                ch = self._channel(_address_channel_target(address), self._address_options)
+                options = list(self._address_options)
+                name = self._address_names.get(address)
+                if self._credentials is not None and name:
+                    # an IP channel still checks the certificate for the name it came from
+                    options.append(("grpc.ssl_target_name_override", name))
+                ch = self._channel(_address_channel_target(address), options)
                 entry = self._address_channels[address] = (ch, pb_grpc.CreditServiceStub(ch))
             return entry[1]
 
-    def addresses(self) -> tuple[list[str], dict[str, CreditServiceError]]:
-        """Every concrete address behind the targets, resolved now, in target order without
-        repeats; and {target: error} for targets that did not resolve."""
-        out: dict[str, None] = {}
+    def resolve(self) -> tuple[dict[str, list[str]], dict[str, CreditServiceError]]:
+        """{target: its concrete addresses}, resolved now; {target: error} for targets that
+        did not resolve (or resolved to nothing)."""
+        found: dict[str, list[str]] = {}
         failed: dict[str, CreditServiceError] = {}
         for t in self.targets:
             try:
-                found = expand_target(t)
+                addresses = expand_target(t)
             except (OSError, ValueError) as exc:
                 failed[t] = CreditServiceError(
                     grpc.StatusCode.UNAVAILABLE, f"cannot resolve {t}: {exc}", t
                 )
                 continue
-            if not found:
+            if not addresses:
                 failed[t] = CreditServiceError(
                     grpc.StatusCode.UNAVAILABLE, f"{t} resolves to no address", t
                 )
-            out.update(dict.fromkeys(found))
+                continue
+            name = dns_name(t)
+            if name:
+                with self._address_lock:
+                    self._address_names.update(dict.fromkeys(addresses, name))
+            found[t] = addresses
+        return found, failed
+
+    def addresses(self) -> tuple[list[str], dict[str, CreditServiceError]]:
+        """Every concrete address behind the targets, resolved now, in target order without
+        repeats; and {target: error} for targets that did not resolve."""
+        found, failed = self.resolve()
+        out = dict.fromkeys(a for addresses in found.values() for a in addresses)
         return list(out), failed
 
-    def _pick(self, start: int, attempt: int) -> int:
-        n = len(self.targets)
+    def _pick(self, names: Sequence[str], start: int, attempt: int) -> int:
+        n = len(names)
         now = time.monotonic()
-        for j in range(n):  # the next target not recently found down, else the plain next
-            ti = (start + attempt + j) % n
-            if self._down_until[ti] <= now:
-                return ti
+        for j in range(n):  # the next one not recently found down, else the plain next
+            i = (start + attempt + j) % n
+            if self._down.get(names[i], 0.0) <= now:
+                return i
         return (start + attempt) % n
 
     def _invoke(self, ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
@@ -286,13 +268,21 @@ class Transport:
         timeout = self.timeout_s if timeout is None else timeout
         return fn(request, timeout=timeout, metadata=self._metadata)
 
-    def call(self, method: str, request: Any) -> Any:
+    def _invoke_address(self, address: str, method: str, request: Any) -> Any:
+        fn: Callable[..., Any] = getattr(self.address_stub(address), method)
+        return fn(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def call(self, method: str, request: Any, *, addresses: Sequence[str] | None = None) -> Any:
         """Unary call on the next target with failover, retries and backoff; non-retryable
         codes raise CreditServiceError (StalePolicyVersionError) at once.
 
-        RESOURCE_EXHAUSTED is retried while `retry_budget_s` (from the first attempt)
-        lasts (the last wait is cut to end at the budget, then one more attempt);
-        UNAVAILABLE at most `retries` times; `retries=0` never retries."""
+        addresses: spread over these concrete addresses (each over its own channel)
+        instead of the targets. RESOURCE_EXHAUSTED is retried while `retry_budget_s` (from
+        the first attempt) lasts (the last wait is cut to end at the budget, then one more
+        attempt); UNAVAILABLE at most `retries` times; `retries=0` never retries."""
+        names = self.targets if addresses is None else list(addresses)
+        if not names:
+            raise ValueError("no address to call")
         start = next(self._rr)
         t0 = time.monotonic()
         give_up_at = t0 + self.retry_budget_s
@@ -302,24 +292,28 @@ class Transport:
         unavailable = 0
         attempt = 0
         while True:
-            ti = self._pick(start, attempt)
+            ti = self._pick(names, start, attempt)
             tried.add(ti)
             try:
-                return self._invoke(ti, method, request)
+                if addresses is None:
+                    return self._invoke(ti, method, request)
+                return self._invoke_address(names[ti], method, request)
             except grpc.RpcError as err:
                 code = err.code()
-                last, last_target = err, self.targets[ti]
+                last, last_target = err, names[ti]
                 if code not in RETRYABLE:
-                    raise from_rpc(err, self.targets[ti]) from None
+                    raise from_rpc(err, names[ti]) from None
                 if code == grpc.StatusCode.UNAVAILABLE:
                     now = time.monotonic()
-                    self._down_until[ti] = now + DOWN_FOR_S
-                    if all(until > now for until in self._down_until):
-                        unavailable += 1  # counts only while no target is known up
+                    self._down[names[ti]] = now + DOWN_FOR_S
+                    if all(self._down.get(n, 0.0) > now for n in names):
+                        unavailable += 1  # counts only while none is known up
                 if self.retries <= 0 or unavailable > self.retries:
                     why = f"gave up after {attempt + 1} attempts"
                     break
-                delay = self._delay(err, attempt, self._pick(start, attempt + 1) not in tried)
+                delay = self._delay(
+                    err, attempt, self._pick(names, start, attempt + 1) not in tried
+                )
                 left = give_up_at - time.monotonic()
                 if left <= 0:
                     why = (
@@ -331,7 +325,7 @@ class Transport:
                 log.info(
                     "%s on %s: %s; retry %d in %.3f s",
                     method,
-                    self.targets[ti],
+                    names[ti],
                     code.name,
                     attempt + 1,
                     delay,
@@ -360,5 +354,5 @@ class Transport:
             return self._invoke(ti, method, request)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
-                self._down_until[ti] = time.monotonic() + DOWN_FOR_S
+                self._down[self.targets[ti]] = time.monotonic() + DOWN_FOR_S
             raise from_rpc(err, self.targets[ti]) from None
