@@ -1,41 +1,66 @@
-"""verl hook: reweight `data.batch["advantages"]` [bs, response_length] by gamma_t.
+"""verl hook (verl 0.9.1): per-token advantages A~_t = gamma_t * A_t, and weight sync.
 
-Usage with verl's PPO/GRPO trainer (verl 0.9; the `RayPPOTrainer` fit loop calls the module
-global `verl.trainer.ppo.ray_trainer.compute_advantage`, which `install` wraps):
+verl runs `fit()` inside its TaskRunner Ray actor and the actor weights inside worker
+actors, so the hook must be installed in those processes: a Ray worker setup hook does it,
+set through verl's own `ray_kwargs.ray_init.runtime_env` config (docs/trainers/verl.md):
 
-    from anchorcredit.client import CreditClient
-    from anchorcredit.client.adapters import verl as ac_verl
+    ENV=ray_kwargs.ray_init.runtime_env
+    python -m verl.trainer.main_ppo ... \
+      +$ENV.worker_process_setup_hook=anchorcredit.client.adapters.verl.install_from_env \
+      +$ENV.env_vars.ANCHORCREDIT_TARGETS=credit-svc:50051
 
-    client = CreditClient(["credit-svc:50051"], cache="redis://redis:6379/0")
-    ac_verl.install(client, strategy="coupled_rhythm", sign="both", q=0.4)
-    trainer = RayPPOTrainer(config, ...)      # in the driver process, after install
-    trainer.fit()
+`install_from_env` registers post-import hooks (cheap: nothing of verl is imported until
+the process itself imports it; already imported modules are patched at once, so the order
+never matters). What gets patched when its module loads:
 
-Or call it yourself right after computing advantages, in any loop holding a DataProto:
+- v1 trainer (`trainer.use_v1=true`, the default; sync, colocate_async, separate_async
+  modes): `PPOTrainer._compute_advantage`. After verl's own step (GRPO included, whose
+  per-session re-broadcast would flatten any earlier per-token scaling) the advantages are
+  read back from TransferQueue with the token ids, scaled, and written back; gamma
+  statistics go into the fit loop's `metrics` dict.
+- legacy trainer (`trainer.use_v1=false`, main_ppo_v0's RayPPOTrainer) and the
+  experimental one-step-off / fully-async trainers: the module global `compute_advantage`
+  of `verl.trainer.ppo.ray_trainer` and `verl.experimental.separation.ray_trainer`; the
+  statistics ride on `_update_actor`'s output metrics, which those fit loops reduce and log.
+- weight sync (ANCHORCREDIT_SYNC, on by default): `ActorRolloutRefWorker.update_weights`
+  pushes the actor's weights before verl's own rollout sync, and
+  `CheckpointEngineManager.update_weights` then pins scoring to that version (verl_sync.py).
 
-    data = compute_advantage(data, adv_estimator=..., ...)
-    data = ac_verl.apply_credit(data, client, strategy="coupled_rhythm")
-
-Layout read from `data.batch` (verl's): `prompts` [bs, P] left-padded, `responses` [bs, T]
-right-padded, `attention_mask` [bs, P + T], `response_mask` [bs, T], `advantages` [bs, T].
-The response sent to the service is every real response token (attention mask), so in
-multi-turn rollouts tool output stays in place; advantages there are masked out by verl.
-verl's v1 trainer (`trainer.use_v1=True`) fetches only a few fields from its TransferQueue
-in `_compute_advantage` (no token ids): subclass it to also fetch `prompts`, `responses` and
-`attention_mask` and call `apply_credit` on the DataProto it builds there.
+In your own loop holding a padded DataProto, `apply_credit(data, client)` right after
+`compute_advantage` does the scaling alone.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from anchorcredit.client.adapters.common import credit_for_batch
+from anchorcredit.client.adapters import verl_sync
+from anchorcredit.client.adapters.verl_credit import credit_padded, credit_transfer_queue
+from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
 from anchorcredit.contract import DEFAULT_STRATEGY
 
-__all__ = ["apply_credit", "install", "wrap_compute_advantage"]
+__all__ = ["apply_credit", "install", "install_from_env", "wrap_compute_advantage"]
+
+META_KEY = "anchorcredit_metrics"  # DataProto.meta_info key holding this batch's gamma stats
+
+
+def _publish(data: Any, stats: dict[str, float], metrics: dict | None) -> None:
+    meta = getattr(data, "meta_info", None)
+    if isinstance(meta, dict):
+        meta[META_KEY] = dict(stats)
+        # A dict of metrics (your own loop) gets them too; verl's agent loop leaves a list of
+        # per-sample dicts there, which is not ours to change.
+        if isinstance(meta.get("metrics"), dict):
+            meta["metrics"].update(stats)
+    if metrics is not None:
+        metrics.update(stats)
 
 
 def apply_credit(
@@ -45,62 +70,243 @@ def apply_credit(
     strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
+    metrics: dict | None = None,
     **credit_params: Any,
 ) -> Any:
-    """Replace data.batch["advantages"] with gamma * advantages; returns `data`.
-
-    `data` is a verl DataProto (or anything with a `.batch` mapping of tensors).
-    """
-    batch = data.batch
-    responses = batch["responses"]
-    t = responses.shape[-1]
-    attention = batch["attention_mask"]
-    prompts = batch["prompts"] if "prompts" in batch.keys() else batch["input_ids"][:, :-t]
-    new_adv, gamma = credit_for_batch(
+    """Replace data.batch["advantages"] with gamma * advantages (response_mask positions
+    only); returns `data`. data: a verl DataProto in the padded layout (left-padded
+    `prompts`, right-padded `responses`, `attention_mask`, `response_mask`). Gamma stats go
+    to data.meta_info["anchorcredit_metrics"] and to `metrics` when given."""
+    stats = credit_padded(
         client,
-        batch["advantages"],
-        prompts,
-        attention[:, :-t],
-        responses,
-        attention[:, -t:],
+        data.batch,
         strategy=strategy,
         policy_version=policy_version,
         sign=sign,
         credit_params=credit_params,
     )
-    batch["advantages"] = new_adv
-    meta = getattr(data, "meta_info", None)
-    if isinstance(meta, dict):  # verl logs what it finds in meta_info["metrics"]
-        mask = attention[:, -t:].bool().cpu().numpy()
-        if mask.any():
-            meta.setdefault("metrics", {})["anchorcredit/gamma_mean"] = float(gamma[mask].mean())
+    _publish(data, stats, metrics)
     return data
 
 
-def wrap_compute_advantage(fn: Callable[..., Any], client: CreditClient, **kwargs: Any):
-    """verl's `compute_advantage(data, adv_estimator, ...)` followed by `apply_credit`."""
+@dataclass
+class _Config:
+    client: CreditClient | None = None  # None: built from the environment on first use
+    strategy: str = DEFAULT_STRATEGY
+    sign: str = "both"
+    policy_version: str | None = None  # None: the synced version, else whatever is served
+    params: dict[str, Any] = field(default_factory=dict)
+    sync: bool = True
+    sync_transport: str = "grpc"
+
+    def get_client(self) -> CreditClient:
+        if self.client is None:
+            self.client = _client_from_env()
+        return self.client
+
+    def score_kwargs(self) -> dict[str, Any]:
+        version = self.policy_version
+        if version is None and self.sync:
+            version = verl_sync.STATE.version
+        return {
+            "strategy": self.strategy,
+            "policy_version": version,
+            "sign": self.sign,
+            "credit_params": self.params,
+        }
+
+
+_CONFIG = _Config()
+_HOOKS: PostImportHooks | None = None
+# Set while verl's v1 `_compute_advantage` runs: the compute_advantage it calls inside
+# (possibly our wrapper, when v1 imported it after install) must leave gamma to the v1 hook.
+_IN_V1 = contextvars.ContextVar("anchorcredit_verl_in_v1", default=False)
+
+
+def wrap_compute_advantage(fn: Callable[..., Any], client: CreditClient | None = None, **kwargs):
+    """verl's `compute_advantage(data, adv_estimator, ...)` followed by the credit step
+    (client/kwargs: as apply_credit; none: the installed configuration)."""
+    if getattr(fn, "__anchorcredit_wrapped__", None) is not None:
+        return fn
 
     @functools.wraps(fn)
     def compute_advantage(data: Any, *args: Any, **fn_kwargs: Any) -> Any:
-        return apply_credit(fn(data, *args, **fn_kwargs), client, **kwargs)
+        out = fn(data, *args, **fn_kwargs)
+        if _IN_V1.get() or (client is None and _HOOKS is None):
+            return out  # v1 scales later; or uninstalled while a module still holds this
+        if client is not None:
+            return apply_credit(out, client, **kwargs)
+        stats = credit_padded(_CONFIG.get_client(), out.batch, **_CONFIG.score_kwargs())
+        _publish(out, stats, None)
+        return out
 
     compute_advantage.__anchorcredit_wrapped__ = fn  # type: ignore[attr-defined]
     return compute_advantage
 
 
-def install(client: CreditClient, **kwargs: Any) -> Callable[[], None]:
-    """Wrap verl's ray_trainer.compute_advantage in this process; returns an undo function.
+def _v1_compute_advantage(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _compute_advantage(self: Any, batch: Any, metrics: dict) -> Any:
+        token = _IN_V1.set(True)
+        try:
+            batch = original(self, batch, metrics=metrics)
+        finally:
+            _IN_V1.reset(token)
+        stats = credit_transfer_queue(
+            _CONFIG.get_client(), list(batch.keys), batch.partition_id, **_CONFIG.score_kwargs()
+        )
+        metrics.update(stats)
+        return batch
 
-    kwargs: strategy, policy_version, sign and credit parameters (see apply_credit).
-    """
-    from verl.trainer.ppo import ray_trainer
+    return _compute_advantage
 
-    original = getattr(
-        ray_trainer.compute_advantage, "__anchorcredit_wrapped__", ray_trainer.compute_advantage
+
+def _legacy_update_actor(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _update_actor(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, batch, *args, **kwargs)
+        stats = getattr(batch, "meta_info", {}).get(META_KEY)
+        meta = getattr(out, "meta_info", None)
+        if stats and isinstance(meta, dict):
+            reduced = meta.setdefault("metrics", {})  # the fit loop reduce_metrics() these
+            if isinstance(reduced, dict):
+                reduced.update({k: [v] for k, v in stats.items()})
+        return out
+
+    return _update_actor
+
+
+def _actor_update_weights(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def update_weights(self: Any, global_steps: int | None = None, mode: str = "auto"):
+        # Before verl's own sync: in colocated mode the rollout is still asleep, so the
+        # gather has the device memory to itself.
+        verl_sync.push_from_actor(
+            self, global_steps, _CONFIG.get_client(), transport=_CONFIG.sync_transport
+        )
+        return await original(self, global_steps=global_steps, mode=mode)
+
+    return update_weights
+
+
+def _manager_update_weights(decorated: Callable[..., Any]) -> Callable[..., Any]:
+    # verl decorates it with auto_await (sync or awaited call, decided from the caller's
+    # frame), so wrap the coroutine function inside and decorate the wrapper the same way.
+    from verl.utils.ray_utils import auto_await
+
+    inner = getattr(decorated, "__wrapped__", decorated)
+
+    @functools.wraps(inner)
+    async def update_weights(self: Any, global_steps: int | None = None):
+        result = await inner(self, global_steps=global_steps)
+        verl_sync.record_sync(global_steps, _CONFIG.get_client())
+        return result
+
+    wrapped = auto_await(update_weights)
+    wrapped.__anchorcredit_original__ = decorated  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _patch_attr(owner: Any, name: str, make: Callable[[Any], Any]) -> Callable[[], None]:
+    """owner.name = make(current), once; returns the undo."""
+    current = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    if getattr(current, "__anchorcredit_patched__", False):
+        return lambda: None
+    new = make(current)
+    new.__anchorcredit_patched__ = True
+    setattr(owner, name, new)
+    return lambda: setattr(owner, name, current)
+
+
+def _hooks(sync: bool) -> dict[str, Callable[[Any], Callable[[], None]]]:
+    def global_compute_advantage(module: Any) -> Callable[[], None]:
+        return _patch_attr(module, "compute_advantage", wrap_compute_advantage)
+
+    def legacy(module: Any) -> Callable[[], None]:
+        undo_fn = global_compute_advantage(module)
+        undo_cls = _patch_attr(module.RayPPOTrainer, "_update_actor", _legacy_update_actor)
+        return lambda: (undo_cls(), undo_fn())
+
+    hooks = {
+        "verl.trainer.ppo.ray_trainer": legacy,
+        "verl.experimental.separation.ray_trainer": global_compute_advantage,
+        "verl.trainer.ppo.v1.trainer_base": lambda m: _patch_attr(
+            m.PPOTrainer, "_compute_advantage", _v1_compute_advantage
+        ),
+    }
+    if sync:
+        hooks["verl.workers.engine_workers"] = lambda m: _patch_attr(
+            m.ActorRolloutRefWorker, "update_weights", _actor_update_weights
+        )
+        hooks["verl.checkpoint_engine.base"] = lambda m: _patch_attr(
+            m.CheckpointEngineManager, "update_weights", _manager_update_weights
+        )
+    return hooks
+
+
+def install(
+    client: CreditClient | None = None,
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    sign: str = "both",
+    policy_version: str | None = None,
+    sync: bool = True,
+    sync_transport: str = "grpc",
+    **credit_params: Any,
+) -> Callable[[], None]:
+    """Hook verl in this process (now for loaded modules, on import for the others),
+    replacing an earlier install; returns an undo function. client None: from the
+    ANCHORCREDIT_* env vars on first use (see install_from_env).
+    sync: push the actor weights at each verl weight sync and pin scoring to that version
+    (policy_version, if given, pins a fixed version instead)."""
+    global _CONFIG, _HOOKS
+    if sync_transport not in verl_sync.SYNC_TRANSPORTS:
+        raise ValueError(f"sync_transport must be one of {verl_sync.SYNC_TRANSPORTS}")
+    if _HOOKS is not None:
+        _HOOKS.remove()
+    _CONFIG = _Config(
+        client, strategy, sign, policy_version, dict(credit_params), sync, sync_transport
     )
-    ray_trainer.compute_advantage = wrap_compute_advantage(original, client, **kwargs)
+    _HOOKS = PostImportHooks(_hooks(sync))
+    _HOOKS.install()
 
-    def undo() -> None:
-        ray_trainer.compute_advantage = original
+    def undo() -> None:  # removes whichever install is current (a later one replaced this)
+        global _HOOKS
+        if _HOOKS is not None:
+            _HOOKS.remove()
+            _HOOKS = None
 
     return undo
+
+
+def _client_from_env() -> CreditClient:
+    env = os.environ
+    targets = [t for t in env.get("ANCHORCREDIT_TARGETS", "").split(",") if t]
+    if not targets:
+        raise RuntimeError("set ANCHORCREDIT_TARGETS (comma-separated host:port list)")
+    return CreditClient(
+        targets,
+        cache=env.get("ANCHORCREDIT_CACHE") or None,
+        timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
+        token=env.get("ANCHORCREDIT_TOKEN") or None,
+        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
+    )
+
+
+def install_from_env() -> None:
+    """Ray `worker_process_setup_hook`: `install()` with settings from the environment.
+
+    ANCHORCREDIT_TARGETS (required), _CACHE, _TIMEOUT_S, _TOKEN, _ADMIN_TOKEN, _STRATEGY,
+    _SIGN, _PARAMS (JSON object of credit parameters), _POLICY_VERSION, _SYNC ("0": no
+    weight sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID (version names).
+    """
+    env = os.environ
+    install(
+        None,
+        strategy=env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY),
+        sign=env.get("ANCHORCREDIT_SIGN", "both"),
+        policy_version=env.get("ANCHORCREDIT_POLICY_VERSION") or None,
+        sync=env.get("ANCHORCREDIT_SYNC", "1") not in ("0", "false", "no"),
+        sync_transport=env.get("ANCHORCREDIT_SYNC_TRANSPORT", "grpc"),
+        **json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")),
+    )
