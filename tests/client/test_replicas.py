@@ -3,19 +3,18 @@
 Three CreditServers listen on the same port at 127.0.0.1, 127.0.0.2 and 127.0.0.3 (Linux
 routes all of 127.0.0.0/8 to loopback). They are reached as one target in gRPC's
 multi-address form `ipv4:127.0.0.1:P,127.0.0.2:P,127.0.0.3:P` and as a dns name
-`dns://127.0.0.1:D/replicas.anchorcredit.test:P` that a small DNS server in this file
-resolves to the three addresses (gRPC's c-ares resolver and the client's own resolver both
-ask it), so the round-robin channel really spreads over them. One replica is made to lag by
-loading other weights under another version on it alone (a direct UpdateWeights); then
-pinned calls must never use it, unpinned calls must never mix versions, and a pin no replica
-serves is refused naming every address.
+`dns://127.0.0.1:D/replicas.anchorcredit.test:P` that a small DNS server (conftest's
+`stub_dns`) resolves to the three addresses (gRPC's c-ares resolver and the client's own
+resolver both ask it), so the round-robin channel really spreads over them. One replica is
+made to lag by loading other weights under another version on it alone (a direct
+UpdateWeights); then pinned calls must never use it, unpinned calls must never mix
+versions, and a pin no replica serves is refused naming every address.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 import time
 from typing import Any
@@ -35,45 +34,6 @@ NAME_WITH_DEAD = "four.anchorcredit.test"
 RNG = np.random.default_rng(14)
 PROMPTS = [RNG.integers(0, 256, n).tolist() for n in (3, 9, 5, 6, 4, 7)]
 RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (24, 40, 17, 31, 12, 20)]
-
-
-class StubDNS:
-    """A UDP DNS server on 127.0.0.1 answering A queries from a fixed table (else an empty
-    NOERROR for known names, NXDOMAIN for others)."""
-
-    def __init__(self, table: dict[str, list[str]]):
-        self.table = {k.lower(): v for k, v in table.items()}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.queries: list[tuple[str, int]] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(512)
-            except OSError:
-                return  # closed
-            i, labels = 12, []
-            while data[i]:
-                labels.append(data[i + 1 : i + 1 + data[i]].decode())
-                i += 1 + data[i]
-            qtype = struct.unpack(">H", data[i + 1 : i + 3])[0]
-            name = ".".join(labels).lower()
-            self.queries.append((name, qtype))
-            ips = self.table.get(name, []) if qtype == 1 else []
-            rcode = 0 if name in self.table else 3
-            answers = b"".join(
-                struct.pack(">HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip) for ip in ips
-            )
-            header = struct.pack(
-                ">HHHHHH", data[0] << 8 | data[1], 0x8180 | rcode, 1, len(ips), 0, 0
-            )
-            self.sock.sendto(header + data[12 : i + 5] + answers, peer)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +59,7 @@ def refs(models: tuple[str, str]) -> dict[str, list[Any]]:
 
 
 @pytest.fixture(scope="module")
-def replicas(models: tuple[str, str], start_server: Any) -> Any:
+def replicas(models: tuple[str, str], start_server: Any, stub_dns: Any) -> Any:
     """Three servers on one port at 127.0.0.1-3; max_request_sequences=2 splits a score
     call of six sequences into three requests, which round-robin spreads over them."""
     for _ in range(20):
@@ -115,9 +75,8 @@ def replicas(models: tuple[str, str], start_server: Any) -> Any:
             continue
     else:
         pytest.fail("no port free on 127.0.0.1-3")
-    dns = StubDNS({NAME: list(HOSTS), NAME_WITH_DEAD: [*HOSTS, DEAD]})
+    dns = stub_dns({NAME: list(HOSTS), NAME_WITH_DEAD: [*HOSTS, DEAD]})
     yield servers, port, dns
-    dns.close()
     for s in servers:
         s.stop()
 
@@ -126,7 +85,7 @@ def _multi(port: int) -> str:
     return "ipv4:" + ",".join(f"{h}:{port}" for h in HOSTS)
 
 
-def _dns(dns: StubDNS, port: int, name: str = NAME) -> str:
+def _dns(dns: Any, port: int, name: str = NAME) -> str:
     return f"dns://127.0.0.1:{dns.port}/{name}:{port}"
 
 
