@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from anchorcredit.backend import TokenPair, cancellable
@@ -168,7 +169,7 @@ class TensorParallelScorer(Scorer):
         loaded = load_sharded(
             source, parse_dtype(dtype), group.world_size, max(chosen) + 1, with_head=entropy
         )
-        return cls(
+        scorer = cls(
             loaded.model,
             group,
             layers=chosen,
@@ -178,6 +179,26 @@ class TensorParallelScorer(Scorer):
             revision=revision,
             loaded=loaded,
         )
+        scorer.check_local_heads()
+        return scorer
+
+    def check_local_heads(self) -> None:
+        """Every rank: one 2-token forward, which must see Hq/N heads on this rank. A plan
+        that gathers q/k/v (a fused qkv projection, or no plan for attention) would show
+        every head on every rank and the gather would repeat them."""
+        probe = [TokenPair(np.zeros(1, np.int64), np.zeros(1, np.int64), self.vocab_size)]
+        with self._lock, torch.inference_mode():
+            stats, _ = Scorer._forward_stats(
+                self, probe, Horizon(1, 1, None), StageTimer(self.device), False
+            )
+        seen, want = stats[0][0].num_heads, self.num_heads // self.group.world_size
+        if seen != want:
+            raise ValueError(
+                f"this model's tensor-parallel plan gives each rank {seen} attention heads, "
+                f"not {self.num_heads} / {self.group.world_size} = {want}: its q/k/v "
+                "projections are not split by head, so it cannot be scored with "
+                "--tensor-parallel"
+            )
 
     # ------------------------------------------------------------------ scoring
     def _forward_stats(

@@ -141,6 +141,11 @@ def start(
     """
     if world_size < 2:
         raise ValueError(f"tensor parallelism needs at least 2 ranks, got {world_size}")
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already belongs to a process group: one tensor-parallel group per "
+            "process (close() the scorer of the other one first)"
+        )
     if under_torchrun():
         launched = int(os.environ["WORLD_SIZE"])
         if launched != world_size:
