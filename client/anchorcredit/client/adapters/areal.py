@@ -1,0 +1,154 @@
+"""AReaL hook: gamma_t on the advantages AReaL's PPOActor computes (tested with AReaL 1.0.4).
+
+Usage, in the training script AReaL's launcher runs on every rank (SPMD mode,
+`python -m areal.infra.launcher.local train.py --config ...`), before the trainer is built:
+
+    from anchorcredit.client import CreditClient
+    from anchorcredit.client.adapters import areal as ac_areal
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+
+    client = CreditClient(["credit-svc:50051"], cache="redis://redis:6379/0")
+    ac_areal.install(client, strategy="coupled_rhythm", sign="both", q=0.4)
+    install_weight_sync(client)          # the service follows the policy (areal_sync.py)
+    with PPOTrainer(config, train_dataset=..., valid_dataset=...) as trainer:
+        trainer.train(workflow=..., ...)
+
+Where it hooks: every AReaL actor engine (FSDPPPOActor, MegatronPPOActor, ArchonPPOActor)
+delegates `compute_advantages` to `areal.trainer.ppo.actor.PPOActor`, whose
+`_compute_advantages(data)` turns one padded batch into advantages. `install` wraps that
+method on the class, so the actors of this process apply gamma right after AReaL's own
+advantages (GAE/GRPO, after AReaL's normalisation) and before `ppo_update` reads them.
+
+Layout after `_compute_advantages` (AReaL's): `input_ids`, `attention_mask` [B, L]
+right-padded; `loss_mask` [B, L] already rolled by -1, so position j is the action that
+produced token j + 1; `advantages` [B, L] on the same positions. The response sent to the
+service is the span from the first to the last response token: in multi-turn rollouts the
+observation / user tokens inside it stay in place (their loss_mask is 0, so their advantages
+are left as AReaL made them); the prompt is every attended token before it.
+
+AReaL's default single-controller mode runs the engines in worker processes that this
+script does not reach: use the SPMD launcher (above), or call `install` in those workers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from anchorcredit.client.client import CreditClient
+from anchorcredit.client.reweight import _to_numpy, reweight
+from anchorcredit.contract import DEFAULT_STRATEGY
+
+__all__ = ["apply_credit", "install", "response_spans"]
+
+# The attribute a weight sync (areal_sync.py) sets on the train engine: the version the
+# service serves for this engine's current weights.
+VERSION_ATTR = "_anchorcredit_policy_version"
+
+
+def response_spans(
+    input_ids: Any, attention_mask: Any, rolled_loss_mask: Any
+) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
+    """(row, prompt ids, response ids, lo, hi) for each row with a response.
+
+    Action positions lo..hi-1 (of the rolled loss mask) produced response tokens lo+1..hi.
+    """
+    ids = _to_numpy(input_ids)
+    attn = _to_numpy(attention_mask).astype(bool)
+    action = _to_numpy(rolled_loss_mask).astype(bool)
+    out = []
+    for b in range(ids.shape[0]):
+        pos = np.flatnonzero(action[b])
+        if len(pos) == 0:
+            continue
+        first, last = int(pos[0]) + 1, int(pos[-1]) + 1  # sequence indices of the response
+        prompt = ids[b, :first][attn[b, :first]]
+        if len(prompt) == 0:
+            continue
+        out.append((b, prompt, ids[b, first : last + 1], first - 1, last))
+    return out
+
+
+def apply_credit(
+    data: dict[str, Any],
+    client: CreditClient,
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    policy_version: str | None = None,
+    sign: str = "both",
+    **credit_params: Any,
+) -> dict[str, Any]:
+    """Replace data["advantages"] with gamma * advantages on the response actions; returns
+    `data` (the batch dict `PPOActor._compute_advantages` returned).
+
+    Positions where the rolled loss mask is 0 (prompt, padding, tool/user tokens) keep their
+    values exactly. policy_version: the version the scores must come from (else refused).
+    """
+    action = data["loss_mask"]
+    spans = response_spans(data["input_ids"], data["attention_mask"], action)
+    dense = np.ones(tuple(action.shape), np.float32)
+    if spans:
+        results = client.score(
+            [s[1] for s in spans],
+            [s[2] for s in spans],
+            strategy=strategy,
+            policy_version=policy_version,
+            **credit_params,
+        )
+        for (b, _, _, lo, hi), res in zip(spans, results, strict=True):
+            dense[b, lo:hi] = res.gamma
+    data["advantages"] = reweight(data["advantages"], dense, action, sign=sign)
+    mask = _to_numpy(action).astype(bool)
+    if mask.any():
+        _log_gamma(float(dense[mask].mean()))
+    return data
+
+
+def _log_gamma(mean: float) -> None:
+    try:  # AReaL's own tracker, exported with the step's other statistics
+        from areal.utils import stats_tracker
+    except ImportError:
+        return
+    stats_tracker.scalar(anchorcredit_gamma_mean=mean)
+
+
+def install(
+    client: CreditClient,
+    *,
+    policy_version: str | None = None,
+    actor_class: type | None = None,
+    **kwargs: Any,
+) -> Callable[[], None]:
+    """Wrap `PPOActor._compute_advantages` (or `actor_class`'s) in this process; returns an
+    undo function. Installing again replaces the previous settings (never wraps twice).
+
+    kwargs: strategy, sign and credit parameters (see apply_credit). policy_version: pin
+    every score to this version; None: the version the weight sync of the actor's engine
+    put on the service (areal_sync.py), else whatever the service holds.
+    """
+    if actor_class is None:
+        from areal.trainer.ppo.actor import PPOActor
+
+        actor_class = PPOActor
+    original = getattr(
+        actor_class._compute_advantages,
+        "__anchorcredit_wrapped__",
+        actor_class._compute_advantages,
+    )
+
+    @functools.wraps(original)
+    def _compute_advantages(self: Any, data: dict[str, Any]) -> dict[str, Any]:
+        data = original(self, data)
+        version = policy_version or getattr(getattr(self, "engine", None), VERSION_ATTR, None)
+        return apply_credit(data, client, policy_version=version, **kwargs)
+
+    _compute_advantages.__anchorcredit_wrapped__ = original  # type: ignore[attr-defined]
+    actor_class._compute_advantages = _compute_advantages
+
+    def undo() -> None:
+        actor_class._compute_advantages = original
+
+    return undo

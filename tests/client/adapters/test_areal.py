@@ -1,0 +1,309 @@
+"""AReaL adapter against AReaL's real source (areal 1.0.4, installed with --no-deps) and a
+real anchorcredit service on the CPU debug model.
+
+Batches come from AReaL's own rollout workflows (RLVRWorkflow, and MultiTurnWorkflow whose
+retry turns put user tokens inside the response span) and AReaL's own `concat_batch`; the
+advantages are AReaL's real `PPOActor._compute_advantages` (GAE with the KL reward, and a
+GRPO-style group normalisation). Stubbed, and only these: the inference engine that
+generates tokens (AReaL's remote SGLang/vLLM server: `StubRollout` samples random tokens)
+and, in the weight-sync test, the GPU setup of `FSDPEngine.initialize` (FSDP2 sharding on
+CUDA): the engine gets a plain Hugging Face module on a one-process gloo group instead, and
+then runs AReaL's own `connect_engine` / `update_weights` (disk route) on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+areal_actor = pytest.importorskip("areal.trainer.ppo.actor")
+
+from areal.api import ModelResponse  # noqa: E402
+from areal.api.cli_args import GenerationHyperparameters, NormConfig, PPOActorConfig  # noqa: E402
+from areal.utils.data import concat_batch  # noqa: E402
+from areal.workflow.multi_turn import MultiTurnWorkflow  # noqa: E402
+from areal.workflow.rlvr import RLVRWorkflow  # noqa: E402
+
+from anchorcredit.client import CreditClient  # noqa: E402
+from anchorcredit.client.adapters import areal as ac_areal  # noqa: E402
+from anchorcredit.client.errors import StalePolicyVersionError  # noqa: E402
+
+VOCAB = 256
+
+
+def digit_reward(prompt, completion, prompt_ids, completion_ids, **kw):
+    """Module level: AReaL runs reward functions in a process pool."""
+    return float(sum(completion_ids) % 3 == 0)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    # role marker, content, and "w5" opening the assistant turn
+    out.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}w3 {% else %}w4 {% endif %}"
+        "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w5{% endif %}"
+    )
+    return out
+
+
+class StubRollout:
+    """Stands in for AReaL's remote inference engine (SGLang/vLLM): random tokens, and the
+    weight-update calls AReaL's FSDPEngine makes on it."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.version = 0
+        self.loaded: list[str] = []
+
+    async def agenerate(self, req):
+        n = int(self.rng.integers(3, 10))
+        return ModelResponse(
+            input_tokens=list(req.input_ids),
+            output_tokens=self.rng.integers(6, VOCAB, n).tolist(),
+            output_logprobs=(-self.rng.random(n)).tolist(),
+            output_versions=[self.version] * n,
+            tokenizer=req.tokenizer,
+        )
+
+    def pause_generation(self):
+        pass
+
+    def continue_generation(self):
+        pass
+
+    def update_weights_from_disk(self, meta):
+        self.loaded.append(meta.path)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+
+def _rollout(engine: StubRollout, n_single: int = 3, n_multi: int = 3, seed: int = 0):
+    """Trajectories from AReaL's own workflows (dicts of [1, L_i] tensors)."""
+    tok = _tokenizer()
+    gconfig = GenerationHyperparameters(n_samples=1, max_new_tokens=16)
+    rng = np.random.default_rng(seed)
+
+    def prompt():
+        n = int(rng.integers(2, 7))
+        return {
+            "messages": [
+                {"role": "user", "content": " ".join(f"w{i}" for i in rng.integers(6, VOCAB, n))}
+            ]
+        }
+
+    single = RLVRWorkflow(digit_reward, gconfig, tok)
+    multi = MultiTurnWorkflow(digit_reward, gconfig, tok, max_turns=3, turn_discount=0.9)
+
+    async def run():
+        jobs = [single.arun_episode(engine, prompt()) for _ in range(n_single)]
+        jobs += [multi.arun_episode(engine, prompt()) for _ in range(n_multi)]
+        return await asyncio.gather(*jobs)
+
+    return asyncio.run(run())
+
+
+def _actor(group_norm: bool) -> areal_actor.PPOActor:
+    cfg = PPOActorConfig(experiment_name="t", trial_name="t", path="unused")
+    if group_norm:  # AReaL's GRPO recipe: group mean/std over the samples of a prompt
+        cfg.adv_norm = NormConfig(mean_level="group", std_level="group", group_size=3)
+        cfg.kl_ctl = 0.0
+    return areal_actor.PPOActor(cfg, engine=None)  # the train engine is not used here
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    return save_debug_model(tmp_path_factory.mktemp("m") / "llama")
+
+
+@pytest.fixture(scope="module")
+def target(model_dir, start_server):
+    s = start_server(model_dir)
+    yield s.target
+    s.stop()
+
+
+def _expected(checker, padded_in, ref_adv, sign="both", **params):
+    """AReaL's advantages times gamma at the actions that produced response tokens, found
+    here from the un-rolled loss mask: token j (mask 1) was produced at position j - 1."""
+    want = ref_adv.clone()
+    ids, mask, attn = (
+        padded_in["input_ids"],
+        padded_in["loss_mask"].bool(),
+        padded_in["attention_mask"],
+    )
+    holes = 0
+    for b in range(ids.shape[0]):
+        pos = torch.nonzero(mask[b]).flatten()
+        first, last = int(pos[0]), int(pos[-1])
+        [res] = checker.score(
+            [ids[b, :first].tolist()], [ids[b, first : last + 1].tolist()], **params
+        )
+        g = torch.from_numpy(np.array(res.gamma))
+        assert len(g) == last - first + 1 and attn[b, : last + 1].all()
+        for j in range(first, last + 1):
+            if not mask[b, j]:
+                holes += 1  # a user token inside the span: left as AReaL made it
+                continue
+            a = ref_adv[b, j - 1]
+            if sign == "both" or a >= 0:
+                want[b, j - 1] = a * g[j - first]
+    return want, holes
+
+
+@pytest.mark.parametrize("group_norm", [False, True])
+@pytest.mark.parametrize("sign", ["both", "positive_only"])
+def test_advantages_are_areal_times_gamma(target, group_norm, sign):
+    trajs = _rollout(StubRollout(seed=1))
+    padded, _ = concat_batch(copy.deepcopy(trajs))  # AReaL's own padding (right, zeros)
+    assert (padded["attention_mask"] == 0).any()  # there is padding to leave alone
+    actor = _actor(group_norm)
+    ref = actor._compute_advantages(copy.deepcopy(padded))  # AReaL alone
+    with (
+        CreditClient([target], cache=None) as client,
+        CreditClient([target], cache=False) as checker,
+    ):
+        undo = ac_areal.install(client, strategy="coupled_rhythm", sign=sign, q=0.5)
+        try:
+            ac_areal.install(client, strategy="coupled_rhythm", sign=sign, q=0.5)  # no double wrap
+            out = actor._compute_advantages(copy.deepcopy(padded))
+        finally:
+            undo()
+        assert not hasattr(areal_actor.PPOActor._compute_advantages, "__anchorcredit_wrapped__")
+        want, holes = _expected(checker, padded, ref["advantages"], sign=sign, q=0.5)
+    assert holes > 0  # the multi-turn retries put user tokens inside some responses
+    assert out["advantages"].dtype == ref["advantages"].dtype
+    torch.testing.assert_close(out["advantages"], want, rtol=0, atol=0)
+    # everything but the response actions is bit-identical, padding included
+    off = ~ref["loss_mask"].bool()
+    assert torch.equal(out["advantages"][off], ref["advantages"][off])
+    assert not torch.equal(out["advantages"], ref["advantages"])
+    for k in ("loss_mask", "returns", "logprobs"):
+        assert torch.equal(out[k], ref[k])
+
+
+def test_public_compute_advantages_per_trajectory(target):
+    """AReaL's `compute_advantages(list)` (what the trainer calls) splits the result back per
+    trajectory; each gets its gamma."""
+    trajs = _rollout(StubRollout(seed=2), n_single=2, n_multi=2, seed=2)
+    actor = _actor(group_norm=False)
+    ref = actor.compute_advantages(copy.deepcopy(trajs))
+    with CreditClient([target]) as client, CreditClient([target], cache=False) as checker:
+        undo = ac_areal.install(client)
+        try:
+            out = actor.compute_advantages(copy.deepcopy(trajs))
+        finally:
+            undo()
+        for t, r, o in zip(trajs, ref, out, strict=True):
+            want, _ = _expected(checker, t, r["advantages"])
+            torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+
+
+def test_rows_without_response_are_left_alone(target):
+    trajs = _rollout(StubRollout(seed=3), n_single=2, n_multi=0, seed=3)
+    trajs[0]["loss_mask"][:] = 0  # e.g. a filtered / aborted sample
+    padded, _ = concat_batch(copy.deepcopy(trajs))
+    actor = _actor(group_norm=False)
+    ref = actor._compute_advantages(copy.deepcopy(padded))
+    with CreditClient([target]) as client:
+        out = ac_areal.apply_credit(actor._compute_advantages(copy.deepcopy(padded)), client)
+    assert torch.equal(out["advantages"][0], ref["advantages"][0])
+    assert not torch.equal(out["advantages"][1], ref["advantages"][1])
+
+
+@pytest.mark.slow
+def test_weight_sync_follows_areal_update_weights(tmp_path, model_dir, start_server):
+    """AReaL's own loop order: connect_engine at setup; per step compute_advantages ->
+    (optimizer step) -> update_weights(meta.with_version(step + 1)) -> set_version. The
+    service must serve `step-<n>-<run>` = the weights AReaL just wrote, and every score is
+    pinned to it; a service moved to other weights is refused."""
+    import torch.distributed as dist
+    from areal.api.cli_args import NameResolveConfig
+    from areal.api.io_struct import WeightUpdateMeta
+    from areal.engine.fsdp_engine import FSDPEngine, FSDPPPOActor
+    from areal.utils import name_resolve
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+    from anchorcredit.runner import Scorer
+
+    server = start_server(model_dir)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+        )
+    name_resolve.reconfigure(NameResolveConfig(type="nfs", nfs_record_root=str(tmp_path / "nr")))
+    client = CreditClient([server.target], cache=None)
+    checker = CreditClient([server.target], cache=False)
+    sync, undo_sync = install_weight_sync(client, run_id="t1")
+    undo_credit = ac_areal.install(client, q=0.5)
+    try:
+        cfg = PPOActorConfig(experiment_name="t", trial_name="t", path=str(model_dir))
+        engine = FSDPPPOActor(cfg)  # AReaL's class; __init__ reads the model config only
+        # Stand-in for engine.initialize() (FSDP2 sharding on CUDA): the HF module itself.
+        engine.model = AutoModelForCausalLM.from_pretrained(model_dir)
+        engine.tokenizer = None
+        engine._initialized = True
+        engine._cpu_group = dist.group.WORLD
+        rollout = StubRollout(seed=4)
+        meta = WeightUpdateMeta(type="disk", path=str(tmp_path / "ckpt" / "weight_update"))
+        engine.connect_engine(rollout, meta)
+        assert checker.model_info(refresh=True).policy_version == "step-0-t1"
+        opt = torch.optim.SGD(engine.model.parameters(), lr=0.5)
+        for global_step in range(2):
+            trajs = _rollout(rollout, n_single=2, n_multi=1, seed=global_step)
+            pinned = sync.version
+            out = engine.compute_advantages(copy.deepcopy(trajs))
+            ref = areal_actor.PPOActor._compute_advantages.__anchorcredit_wrapped__
+            for t, o in zip(trajs, out, strict=True):
+                raw = ref(engine.actor, copy.deepcopy(t))["advantages"]
+                want, _ = _expected(checker, t, raw, policy_version=pinned, q=0.5)
+                torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+            # stand-in for ppo_update's engine.train_batch: one real optimizer step
+            ids = torch.cat([t["input_ids"][0] for t in trajs]).long()[None, :64]
+            engine.model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            new_version = global_step + 1  # AReaL's PPOTrainer.train, verbatim order
+            engine.update_weights(meta.with_version(new_version))
+            engine.set_version(new_version)
+            assert checker.model_info(refresh=True).policy_version == f"step-{new_version}-t1"
+        assert rollout.loaded == [str(tmp_path / "ckpt" / f"weight_update_v{n}") for n in (1, 2)]
+        assert len(sync.seconds) == 3
+        # the service scores exactly like the checkpoint AReaL wrote for its rollout engines
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        ref_scores = Scorer.from_pretrained(rollout.loaded[-1]).score(
+            list(zip(ids_p, ids_r, strict=True))
+        )
+        got = checker.score(ids_p, ids_r, policy_version="step-2-t1")
+        np.testing.assert_array_equal(got[0].gamma, ref_scores[0].gamma)
+        # another writer moves the service on: the pinned adapter refuses, never uses it
+        checker.push_weights(load_file(model_dir / "model.safetensors"), "someone-else")
+        with pytest.raises(StalePolicyVersionError):
+            engine.compute_advantages(copy.deepcopy(_rollout(rollout, 1, 0, seed=9)))
+    finally:
+        undo_credit()
+        undo_sync()
+        assert not hasattr(FSDPEngine.update_weights, "__anchorcredit_wrapped__")
+        client.close()
+        checker.close()
+        if own_group:
+            dist.destroy_process_group()
+        server.stop()
