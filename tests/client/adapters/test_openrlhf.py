@@ -1,12 +1,35 @@
-"""OpenRLHF adapter on OpenRLHF's Experience layout (sequences = prompt + response,
-right-padded, action_mask shifted by one), scored by a real service.
+"""OpenRLHF adapter against OpenRLHF 0.11.2's installed source and a real anchorcredit service.
 
-OpenRLHF itself (Ray, DeepSpeed, vLLM) is not installed in CI: a stand-in base class with
-its `compute_advantages_and_returns` hook point checks the subclass wiring.
+OpenRLHF's own code does the work: its CLI parser (`openrlhf.cli.train_ppo_ray`) builds the
+args, `SamplesGenerator._process_response_into_experience` turns rollouts into Experiences,
+`RemoteExperienceMaker.split_rollout_samples` pads them into micro-batches, the real base
+class's `compute_advantages_and_returns` computes the advantages the adapter reweights,
+`BasePPOTrainer.__init__` / `broadcast_to_vllm` and `ActorPPOTrainer.__init__` /
+`broadcast_to_vllm` run the weight sync, `openrlhf.models.Actor` loads the HF model.
+
+Stubbed, and only these (the GPU / Ray / vLLM / DeepSpeed boundaries):
+- import stubs for `deepspeed`, `vllm`, `flash_attn` (GPU packages, not installable here);
+  ZeRO-3 is a one-process stand-in (`Zero3`): partitioned parameters hold an empty tensor
+  and `deepspeed.zero.GatheredParameters` puts the full value back while inside;
+  `DeepSpeedEngine` is a wrapper module with `.module`, as DeepSpeed's;
+- Ray: `ray.get` inside OpenRLHF's modules returns its argument, and the actor group calls
+  the actor's method in this process;
+- vLLM: engines record `update_weight` calls, the vLLM process group records broadcasts;
+- CUDA: `torch_dist_barrier_and_cuda_sync` is the barrier of a one-process gloo group,
+  `torch.cuda.current_stream` returns None and `torch.cuda.current_device` 0;
+- the actor/reference forward passes (GPU Ray actors) that fill `kl`: random values;
+- the tokenizer: only `pad_token_id` is read (the debug model ships none).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib.abc
+import importlib.machinery
+import inspect
+import runpy
+import sys
 import types
 
 import numpy as np
@@ -16,71 +39,448 @@ torch = pytest.importorskip("torch")
 
 from anchorcredit.client import CreditClient  # noqa: E402
 from anchorcredit.client.adapters import openrlhf as ac_orl  # noqa: E402
+from anchorcredit.client.adapters import openrlhf_sync as ac_sync  # noqa: E402
+from anchorcredit.client.errors import StalePolicyVersionError  # noqa: E402
+
+STUBBED = ("deepspeed", "vllm", "flash_attn")
+N_SAMPLES = 2  # rollouts per prompt (the group of group_norm / rloo / ...)
+ESTIMATORS = ("group_norm", "reinforce_baseline", "rloo", "dr_grpo", "reinforce")
+
+
+# -- the GPU-package boundary ---------------------------------------------------------------
+class _StubModule(types.ModuleType):
+    """Any attribute is a placeholder class (what importing OpenRLHF needs of it)."""
+
+    def __getattr__(self, name: str) -> type:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = type(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+class Zero3:
+    """One-process stand-in for DeepSpeed ZeRO-3: partition() empties every parameter (the
+    full value kept aside as `ds_full`); GatheredParameters restores it while inside."""
+
+    def __init__(self) -> None:
+        self.gathered = 0  # parameters gathered, summed over calls
+
+    @staticmethod
+    def partition(model) -> None:
+        for p in model.parameters():
+            p.ds_id, p.ds_shape, p.ds_full = id(p), p.shape, p.data
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    @contextlib.contextmanager
+    def GatheredParameters(self, params, modifier_rank=None, fwd_module=None, enabled=True):
+        params = [p for p in params if hasattr(p, "ds_id")] if enabled else []
+        for p in params:
+            p.data = p.ds_full
+        self.gathered += len(params)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_full, p.data = p.data, torch.empty(0, dtype=p.dtype)
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory, start_server):
+def orl():
+    """OpenRLHF's modules, imported with the GPU packages stubbed; undone afterwards."""
+    before = set(sys.modules)
+    finder = _StubFinder()
+    sys.meta_path.insert(0, finder)
+    zero3 = Zero3()
+    try:
+        import deepspeed
+
+        deepspeed.zero = types.SimpleNamespace(GatheredParameters=zero3.GatheredParameters)
+        deepspeed.DeepSpeedEngine = type(
+            "DeepSpeedEngine",
+            (torch.nn.Module,),
+            {"__init__": _engine_init, "__module__": "deepspeed"},
+        )
+        import openrlhf.trainer.ppo_trainer as ppo_trainer
+        import openrlhf.trainer.ppo_utils.experience_maker as experience_maker
+        import openrlhf.trainer.ppo_utils.samples_generator as samples_generator
+        import openrlhf.trainer.ray.ppo_actor as ppo_actor
+        from openrlhf.models import Actor
+        from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+        yield types.SimpleNamespace(
+            ppo_trainer=ppo_trainer,
+            ppo_actor=ppo_actor,
+            experience_maker=experience_maker,
+            samples_generator=samples_generator,
+            Actor=Actor,
+            FixedKLController=FixedKLController,
+            DeepSpeedEngine=deepspeed.DeepSpeedEngine,
+            zero3=zero3,
+        )
+    finally:
+        ac_orl.uninstall()
+        sys.meta_path.remove(finder)
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in (*STUBBED, "openrlhf"):
+                del sys.modules[name]
+
+
+def _engine_init(self, module):
+    torch.nn.Module.__init__(self)
+    self.module = module
+
+
+def cli_args(orl, estimator: str, model_dir: str = "unused", **flags: str):
+    """OpenRLHF's own parsed and validated args for a train_ppo_ray command line: its
+    __main__ runs up to ray.init (stopped there)."""
+    import openrlhf.utils.config as config
+
+    argv = {
+        "--actor.model_name_or_path": model_dir,
+        "--algo.advantage.estimator": estimator,
+        "--rollout.n_samples_per_prompt": str(N_SAMPLES),
+        "--rollout.batch_size": "4",
+        "--rollout.micro_batch_size": "4",
+        "--train.batch_size": "8",
+        "--train.micro_batch_size": "2",
+        "--actor.num_gpus_per_node": "1",
+        "--vllm.num_engines": "1",
+        "--data.prompt_dataset": "unused",
+        "--reward.remote_url": "http://unused",
+        **flags,
+    }
+    captured = {}
+    real = config.hierarchize
+
+    def spy(ns):
+        captured["args"] = real(ns)
+        return captured["args"]
+
+    class Stop(Exception):
+        pass
+
+    def no_ray(*a, **k):
+        raise Stop
+
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "hierarchize", spy)
+        mp.setattr(ray, "is_initialized", lambda: False)
+        mp.setattr(ray, "init", no_ray)
+        mp.setattr(sys, "argv", ["train_ppo_ray", *[x for kv in argv.items() for x in kv]])
+        with pytest.raises(Stop):
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+    return captured["args"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
     from anchorcredit.offline.debug_model import save_debug_model
 
-    s = start_server(save_debug_model(tmp_path_factory.mktemp("m") / "llama"))
+    return save_debug_model(tmp_path_factory.mktemp("m") / "llama")
+
+
+@pytest.fixture(scope="module")
+def target(model_dir, start_server):
+    s = start_server(model_dir)
     yield s.target
     s.stop()
 
 
-def _experience(with_hole: bool = False):
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, 256, n).tolist() for n in (4, 7)]
-    responses = [rng.integers(3, 256, n).tolist() for n in (11, 6)]
-    L = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True)) + 2
-    seq = torch.zeros(2, L, dtype=torch.long)
-    attn = torch.zeros(2, L, dtype=torch.long)
-    action = torch.zeros(2, L - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        seq[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attn[i, : len(p) + len(r)] = 1
-        action[i, len(p) - 1 : len(p) + len(r) - 1] = True  # token j+1 is an action
-    if with_hole:
-        action[0, len(prompts[0]) + 2] = False  # an observation token inside the response
-    adv = torch.randn(2, L - 1) * action
-    exp = types.SimpleNamespace(
-        sequences=seq, attention_mask=attn, action_mask=action, advantages=adv.clone(), info={}
+# -- rollouts -> OpenRLHF Experiences -------------------------------------------------------
+def rollouts(seed: int = 5) -> list[dict]:
+    """vLLM-engine outputs as OpenRLHF's SamplesGenerator receives them: prompt tokens, then
+    actions; sample 1 is multi-turn (a 2-token tool observation between two action spans)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(3 * N_SAMPLES):
+        prompt = rng.integers(3, 256, 4 + 3 * (i // N_SAMPLES)).tolist()
+        if i == 1:
+            acts = [rng.integers(3, 256, 3).tolist(), rng.integers(3, 256, 4).tolist()]
+            tokens, ranges, pos = list(prompt), [], len(prompt)
+            for k, a in enumerate(acts):
+                if k:
+                    tokens += rng.integers(3, 256, 2).tolist()  # tool output
+                    pos += 2
+                tokens += a
+                ranges.append((pos, pos + len(a)))
+                pos += len(a)
+        else:
+            resp = rng.integers(3, 256, int(rng.integers(5, 12))).tolist()
+            tokens, ranges = prompt + resp, [(len(prompt), len(prompt) + len(resp))]
+        out.append(
+            {
+                "observation_tokens": tokens,
+                "action_ranges": ranges,
+                "reward": float(rng.normal()),
+                "scores": 0.0,
+                "rollout_log_probs": None,
+                "prompt": f"p{i // N_SAMPLES}",
+                "label": "",
+            }
+        )
+    return out
+
+
+def experiences(orl, args, raw: list[dict]):
+    """Experiences as OpenRLHF's make_experience_batch has them before advantages."""
+    strategy = types.SimpleNamespace(args=args)
+    tokenizer = types.SimpleNamespace(pad_token_id=0)
+    gen = orl.samples_generator.SamplesGenerator(strategy, None, None, tokenizer, [])
+    samples = [gen._process_response_into_experience(r) for r in raw]
+    maker = orl.experience_maker.RemoteExperienceMaker(
+        None, None, None, None, orl.FixedKLController(args.algo.kl.init_coef), strategy, tokenizer
     )
-    return exp, prompts, responses, adv
+    exps = maker.split_rollout_samples(samples)
+    gen_rng = torch.Generator().manual_seed(0)
+    for e in exps:  # what the actor/reference forward passes would add (GPU Ray actors)
+        e.kl = torch.rand(e.action_mask.shape, generator=gen_rng) * 0.1
+    return exps, strategy, tokenizer
 
 
-@pytest.mark.parametrize("with_hole", [False, True])
-def test_apply_credit_is_a_times_gamma(target, with_hole):
-    exp, prompts, responses, adv = _experience(with_hole)
+def expected_gamma(client: CreditClient, raw: list[dict]) -> list[tuple[int, np.ndarray]]:
+    """(sequence index of the first response token, gamma per response token) of each
+    rollout, scored straight from the raw tokens."""
+    spans = []
+    for r in raw:
+        first, end = r["action_ranges"][0][0], r["action_ranges"][-1][1]
+        spans.append((first, r["observation_tokens"][:first], r["observation_tokens"][first:end]))
+    res = client.score([p for _, p, _ in spans], [s for _, _, s in spans])
+    return [
+        (first, np.asarray(x.gamma, np.float32))
+        for (first, _, _), x in zip(spans, res, strict=True)
+    ]
+
+
+def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
+    """after == before x gamma exactly at action positions; identical everywhere else
+    (prompt, tool tokens, padding). Returns how many action positions were checked."""
+    checked = 0
+    for eb, ea in zip(before, after, strict=True):
+        assert ea.advantages.shape == eb.advantages.shape
+        assert ea.advantages.dtype == eb.advantages.dtype
+        want = eb.advantages.clone()
+        for row, idx in enumerate(ea.index):
+            first, g = gammas[idx]
+            for j in torch.nonzero(eb.action_mask[row]).flatten().tolist():
+                a = eb.advantages[row, j]
+                if sign == "both" or a >= 0:
+                    want[row, j] = a * torch.tensor(g[j + 1 - first])
+                checked += 1
+            n_tokens = len(raw[idx]["observation_tokens"])
+            assert int(eb.attention_mask[row].sum()) == n_tokens
+        torch.testing.assert_close(ea.advantages, want, rtol=0, atol=0)
+        assert torch.equal(ea.returns, eb.returns)
+        assert ea.info["anchorcredit_gamma_mean"].shape == (len(ea.index),)
+    return checked
+
+
+# -- advantages ------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_advantages_are_openrlhfs_times_gamma(orl, target, estimator):
+    args = cli_args(orl, estimator)
+    raw = rollouts()
+    exps, strategy, tokenizer = experiences(orl, args, raw)
+    kl = orl.FixedKLController(args.algo.kl.init_coef)
+    base = orl.experience_maker.RemoteExperienceMaker(
+        None, None, None, None, kl, strategy, tokenizer
+    )
+    ref = base.compute_advantages_and_returns(copy.deepcopy(exps))
     with CreditClient([target]) as client:
-        ac_orl.apply_credit(exp, client, strategy="coupled_rhythm")
-        ref = client.score(prompts, responses)
-    for i, res in enumerate(ref):
-        p = len(prompts[i])
-        span = slice(p - 1, p - 1 + len(responses[i]))
-        want = adv[i, span] * torch.from_numpy(np.array(res.gamma))
-        m = exp.action_mask[i, span]
-        torch.testing.assert_close(exp.advantages[i, span][m], want[m], rtol=0, atol=0)
-    assert exp.advantages.dtype == adv.dtype
-    assert exp.info["anchorcredit_gamma_mean"].shape == (2,)
+        cls = ac_orl.experience_maker_class(client, strategy="coupled_rhythm")
+        assert cls.__mro__[1] is orl.experience_maker.RemoteExperienceMaker
+        maker = cls(None, None, None, None, kl, strategy, tokenizer)
+        got = maker.compute_advantages_and_returns(copy.deepcopy(exps))
+        gammas = expected_gamma(client, raw)
+    assert len(exps) == 2 and exps[0].sequences.shape[1] != exps[1].sequences.shape[1]
+    assert check_reweighted(ref, got, raw, gammas) == sum(
+        sum(e - s for s, e in r["action_ranges"]) for r in raw
+    )
+    # the multi-turn rollout's tool tokens are in the span but keep OpenRLHF's advantage
+    row = got[0].index.index(1)
+    first = raw[1]["action_ranges"][0][1] - 1  # action index of the first tool token
+    tool = slice(first, first + 2)
+    assert not ref[0].action_mask[row, tool].any()
+    assert torch.equal(got[0].advantages[row, tool], ref[0].advantages[row, tool])
+    assert any(not np.allclose(g, 1.0) for _, g in gammas)  # gamma is not a no-op here
 
 
-def test_experience_maker_subclass_runs_after_the_base(target):
-    class FakeMaker:  # OpenRLHF's hook point: advantages computed, then returned
-        def compute_advantages_and_returns(self, experiences):
-            for e in experiences:
-                e.advantages = e.advantages * 2
-            return experiences
-
-    exp, prompts, responses, adv = _experience()
+def test_positive_only_leaves_negative_advantages(orl, target):
+    args = cli_args(orl, "group_norm")
+    raw = rollouts(seed=9)
+    exps, strategy, tokenizer = experiences(orl, args, raw)
+    kl = orl.FixedKLController(args.algo.kl.init_coef)
+    ref = orl.experience_maker.RemoteExperienceMaker(
+        None, None, None, None, kl, strategy, tokenizer
+    ).compute_advantages_and_returns(copy.deepcopy(exps))
     with CreditClient([target]) as client:
-        cls = ac_orl.experience_maker_class(client, base=FakeMaker, sign="positive_only")
-        (out,) = cls().compute_advantages_and_returns([exp])
-        ref = client.score(prompts, responses)
-    g = np.array(ref[0].gamma)
-    p = len(prompts[0])
-    a = (adv[0, p - 1 : p - 1 + len(g)] * 2).numpy()
-    want = np.where(a >= 0, a * g, a)
-    np.testing.assert_allclose(out.advantages[0, p - 1 : p - 1 + len(g)].numpy(), want, rtol=1e-6)
+        cls = ac_orl.experience_maker_class(client, sign="positive_only")
+        got = cls(None, None, None, None, kl, strategy, tokenizer).compute_advantages_and_returns(
+            copy.deepcopy(exps)
+        )
+        gammas = expected_gamma(client, raw)
+    check_reweighted(ref, got, raw, gammas, sign="positive_only")
+    assert any((e.advantages < 0).any() for e in ref)
+
+
+# -- weight sync -----------------------------------------------------------------------------
+class Engine:
+    """A vLLM engine (a Ray actor) as OpenRLHF's broadcast calls it."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, tuple[int, ...]]] = []
+        self.update_weight = types.SimpleNamespace(remote=self._update)
+
+    def _update(self, name, dtype, shape, empty_cache=False):
+        self.updates.append((name, tuple(shape)))
+
+
+class VllmGroup:
+    """The process group OpenRLHF broadcasts the weights to vLLM on."""
+
+    def __init__(self) -> None:
+        self.tensors: list = []
+
+    def broadcast(self, tensor, src, stream=None):
+        self.tensors.append(tensor.detach().clone())
+
+
+class ActorGroup:
+    """OpenRLHF's RayActorGroup with one actor, called in this process."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def async_run_method(self, method_name, *args, **kwargs):
+        return [getattr(self.actor, method_name)(*args, **kwargs)]
+
+
+@pytest.fixture
+def one_process_group(free_port):
+    dist = torch.distributed
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_weight_sync_rides_openrlhfs_vllm_broadcast(
+    orl, target, model_dir, monkeypatch, one_process_group
+):
+    args = cli_args(orl, "group_norm", str(model_dir), **{"--ds.zero_stage": "3"})
+    strategy = types.SimpleNamespace(args=args)
+    ppo_actor, ppo_trainer = orl.ppo_actor, orl.ppo_trainer
+    same = types.SimpleNamespace(get=lambda refs: refs)  # ray.get on in-process results
+    monkeypatch.setattr(ppo_actor, "ray", same)
+    monkeypatch.setattr(ppo_trainer, "ray", same)
+    monkeypatch.setattr(ppo_actor, "torch_dist_barrier_and_cuda_sync", torch.distributed.barrier)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the replay buffer's device
+
+    client = CreditClient([target], replica_wait_s=0.2)  # how long a pinned call waits
+    pushed, scored = [], []
+    real_push, real_score = client.push_weights, client.score
+
+    def spy_push(weights, version, **kw):
+        weights = list(weights)
+        pushed.append((version, {n: t.detach().clone() for n, t in weights}))
+        return real_push(weights, version, **kw)
+
+    def spy_score(*a, **kw):
+        scored.append(kw.get("policy_version"))
+        return real_score(*a, **kw)
+
+    monkeypatch.setattr(client, "push_weights", spy_push)
+    monkeypatch.setattr(client, "score", spy_score)
+    ac_orl.install(client, strategy="coupled_rhythm")  # weight_sync="grpc"
+    try:
+        trainer_cls = ppo_actor.ActorPPOTrainer
+        assert trainer_cls.__mro__[1] is ac_orl._ORIGINALS[(ppo_actor, "ActorPPOTrainer")]
+        # OpenRLHF's PolicyModelActor builds its trainer by that module-level name
+        ray_cls = ppo_actor.PolicyModelActor.__ray_metadata__.modified_class
+        build = inspect.unwrap(ray_cls.init_model_from_pretrained)  # Ray wraps it for tracing
+        assert "ActorPPOTrainer" in build.__code__.co_names
+        assert build.__globals__["ActorPPOTrainer"] is trainer_cls
+
+        actor = orl.Actor(str(model_dir), attn_implementation="eager")
+        actor.model = orl.DeepSpeedEngine(actor.model)
+        hf = actor.model.module
+        orl.zero3.partition(hf)
+        trainer = trainer_cls(
+            strategy, actor, ema_model=None, actor_optim=None, actor_scheduler=None
+        )
+        assert len(pushed) == 1  # step 0: the starting weights, gathered from ZeRO-3
+        v0, w0 = pushed[0]
+        assert ac_sync.parse_version(v0)[0] == 0
+        assert all(p.data.numel() == 0 for p in hf.parameters())  # partitioned again
+        for name, p in hf.named_parameters():
+            assert torch.equal(w0[name], p.ds_full)
+        engine, vllm_group = Engine(), VllmGroup()
+        trainer.vllm_engines, trainer._model_update_group = [engine], vllm_group
+
+        controller = ppo_trainer.BasePPOTrainer(
+            strategy, ActorGroup(trainer), None, None, None, [engine], trainer_cls
+        )
+        maker = controller.experience_maker
+        assert type(maker).__mro__[1] is orl.experience_maker.RemoteExperienceMaker
+        exps, _, _ = experiences(orl, args, rollouts())
+        maker.compute_advantages_and_returns(copy.deepcopy(exps))
+        assert scored == [v0] * len(exps)  # one score() per micro-batch
+
+        with torch.no_grad():  # what an optimizer step does to the partitioned weights
+            for p in hf.parameters():
+                p.ds_full.add_(0.01)
+        controller.broadcast_to_vllm()  # OpenRLHF: after ppo_train, before the next batch
+        assert len(pushed) == 2
+        v1, w1 = pushed[1]
+        assert ac_sync.parse_version(v1) == (1, ac_sync.parse_version(v0)[1])
+        assert client.model_info(refresh=True).policy_version == v1
+        # vLLM and the service got the same tensors, by the same names, full size
+        assert [n for n, _ in engine.updates] == list(w1)
+        assert [s for _, s in engine.updates] == [tuple(t.shape) for t in w1.values()]
+        for t_vllm, (name, t_ac) in zip(vllm_group.tensors, w1.items(), strict=True):
+            assert torch.equal(t_vllm, t_ac), name
+            assert not torch.equal(t_ac, w0[name])
+        maker.compute_advantages_and_returns(copy.deepcopy(exps))
+        assert scored == [v0] * len(exps) + [v1] * len(exps)
+
+        # the service moves to other weights: a new batch pinned to v1 is refused, never
+        # scored with them (v1's results already in the client's cache stay v1's)
+        with CreditClient([target]) as other:
+            other.update_weights(str(model_dir), "someone-else")
+        new_exps, _, _ = experiences(orl, args, rollouts(seed=11))
+        with pytest.raises(StalePolicyVersionError) as err:
+            maker.compute_advantages_and_returns(copy.deepcopy(new_exps))
+        assert err.value.code.name == "FAILED_PRECONDITION"
+        assert scored[-1] == v1
+        # a sync the actors did not push is caught before scoring
+        maker.anchorcredit_pin.synced()
+        with pytest.raises(ac_sync.WeightSyncError, match="someone-else"):
+            maker.compute_advantages_and_returns(copy.deepcopy(new_exps))
+    finally:
+        ac_orl.uninstall()
+        client.close()
+    assert ppo_actor.ActorPPOTrainer is ac_orl._ORIGINALS.get(
+        (ppo_actor, "ActorPPOTrainer"), ppo_actor.ActorPPOTrainer
+    )
 
 
 def test_client_from_env(monkeypatch, target):
@@ -93,3 +493,34 @@ def test_client_from_env(monkeypatch, target):
         assert client.model_info().model_id
     finally:
         client.close()
+
+
+def test_sync_settings_from_env(monkeypatch):
+    for var in ("ANCHORCREDIT_WEIGHT_SYNC", "ANCHORCREDIT_POLICY_VERSION", "ANCHORCREDIT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert ac_orl._sync_from_env() == ("grpc", "auto", None)
+    monkeypatch.setenv("ANCHORCREDIT_POLICY_VERSION", "fixed")  # a fixed pin: no sync
+    assert ac_orl._sync_from_env()[0] is None
+    monkeypatch.setenv("ANCHORCREDIT_WEIGHT_SYNC", "collective")
+    monkeypatch.setenv("ANCHORCREDIT_RUN_ID", "r7")
+    assert ac_orl._sync_from_env() == ("collective", "auto", "r7")
+    monkeypatch.setenv("ANCHORCREDIT_WEIGHT_SYNC", "nfs")
+    with pytest.raises(ValueError, match="ANCHORCREDIT_WEIGHT_SYNC"):
+        ac_orl._sync_from_env()
+
+
+def test_version_pin_learns_the_run_then_holds_it():
+    served = ["step-0-ab12", "step-1-ab12", "step-2-zz"]
+    client = types.SimpleNamespace(
+        model_info=lambda refresh: types.SimpleNamespace(policy_version=served.pop(0))
+    )
+    pin = ac_sync.VersionPin()
+    assert pin.current(client) == "step-0-ab12"
+    assert pin.current(client) == "step-0-ab12"  # asked once per sync
+    pin.synced()
+    assert pin.current(client) == "step-1-ab12"
+    pin.synced()
+    with pytest.raises(ac_sync.WeightSyncError, match="step-2-ab12"):
+        pin.current(client)  # another run's version
+    assert ac_sync.parse_version("step-12-a-b") == (12, "a-b")
+    assert ac_sync.parse_version("base") is None

@@ -31,11 +31,25 @@ from typing import Any
 
 import numpy as np
 
+from anchorcredit.client.adapters.openrlhf_sync import (
+    SYNC_TRANSPORTS,
+    ActorWeightSync,
+    VersionPin,
+    actor_trainer_class,
+    unwrap_controller_broadcast,
+    wrap_controller_broadcast,
+)
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
 
-__all__ = ["apply_credit", "experience_maker_class", "install", "install_from_env"]
+__all__ = [
+    "apply_credit",
+    "experience_maker_class",
+    "install",
+    "install_from_env",
+    "uninstall",
+]
 
 
 def apply_credit(
@@ -86,11 +100,21 @@ def _like(template: Any, values: np.ndarray) -> Any:
 
 
 def experience_maker_class(
-    client: CreditClient | None = None, base: type | None = None, **kwargs: Any
+    client: CreditClient | None = None,
+    base: type | None = None,
+    *,
+    weight_sync: bool | None = None,
+    run_id: str | None = None,
+    **kwargs: Any,
 ) -> type:
     """A subclass of OpenRLHF's RemoteExperienceMaker (or `base`) that applies gamma after
-    OpenRLHF's own advantages (and their normalisation). client None: from the environment
-    (see install_from_env), created on first use in the process that runs it."""
+    OpenRLHF's own advantages (and their normalisation).
+
+    client None: from the environment (see install_from_env), created on first use in the
+    process that runs it. weight_sync True: score with the version the weight sync put on
+    the service (`anchorcredit_pin`, see openrlhf_sync); None: True when the environment
+    turns the sync on (client None) else False. kwargs: apply_credit's.
+    """
     if base is None:
         from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
@@ -99,30 +123,107 @@ def experience_maker_class(
     class AnchorCreditExperienceMaker(base):  # type: ignore[misc, valid-type]
         _ac_client = client
         _ac_kwargs = kwargs
+        # None: from the environment with the client, or off with a client of yours
+        _ac_sync = weight_sync if weight_sync is not None or client is None else False
+
+        @property
+        def anchorcredit_pin(self) -> VersionPin:
+            """Counts OpenRLHF's weight syncs (wrap_controller_broadcast) and names the
+            version the next batch must be scored with."""
+            pin = self.__dict__.get("_ac_pin")
+            if pin is None:
+                pin = self.__dict__["_ac_pin"] = VersionPin(run_id)
+            return pin
 
         def compute_advantages_and_returns(self, experiences: list[Any]) -> list[Any]:
             experiences = super().compute_advantages_and_returns(experiences)
             cls = type(self)
             if cls._ac_client is None:
                 cls._ac_client, cls._ac_kwargs = _client_from_env()
+                if cls._ac_sync is None:
+                    cls._ac_sync = _sync_from_env()[0] is not None
+            params = dict(cls._ac_kwargs)
+            if cls._ac_sync and params.get("policy_version") is None:
+                params["policy_version"] = self.anchorcredit_pin.current(cls._ac_client)
             for exp in experiences:
-                apply_credit(exp, cls._ac_client, **cls._ac_kwargs)
+                apply_credit(exp, cls._ac_client, **params)
             return experiences
 
     return AnchorCreditExperienceMaker
 
 
-def install(client: CreditClient | None = None, **kwargs: Any) -> None:
-    """Make OpenRLHF's PPO trainers in this process build the anchorcredit experience maker."""
+def install(
+    client: CreditClient | None = None,
+    *,
+    weight_sync: str | None = "grpc",
+    dtype: str | None = "auto",
+    run_id: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Hook OpenRLHF in this process (call it in every Ray worker: install_from_env).
+
+    - OpenRLHF's PPO trainers build the anchorcredit experience maker;
+    - weight_sync "grpc" / "collective" (None: off, the service keeps its weights): the
+      actor ranks push their weights after each vLLM weight broadcast as step-<n>-<run>,
+      and the experience maker scores with exactly that version (openrlhf_sync).
+
+    client None: each process creates its own from ANCHORCREDIT_* (on first use);
+    dtype: cast before sending ("auto": the serving dtype); run_id: names the versions
+    (default: random on actor rank 0); kwargs: apply_credit's (strategy, sign, q, ...).
+    """
     import openrlhf.trainer.ppo_trainer as ppo_trainer
 
-    ppo_trainer.RemoteExperienceMaker = experience_maker_class(client, **kwargs)
+    if weight_sync is not None and weight_sync not in SYNC_TRANSPORTS:
+        raise ValueError(f"weight_sync must be None or one of {SYNC_TRANSPORTS}")
+    if weight_sync is not None and kwargs.get("policy_version") is not None:
+        raise ValueError("a fixed policy_version and weight_sync exclude each other")
+    _ORIGINALS.setdefault((ppo_trainer, "RemoteExperienceMaker"), ppo_trainer.RemoteExperienceMaker)
+    maker = experience_maker_class(
+        client,
+        _ORIGINALS[(ppo_trainer, "RemoteExperienceMaker")],
+        weight_sync=weight_sync is not None,
+        run_id=run_id,
+        **kwargs,
+    )
+    ppo_trainer.RemoteExperienceMaker = maker
     try:
         import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
     except ImportError:
+        ppo_trainer_async = None
+    if ppo_trainer_async is not None and hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
+        key = (ppo_trainer_async, "RemoteExperienceMaker")
+        _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
+        ppo_trainer_async.RemoteExperienceMaker = maker
+    if weight_sync is None:
         return
-    if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
-        ppo_trainer_async.RemoteExperienceMaker = ppo_trainer.RemoteExperienceMaker
+    wrap_controller_broadcast(ppo_trainer.BasePPOTrainer)
+    try:
+        # imports deepspeed; a controller-only process without it still gets its half
+        import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    except ImportError:
+        return
+
+    def new_sync() -> ActorWeightSync:
+        factory = (lambda: client) if client is not None else (lambda: _client_from_env()[0])
+        return ActorWeightSync(factory, weight_sync, dtype, run_id)
+
+    key = (ppo_actor, "ActorPPOTrainer")
+    _ORIGINALS.setdefault(key, ppo_actor.ActorPPOTrainer)
+    # PolicyModelActor.init_model_from_pretrained builds the trainer by this global name.
+    ppo_actor.ActorPPOTrainer = actor_trainer_class(new_sync, _ORIGINALS[key])
+
+
+_ORIGINALS: dict[tuple[Any, str], Any] = {}
+
+
+def uninstall() -> None:
+    """Undo install() in this process."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    for (module, name), value in _ORIGINALS.items():
+        setattr(module, name, value)
+    _ORIGINALS.clear()
+    unwrap_controller_broadcast(ppo_trainer.BasePPOTrainer)
 
 
 def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
@@ -143,12 +244,29 @@ def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
     return client, kwargs
 
 
+def _sync_from_env() -> tuple[str | None, str | None, str | None]:
+    """(transport or None, dtype, run_id) from ANCHORCREDIT_WEIGHT_SYNC (grpc by default;
+    off when ANCHORCREDIT_POLICY_VERSION pins a fixed version), _WEIGHT_DTYPE, _RUN_ID."""
+    env = os.environ
+    default = "off" if env.get("ANCHORCREDIT_POLICY_VERSION") else "grpc"
+    transport = env.get("ANCHORCREDIT_WEIGHT_SYNC", default).strip().lower()
+    if transport in ("off", "none", ""):
+        return None, None, None
+    if transport not in SYNC_TRANSPORTS:
+        raise ValueError(
+            f"ANCHORCREDIT_WEIGHT_SYNC must be off or one of {SYNC_TRANSPORTS}, got {transport!r}"
+        )
+    dtype = env.get("ANCHORCREDIT_WEIGHT_DTYPE", "auto")
+    return transport, None if dtype in ("", "none") else dtype, env.get("ANCHORCREDIT_RUN_ID")
+
+
 def install_from_env() -> None:
     """Ray `worker_process_setup_hook`: install with settings from ANCHORCREDIT_* env vars.
 
     Does nothing in workers without OpenRLHF; the client is created lazily on first use.
     """
+    transport, dtype, run_id = _sync_from_env()
     try:
-        install(None)
+        install(None, weight_sync=transport, dtype=dtype, run_id=run_id)
     except ImportError:
         pass
