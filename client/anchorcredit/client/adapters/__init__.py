@@ -1,4 +1,4 @@
-"""Trainer hooks: verl, TRL, OpenRLHF. Each imports its trainer lazily (on first use).
+"""Trainer hooks: verl, TRL, OpenRLHF, AReaL. Each imports its trainer lazily (on first use).
 
 `anchorcredit.client` never imports these trainers; importing this package imports none
 of them either. The shared step, `credit_for_batch`, works on any padded batch.
