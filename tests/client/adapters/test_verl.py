@@ -416,3 +416,23 @@ def test_install_order_and_undo(client):
     assert (
         rt.compute_advantage is own_adv and tb.PPOTrainer.__dict__["_compute_advantage"] is own_v1
     )
+
+
+def test_install_from_env_reads_the_runtime_env(monkeypatch):
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.setenv("ANCHORCREDIT_SIGN", "positive_only")
+    monkeypatch.setenv("ANCHORCREDIT_PARAMS", '{"q": 0.4}')
+    monkeypatch.setenv("ANCHORCREDIT_SYNC", "0")
+    ac_verl.install_from_env()
+    try:
+        cfg = ac_verl._CONFIG
+        assert (cfg.sign, cfg.params, cfg.sync, cfg.client) == (
+            "positive_only",
+            {"q": 0.4},
+            False,
+            None,
+        )
+        assert cfg.get_client().targets == ["127.0.0.1:1"]  # built lazily, on first use
+    finally:
+        ac_verl.install(sync=False)()  # replace and undo
+        cfg.client.close()
