@@ -26,7 +26,7 @@ forwards only, never inside one (every rank must finish the collectives it start
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 class TensorParallelWeightsUnsupported(WeightVersionConflict):
     """Weight changes are refused under tensor parallelism (FAILED_PRECONDITION: restart the
     server on the new checkpoint instead)."""
+
+
+class TensorParallelGroupBroken(RuntimeError):
+    """Another rank is gone (its process died): this group cannot score any more. Restart
+    every rank."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,9 @@ class TensorParallelScorer(Scorer):
     def __init__(self, model: torch.nn.Module, group: TPGroup, **kwargs: Any):
         super().__init__(model, **kwargs)
         self.group = group
+        self.broken: str | None = None  # why the group cannot score any more
+        # Called once when the group breaks (the server stops itself: tp_serve.py).
+        self.on_broken: Callable[[], None] | None = None
         # This rank's share (a DTensor parameter counts its whole size in numel()).
         self.loaded_param_count = sum(local_numel(p) for p in model.parameters())
 
@@ -209,7 +217,13 @@ class TensorParallelScorer(Scorer):
         with_entropy: bool,
     ) -> tuple[Stats, list[torch.Tensor | None]]:
         """Rank 0, under the scoring lock: tell the others what to run, then run it too."""
-        self.group.send(ScoreCommand(list(pairs), horizon, bool(with_entropy)))
+        if self.broken is not None:
+            raise TensorParallelGroupBroken(self.broken)
+        try:
+            self.group.send(ScoreCommand(list(pairs), horizon, bool(with_entropy)))
+        except Exception as exc:  # a rank is gone (a rank that fails a forward stays)
+            self._break(f"a tensor-parallel rank is gone ({exc}); restart every rank")
+            raise TensorParallelGroupBroken(self.broken) from exc
         # No cancellation inside a forward: the other ranks would wait for collectives
         # rank 0 never joins. The batcher still cancels between forwards.
         with cancellable(lambda: False):
@@ -228,6 +242,12 @@ class TensorParallelScorer(Scorer):
         local, entropies = super()._forward_stats(pairs, horizon, timer, with_entropy)
         with timer.stage("gather"):
             return gather_heads(local), entropies
+
+    def _break(self, reason: str) -> None:
+        self.broken = " ".join(reason.split())
+        log.error("tensor parallelism: %s", self.broken)
+        if self.on_broken is not None:
+            self.on_broken()
 
     def serve_worker(self) -> None:
         """Ranks > 0: run each forward rank 0 announces, until it sends stop (None)."""
@@ -250,7 +270,7 @@ class TensorParallelScorer(Scorer):
 
     def close(self) -> None:
         """Rank 0: tell the other ranks to stop (after any running batch), then leave."""
-        if self.group.is_leader:
+        if self.group.is_leader and self.broken is None:
             with self._lock:
                 try:
                     self.group.send(None)

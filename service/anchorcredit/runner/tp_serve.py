@@ -43,12 +43,18 @@ def serve_tensor_parallel(cfg: ServeConfig) -> int:
 
     built: list[TensorParallelScorer] = []
 
+    def stop_serving() -> None:
+        # A rank died: this group cannot score again. Drain and exit 1 so that the
+        # supervisor (Kubernetes, systemd) restarts every rank.
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def build() -> TensorParallelScorer:  # on the server's device thread
         try:
             scorer = launch(cfg.tensor_parallel, cfg.model, **kwargs)
         except LayerChoiceError as e:  # the operator's setting: name the flag and variable
             raise LayerChoiceError(f"--layers / ANCHORCREDIT_LAYERS: {e}", e.scorable) from None
         assert scorer is not None  # rank 0
+        scorer.on_broken = stop_serving
         built.append(scorer)
         log.info(
             "tensor parallel over %d ranks: this rank holds %d of %d parameters",
@@ -59,7 +65,8 @@ def serve_tensor_parallel(cfg: ServeConfig) -> int:
         return scorer
 
     try:
-        return asyncio.run(serve(cfg, backend_factory=build))
+        code = asyncio.run(serve(cfg, backend_factory=build))
     finally:
         for scorer in built:
             scorer.close()  # the other ranks stop, spawned ones are joined
+    return 1 if any(s.broken for s in built) else code
