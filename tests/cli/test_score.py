@@ -345,7 +345,7 @@ def test_target_matches_local(tmp_path, debug_model, start_server):
     write_input(tmp_path / "in.jsonl", n=3)
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     assert score(tmp_path / "in.jsonl", local, debug_model, "--entropy", "--q", "0.3") == 0
-    srv = start_server(debug_model)
+    srv = start_server(debug_model, entropy=True)  # a server loads the LM head only then
     try:
         args = ["score", str(tmp_path / "in.jsonl"), "--target", srv.target, "-o", str(remote)]
         assert main([*args, "--entropy", "--q", "0.3", "--quiet"]) == 0
