@@ -187,7 +187,7 @@ def _from_folder(
     total = param_count(shell)
     every = {name: tuple(t.shape) for name, t in shell.state_dict(keep_vars=True).items()}
     # Straight onto an accelerator (no host copy of the weights); on the CPU as before.
-    placement = {} if device.type == "cpu" else {"device_map": {"": device}}
+    placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     kwargs = dict(
         config=config,
         dtype=dtype,
