@@ -27,6 +27,8 @@ from anchorcredit.v1 import credit_pb2 as pb
 
 log = logging.getLogger("anchorcredit.client")
 
+SURVEY_TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class Replica:
@@ -53,9 +55,13 @@ def survey(transport: Transport) -> list[Replica]:
         for a in addresses:
             owner.setdefault(a, target)
 
+    # GetModelInfo is answered at once even by a busy server: a replica silent for longer
+    # is reported as not answering rather than holding up the call being routed
+    timeout = min(transport.timeout_s, SURVEY_TIMEOUT_S)
+
     def ask(address: str) -> str:
         info = transport.address_stub(address).GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=transport.timeout_s, metadata=transport.metadata
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=transport.metadata
         )
         return info.policy_version
 
