@@ -100,7 +100,7 @@ def test_failover_when_one_target_is_down(server, free_port):
 
 
 def test_non_retryable_errors_are_clear(server):
-    with CreditClient([server.target], cache=False) as client:
+    with CreditClient([server.target], cache=False, replica_wait_s=0) as client:
         with pytest.raises(CreditServiceError) as e:
             client.score([[1, 2]], [[3, 999]])  # id beyond the 256-token vocabulary
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
