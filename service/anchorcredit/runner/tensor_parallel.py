@@ -121,12 +121,16 @@ def load_sharded(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # no table of the (deliberately) skipped tensors
     try:
-        model = auto.from_pretrained(
+        model, info = auto.from_pretrained(
             str(path), config=truncated_config(full, layers), dtype=dtype,
-            attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True, **plan,
+            attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True,
+            output_loading_info=True, **plan,
         )  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
+    if missing:  # random-initialised tensors would score silently wrong
+        raise RuntimeError(f"the checkpoint at {path} does not fill the model: {missing[:3]}")
     held = sum(local_numel(p) for p in model.parameters())
     return LoadedModel(model, str(path), full, held, total)
 
