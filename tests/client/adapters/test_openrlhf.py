@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
+import json
 import runpy
+import shlex
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,10 +151,7 @@ def _engine_init(self, module):
 
 
 def cli_args(orl, estimator: str, model_dir: str = "unused", **flags: str):
-    """OpenRLHF's own parsed and validated args for a train_ppo_ray command line: its
-    __main__ runs up to ray.init (stopped there)."""
-    import openrlhf.utils.config as config
-
+    """OpenRLHF's own parsed and validated args for a small train_ppo_ray command line."""
     argv = {
         "--actor.model_name_or_path": model_dir,
         "--algo.advantage.estimator": estimator,
@@ -165,6 +166,15 @@ def cli_args(orl, estimator: str, model_dir: str = "unused", **flags: str):
         "--reward.remote_url": "http://unused",
         **flags,
     }
+    return parse_cli([x for kv in argv.items() for x in kv])
+
+
+def parse_cli(argv: list[str]):
+    """Run train_ppo_ray's __main__ (OpenRLHF's parser and its checks) on `argv`, stopped at
+    ray.init; returns the args it built."""
+    import openrlhf.utils.config as config
+    import ray
+
     captured = {}
     real = config.hierarchize
 
@@ -178,13 +188,11 @@ def cli_args(orl, estimator: str, model_dir: str = "unused", **flags: str):
     def no_ray(*a, **k):
         raise Stop
 
-    import ray
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "hierarchize", spy)
         mp.setattr(ray, "is_initialized", lambda: False)
         mp.setattr(ray, "init", no_ray)
-        mp.setattr(sys, "argv", ["train_ppo_ray", *[x for kv in argv.items() for x in kv]])
+        mp.setattr(sys, "argv", ["train_ppo_ray", *argv])
         with pytest.raises(Stop):
             runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
     return captured["args"]
@@ -496,14 +504,18 @@ def test_client_from_env(monkeypatch, target):
 
 
 def test_sync_settings_from_env(monkeypatch):
-    for var in ("ANCHORCREDIT_WEIGHT_SYNC", "ANCHORCREDIT_POLICY_VERSION", "ANCHORCREDIT_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("WEIGHT_SYNC", "POLICY_VERSION", "RUN_ID", "WEIGHT_DTYPE"):
+        monkeypatch.delenv(f"ANCHORCREDIT_{var}", raising=False)
     assert ac_orl._sync_from_env() == ("grpc", "auto", None)
     monkeypatch.setenv("ANCHORCREDIT_POLICY_VERSION", "fixed")  # a fixed pin: no sync
     assert ac_orl._sync_from_env()[0] is None
     monkeypatch.setenv("ANCHORCREDIT_WEIGHT_SYNC", "collective")
+    with pytest.raises(ValueError, match="ANCHORCREDIT_POLICY_VERSION"):
+        ac_orl._sync_from_env()  # a fixed pin and a sync exclude each other
+    monkeypatch.delenv("ANCHORCREDIT_POLICY_VERSION")
     monkeypatch.setenv("ANCHORCREDIT_RUN_ID", "r7")
-    assert ac_orl._sync_from_env() == ("collective", "auto", "r7")
+    monkeypatch.setenv("ANCHORCREDIT_WEIGHT_DTYPE", "none")
+    assert ac_orl._sync_from_env() == ("collective", None, "r7")
     monkeypatch.setenv("ANCHORCREDIT_WEIGHT_SYNC", "nfs")
     with pytest.raises(ValueError, match="ANCHORCREDIT_WEIGHT_SYNC"):
         ac_orl._sync_from_env()
@@ -524,3 +536,29 @@ def test_version_pin_learns_the_run_then_holds_it():
         pin.current(client)  # another run's version
     assert ac_sync.parse_version("step-12-a-b") == (12, "a-b")
     assert ac_sync.parse_version("base") is None
+
+
+def test_the_documented_launch(orl, monkeypatch):
+    """docs/trainers/openrlhf.md: OpenRLHF's parser takes the command; the runtime env names
+    the setup hook and settings this adapter reads."""
+    doc = (Path(__file__).parents[3] / "docs" / "trainers" / "openrlhf.md").read_text()
+    block = doc.split("```bash\n", 1)[1].split("```", 1)[0]
+    env_json = block.split("--runtime-env-json '", 1)[1].split("'", 1)[0]
+    command = block.split("-- python -m openrlhf.cli.train_ppo_ray", 1)[1]
+    argv = shlex.split(command.replace("\\\n", " "))
+    args = parse_cli(argv)
+    assert args.algo.advantage.estimator == "group_norm"
+    assert args.ds.zero_stage == 3 and args.vllm.num_engines == 2
+    runtime_env = json.loads(env_json)
+    module, name = runtime_env["worker_process_setup_hook"].rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name) is ac_orl.install_from_env
+    for key, value in runtime_env["env_vars"].items():
+        assert f"`{key}`" in doc  # every variable is in the table
+        monkeypatch.setenv(key, value)
+    for var in ("ANCHORCREDIT_POLICY_VERSION", "ANCHORCREDIT_RUN_ID", "ANCHORCREDIT_WEIGHT_DTYPE"):
+        monkeypatch.delenv(var, raising=False)
+    assert ac_orl._sync_from_env() == ("grpc", "auto", None)
+    monkeypatch.setattr(ac_orl, "CreditClient", lambda targets, **kw: (targets, kw))
+    (targets, kw), params = ac_orl._client_from_env()
+    assert targets == ["credit-svc:50051"] and kw["cache"] == "redis://redis:6379/0"
+    assert params == {"q": 0.4, "gamma_amp": 1.5, "strategy": "coupled_rhythm", "sign": "both"}

@@ -1,8 +1,17 @@
-"""OpenRLHF hook: an experience maker whose `compute_advantages_and_returns` applies gamma_t.
+"""OpenRLHF hook: gamma_t on OpenRLHF's advantages, and the service kept on its policy.
 
-OpenRLHF (0.11) builds `RemoteExperienceMaker` inside its `PPOTrainer` Ray actor, so the hook
-has to be installed in that actor's process. A Ray worker setup hook does it from the
-environment:
+Tested against OpenRLHF 0.11.2 (docs/trainers/openrlhf.md). Two hooks:
+
+- advantages: a subclass of `RemoteExperienceMaker` whose `compute_advantages_and_returns`
+  runs OpenRLHF's own (rewards, baselines, returns, normalisation), then scales each
+  response action by gamma (`apply_credit`);
+- weights (openrlhf_sync): after each of OpenRLHF's vLLM weight broadcasts the actor ranks
+  push the same weights to the service as `step-<n>-<run>`, and the experience maker scores
+  the next batch with exactly that version: an answer from other weights is refused.
+
+OpenRLHF builds both inside Ray actors (the PPOTrainer controller and the PolicyModelActor
+ranks), so the hook has to be installed in their processes. A Ray worker setup hook does it
+from the environment:
 
     ray job submit --runtime-env-json '{
       "worker_process_setup_hook": "anchorcredit.client.adapters.openrlhf.install_from_env",
@@ -10,17 +19,19 @@ environment:
                    "ANCHORCREDIT_CACHE": "redis://redis:6379/0",
                    "ANCHORCREDIT_STRATEGY": "coupled_rhythm",
                    "ANCHORCREDIT_SIGN": "both",
-                   "ANCHORCREDIT_PARAMS": "{\"q\": 0.4}"}}' \
+                   "ANCHORCREDIT_PARAMS": "{\\"q\\": 0.4}"}}' \\
       -- python -m openrlhf.cli.train_ppo_ray ...
 
-In a single process (your own loop), `install(client, ...)` or
-`experience_maker_class(client, ...)` do the same without Ray.
+ANCHORCREDIT_WEIGHT_SYNC: grpc (default), collective, or off (the service keeps its
+weights; also the default when ANCHORCREDIT_POLICY_VERSION pins a fixed version);
+ANCHORCREDIT_WEIGHT_DTYPE (default auto: the serving dtype); ANCHORCREDIT_RUN_ID (default
+random). In a single process, `install(client, ...)` does the same without Ray.
 
 Layout (OpenRLHF's Experience): `sequences` [B, L] = prompt + response, right-padded,
 `attention_mask` [B, L], `action_mask` [B, L-1] where action position j is the token at
 sequence index j + 1, `advantages` [B, L-1]. The response sent is the span from the first to
 the last action token (multi-turn observations inside it stay in place, masked out by
-OpenRLHF); the prompt is every attended token before it.
+OpenRLHF, their advantages untouched); the prompt is every attended token before it.
 """
 
 from __future__ import annotations
@@ -246,15 +257,21 @@ def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
 
 def _sync_from_env() -> tuple[str | None, str | None, str | None]:
     """(transport or None, dtype, run_id) from ANCHORCREDIT_WEIGHT_SYNC (grpc by default;
-    off when ANCHORCREDIT_POLICY_VERSION pins a fixed version), _WEIGHT_DTYPE, _RUN_ID."""
+    off when ANCHORCREDIT_POLICY_VERSION pins a fixed version, which excludes a sync),
+    ANCHORCREDIT_WEIGHT_DTYPE and ANCHORCREDIT_RUN_ID."""
     env = os.environ
-    default = "off" if env.get("ANCHORCREDIT_POLICY_VERSION") else "grpc"
-    transport = env.get("ANCHORCREDIT_WEIGHT_SYNC", default).strip().lower()
+    pinned = bool(env.get("ANCHORCREDIT_POLICY_VERSION"))
+    transport = env.get("ANCHORCREDIT_WEIGHT_SYNC", "off" if pinned else "grpc").strip().lower()
     if transport in ("off", "none", ""):
         return None, None, None
     if transport not in SYNC_TRANSPORTS:
         raise ValueError(
             f"ANCHORCREDIT_WEIGHT_SYNC must be off or one of {SYNC_TRANSPORTS}, got {transport!r}"
+        )
+    if pinned:
+        raise ValueError(
+            "ANCHORCREDIT_POLICY_VERSION pins one version, which the weight sync would replace "
+            "after the first step: unset it or set ANCHORCREDIT_WEIGHT_SYNC=off"
         )
     dtype = env.get("ANCHORCREDIT_WEIGHT_DTYPE", "auto")
     return transport, None if dtype in ("", "none") else dtype, env.get("ANCHORCREDIT_RUN_ID")
