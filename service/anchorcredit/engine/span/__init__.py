@@ -142,17 +142,21 @@ def span_stats_packed(
 
     The runner's hot path: shapes and horizons were checked when the request was parsed, so
     this skips span_stats()' per-call checks (an isfinite pass over q and k costs ~25% of the
-    statistics on the CPU). A non-finite q/k still fails loudly: it makes a head's span
-    non-finite, which aggregate() rejects.
+    statistics on the CPU, and on a GPU each value check is a host sync per layer; the
+    triton path makes none). A non-finite q/k or sink still fails loudly: it makes a head's
+    span non-finite, which aggregate() rejects once per sequence after the forward.
     """
-    softcap, sinks, sliding_window = check_attention_variant(softcap, sinks, sliding_window, q)
+    softcap, sinks, sliding_window = check_attention_variant(
+        softcap, sinks, sliding_window, q, check_finite=False
+    )
     variant = {"softcap": softcap, "sinks": sinks}
     if backend == "triton":
         from anchorcredit.engine.span import triton_kernel
 
+        # No value scans here (check_finite=False): each is a device sync per layer.
         return triton_kernel.span_stats_packed(
             q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale,
-            sliding_window=sliding_window, **variant,
+            sliding_window=sliding_window, check_finite=False, **variant,
         )  # fmt: skip
     if backend not in ("chunked", "reference"):
         raise ValueError(f"span_stats_packed needs a resolved backend, got {backend!r}")

@@ -88,11 +88,13 @@ def check_scale(scale: float | None, head_dim: int) -> float:
 
 
 def check_attention_variant(
-    softcap: Any, sinks: Any, sliding_window: Any, q: torch.Tensor
+    softcap: Any, sinks: Any, sliding_window: Any, q: torch.Tensor, *, check_finite: bool = True
 ) -> tuple[float | None, torch.Tensor | None, int | None]:
     """The model-true attention options of one layer, checked (module docstring of
     anchorcredit.engine.span): softcap a positive finite float or None, sinks a finite
-    float tensor [Hq] on q's device or None, sliding_window an int >= 1 or None."""
+    float tensor [Hq] on q's device or None, sliding_window an int >= 1 or None.
+    check_finite=False skips reading the sinks' values (a device sync on a GPU): the
+    runner's hot path, where a non-finite sink still shows as a non-finite statistic."""
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
@@ -108,7 +110,7 @@ def check_attention_variant(
             )
         if sinks.device != q.device:
             raise ValueError(f"sinks are on {sinks.device}, q on {q.device}")
-        if not bool(torch.isfinite(sinks).all()):
+        if check_finite and not bool(torch.isfinite(sinks).all()):
             raise ValueError("sinks must be finite")
     if sliding_window is not None:
         if isinstance(sliding_window, np.generic):

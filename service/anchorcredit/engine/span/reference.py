@@ -90,3 +90,21 @@ def span_stats_reference(
         softcap=softcap, sinks=sinks, sliding_window=sliding_window,
     )  # fmt: skip
     return stats_from_attention(attn, prompt_len, window, h_lo, h_hi)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the error relative to the statistic's own
+    scale (FAI values are ~1e-2, spans ~1e3, so a shared floor such as max(1, |ref|) would
+    make the bound absolute for one and loose for the other). All-zero expected: the
+    absolute error. Computed in float64 on expected's device."""
+    expected = expected.to(torch.float64)
+    if expected.numel() == 0:
+        return 0.0
+    diff = float((actual.to(expected.device, torch.float64) - expected).abs().max())
+    scale = float(expected.abs().max())
+    return diff / scale if scale > 0 else diff
+
+
+def max_relative_error(got: SpanStats, ref: SpanStats) -> float:
+    """The largest relative_error over span, WAAD and FAI."""
+    return max(relative_error(getattr(got, f), getattr(ref, f)) for f in ("span", "waad", "fai"))

@@ -41,8 +41,12 @@ Tested on
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from anchorcredit.contract import DEFAULTS
@@ -239,7 +243,10 @@ def _col_pass(
         # unmasked bulk loop below is skipped). |T(s)| still counts them (A = 0).
         t_hi = tl.minimum(t_hi, j0 + BLOCK_N - 1 + slide)
         t_mid = t_hi
-    acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
+    # One fp32 accumulator per tile element, reduced over the rows once after the loops:
+    # a per-step column sum would cross warps (shuffles, shared memory and barriers on
+    # every step; docs/KERNEL.md has the SASS counts).
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for start_m in range(t_lo, t_mid, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < t_mid
@@ -261,7 +268,7 @@ def _col_pass(
             band = band & (delta < slide)
         # Mask before exp2: entries outside the band (the future included) would overflow.
         p = tl.exp2(tl.where(band, s * qk_scale - lse[:, None], float("-inf")))
-        acc += tl.reduce(p, 0, _SUM)
+        acc += p
     if not HAS_HI:
         # The horizon runs to the end: the bulk of a causal pass, unmasked. Rows past the
         # end get LSE +inf (probability 0); columns past the end are never stored.
@@ -278,7 +285,7 @@ def _col_pass(
                 y = s * cap_in
                 e = tl.exp2(tl.abs(y) * -2.8853900817779268)
                 s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
-            acc += tl.reduce(tl.exp2(s * qk_scale - lse[:, None]), 0, _SUM)
+            acc += tl.exp2(s * qk_scale - lse[:, None])
 
     # |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1, clipped at 0 (empty -> FAI 0).
     if HAS_HI:
@@ -286,9 +293,22 @@ def _col_pass(
     else:
         last = seq_end - 1 + offs_n * 0
     count = (last - offs_n - h_lo + 1).to(tl.float32)
-    fai = tl.where(count > 0, acc / tl.maximum(count, 1.0), 0.0)
+    col_sum = tl.reduce(acc, 0, _SUM)
+    fai = tl.where(count > 0, col_sum / tl.maximum(count, 1.0), 0.0)
     tl.store(FAI + h.to(tl.int64) * stride_oh + offs_n, fai, mask=col_ok)
 
+
+# Runtime integers that change between calls must not pick a new specialisation (a compile
+# inside the service): Triton specialises an int argument equal to 1 or divisible by 16, and
+# a pointer aligned to 16 bytes. Horizons, the GQA group and the sliding window vary per
+# request or model; the block tables are slices of one int32 table at any offset. The
+# strides stay specialised, their divisibility is what lets the loads vectorise: the q/k
+# strides are multiples of d (always divisible by 16 for d = 64, 80, 96, 128, 256), and
+# the outputs' row stride is total_N rounded up to 16 (plan_packed pads it).
+_DYNAMIC = ("group", "slide")
+ROW_DYNAMIC = (*_DYNAMIC, "window", "near")
+COL_DYNAMIC = (*_DYNAMIC, "h_lo", "h_hi")
+TABLE_POINTERS = ("BLK_SEQ", "BLK_START", "CU")
 
 # Jitted kernels per interpreter mode: TRITON_INTERPRET is read when a function is jitted,
 # so jitting lazily (not at import) lets tests switch the interpreter on at any time.
@@ -310,17 +330,41 @@ def _interpreting() -> bool:
 def _kernels() -> tuple:
     mode = _interpreting()
     if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_row_pass), triton.jit(_col_pass))
+        _KERNELS[mode] = (
+            triton.jit(_row_pass, do_not_specialize=ROW_DYNAMIC,
+                       do_not_specialize_on_alignment=TABLE_POINTERS),
+            triton.jit(_col_pass, do_not_specialize=COL_DYNAMIC,
+                       do_not_specialize_on_alignment=TABLE_POINTERS),
+        )  # fmt: skip
     return _KERNELS[mode]
 
 
-def _default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages); hand-picked; benchmark.py sweeps them."""
-    if device.type != "cuda":  # interpreter: bigger tiles mean fewer (slow) Python steps
-        return 32, 32, 4, 1
-    if dtype == torch.float32:  # fp32 tiles are twice the shared memory
-        return 64, 32, 4, 2
-    return 128, 64, 8, 3
+@dataclass(frozen=True)
+class Blocks:
+    """One pass's launch configuration."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_blocks(dtype: torch.dtype, band: bool, interpreting: bool) -> tuple[Blocks, Blocks]:
+    """(row pass, column pass) launch configs; hand-picked, benchmark.py sweeps them, and
+    `python -m anchorcredit.engine.span.aot` prints their registers/spills per GPU.
+
+    band: a finite h_hi. Its column pass reads only ~BLOCK_N + h_hi - h_lo rows per key
+    tile, so it takes smaller tiles (more programs, less of each tile masked off)."""
+    if interpreting:  # bigger tiles mean fewer (slow) Python steps
+        cfg = Blocks(32, 32, 4, 1)
+        return cfg, cfg
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on the FMA units: a debug path, in tiles small enough not to
+        # spill (64x32 spilled 3-6 KB a thread on sm_80/sm_90; docs/KERNEL.md).
+        cfg = Blocks(16, 16, 4, 1)
+        return cfg, cfg
+    row = Blocks(128, 64, 8, 3)
+    return row, Blocks(64, 32, 4, 2) if band else row
 
 
 def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
@@ -357,7 +401,129 @@ def _check_block(value: int, name: str) -> int:
     return value
 
 
-def span_stats_packed(
+@dataclass(frozen=True)
+class Layout:
+    """One batch layout's int32 tables on the device, slices of one tensor copied once.
+
+    cu [B+1]; row blocks (sequence, first row) and column tiles (sequence, first column),
+    longest first; resp [n_resp] the response positions, resp_offsets [B+1] where each
+    sequence's rows start among them, resp_counts [B] (the span's mean over rows).
+    """
+
+    cu: torch.Tensor
+    row_seq: torch.Tensor
+    row_start: torch.Tensor
+    col_seq: torch.Tensor
+    col_start: torch.Tensor
+    resp: torch.Tensor
+    resp_offsets: torch.Tensor
+    resp_counts: torch.Tensor
+    ranges: tuple[tuple[int, int], ...]  # each sequence's response tokens [lo, hi)
+    host: torch.Tensor  # the (pinned) source of the copy: kept alive while it may run
+
+
+# Layouts per (device, stream, cu_seqlens, prompt_lens, tiles, horizon mode): every selected
+# layer of a batch reuses the first layer's tables, and a trainer repeats few layouts.
+_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
+LAYOUT_CACHE_SIZE = 64
+
+
+def _build_layout(
+    cu: list[int], prompts: list[int], bm: int, bn: int, longest_first: bool,
+    device: torch.device,
+) -> Layout:  # fmt: skip
+    rows: list[tuple[int, int, int]] = []
+    cols: list[tuple[int, int, int]] = []
+    ranges = []
+    for b in range(len(prompts)):
+        start, end = cu[b] + prompts[b], cu[b + 1]
+        ranges.append((start, end))
+        rows += [(t0 - cu[b], b, t0) for t0 in range(start, end, bm)]
+        cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
+    # The heaviest blocks first, so the long causal rows do not trail at the end of the grid.
+    rows.sort(key=lambda r: -r[0])
+    if longest_first:
+        cols.sort(key=lambda c: -c[0])
+    counts = np.array([hi - lo for lo, hi in ranges], dtype=np.int64)
+    parts = [
+        np.asarray(cu),
+        np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+        np.array([c[1] for c in cols]), np.array([c[2] for c in cols]),
+        np.concatenate([np.arange(lo, hi) for lo, hi in ranges]),
+        np.concatenate([[0], np.cumsum(counts)]), counts,
+    ]  # fmt: skip
+    host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+    if device.type == "cuda":  # pinned, so the copy is asynchronous (no host stall)
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    pieces = table.split([len(p) for p in parts])
+    return Layout(*pieces, ranges=tuple(ranges), host=host)
+
+
+def _layout(
+    cu: list[int], prompts: list[int], bm: int, bn: int, longest_first: bool,
+    device: torch.device,
+) -> Layout:  # fmt: skip
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, tuple(cu), tuple(prompts), bm, bn, longest_first)
+    got = _LAYOUTS.get(key)
+    if got is None:
+        got = _LAYOUTS[key] = _build_layout(cu, prompts, bm, bn, longest_first, device)
+        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+            _LAYOUTS.popitem(last=False)
+    else:
+        _LAYOUTS.move_to_end(key)
+    return got
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, exactly as span_stats_packed makes it (the AOT compile binds the
+    same arguments through the JIT's binder)."""
+
+    kernel: Any
+    grid: tuple[int, int]
+    args: tuple
+    options: dict[str, Any]  # constexprs and launch options
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.options)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Both passes of one call with their outputs; run() launches, collect() reads back."""
+
+    row: Launch
+    col: Launch
+    layout: Layout
+    lse: torch.Tensor
+    span_row: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+
+    def run(self) -> None:
+        self.row()
+        self.col()
+
+    def collect(self) -> list[SpanStats]:
+        """One SpanStats per sequence: views of the per-position outputs, and the span as a
+        mean over each sequence's response rows in a few batched ops (no per-sequence
+        launches, no host sync; float64 prefix sums, deterministic)."""
+        lay = self.layout
+        rows = self.span_row.index_select(1, lay.resp).double()
+        prefix = torch.nn.functional.pad(rows.cumsum(1), (1, 0))
+        sums = prefix.index_select(1, lay.resp_offsets[1:]) - prefix.index_select(
+            1, lay.resp_offsets[:-1]
+        )
+        spans = (sums / lay.resp_counts).float().t().contiguous()  # [B, Hq]
+        return [
+            SpanStats(span=spans[b], waad=self.waad[:, lo:hi], fai=self.fai[:, lo:hi])
+            for b, (lo, hi) in enumerate(lay.ranges)
+        ]
+
+
+def plan_packed(
     q: torch.Tensor,
     k: torch.Tensor,
     cu_seqlens: torch.Tensor | Sequence[int],
@@ -371,34 +537,26 @@ def span_stats_packed(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    col_block_m: int | None = None,
+    col_block_n: int | None = None,
     check_finite: bool = True,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
-) -> list[SpanStats]:
-    """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
+) -> Plan:
+    """Validate a call of span_stats_packed and prepare its launches (nothing runs yet).
 
-    q [Hq, total_N, d], k [Hkv, total_N, d]; sequence b occupies tokens
-    cu_seqlens[b]:cu_seqlens[b+1] with its first prompt_lens[b] tokens the prompt.
-    Block sizes (powers of two >= 16) and launch options default to hand-picked values per
-    device and dtype. check_finite=False skips the NaN/inf scan of q and k (a full read and
-    a device sync) for callers whose inputs come straight from a model forward.
-    softcap / sinks [Hq] / sliding_window: the layer's attention as the model computes it
-    (anchorcredit.engine.span docstring); None = plain causal softmax.
+    q and k may live on the CPU with the interpreter off: the AOT compile
+    (anchorcredit.engine.span.aot) plans GPU launches that way without a GPU.
     """
-    _require_triton()
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
     prompts = _as_int_list(prompt_lens, "prompt_lens")
     _check_packed(q, k, cu, prompts, check_finite)
     check_horizon(window, h_lo, h_hi)
     scale = check_scale(scale, q.shape[-1])
-    softcap, sinks, sliding_window = check_attention_variant(softcap, sinks, sliding_window, q)
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"the triton span kernel needs CUDA tensors (got {q.device}); set "
-            "TRITON_INTERPRET=1 before the first call to run it on CPU, or use backend='chunked'"
-        )
-
+    softcap, sinks, sliding_window = check_attention_variant(
+        softcap, sinks, sliding_window, q, check_finite=check_finite
+    )
     if q.dtype == torch.float64:  # the kernel computes in fp32
         q, k = q.float(), k.float()
         if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
@@ -408,12 +566,6 @@ def span_stats_packed(
     if k.stride(-1) != 1:
         k = k.contiguous()
 
-    bm, bn, warps, stages = _default_blocks(q.device, q.dtype)
-    bm, bn = _check_block(block_m or bm, "block_m"), _check_block(block_n or bn, "block_n")
-    warps, stages = num_warps or warps, num_stages or stages
-    hq, n, d = q.shape
-    group = hq // k.shape[0]
-    block_d = max(16, triton.next_power_of_2(d))
     # Distances never exceed the longest sequence, so clamping the horizon there changes no
     # number and keeps the kernel's int32 index arithmetic (s + h_hi, ...) from wrapping.
     longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
@@ -422,29 +574,34 @@ def span_stats_packed(
     if sliding_window is not None and sliding_window >= longest:
         sliding_window = None  # every window holds its whole sequence: plain causal
 
-    # Block tables over response rows (row pass) and response columns (column pass), the
-    # heaviest blocks first so the long causal rows do not trail at the end of the grid.
-    rows: list[tuple[int, int, int]] = []
-    cols: list[tuple[int, int, int]] = []
-    for b in range(len(prompts)):
-        start, end = cu[b] + prompts[b], cu[b + 1]
-        rows += [(t0 - cu[b], b, t0) for t0 in range(start, end, bm)]
-        cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
-    rows.sort(key=lambda r: -r[0])
-    if h_hi is None:
-        cols.sort(key=lambda c: -c[0])
+    interpreting = _interpreting()
+    row_cfg, col_cfg = default_blocks(q.dtype, h_hi is not None, interpreting)
+    if block_m or block_n or num_warps or num_stages:  # explicit options set both passes
+        row_cfg = col_cfg = Blocks(
+            _check_block(block_m or row_cfg.block_m, "block_m"),
+            _check_block(block_n or row_cfg.block_n, "block_n"),
+            num_warps or row_cfg.num_warps,
+            num_stages or row_cfg.num_stages,
+        )
+    if col_block_m or col_block_n:
+        col_cfg = Blocks(
+            _check_block(col_block_m or col_cfg.block_m, "col_block_m"),
+            _check_block(col_block_n or col_cfg.block_n, "col_block_n"),
+            col_cfg.num_warps,
+            col_cfg.num_stages,
+        )
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    block_d = max(16, triton.next_power_of_2(d))
     dev = q.device
-    row_seq = torch.tensor([r[1] for r in rows], dtype=torch.int32, device=dev)
-    row_start = torch.tensor([r[2] for r in rows], dtype=torch.int32, device=dev)
-    col_seq = torch.tensor([c[1] for c in cols], dtype=torch.int32, device=dev)
-    col_start = torch.tensor([c[2] for c in cols], dtype=torch.int32, device=dev)
-    cu_dev = torch.tensor(cu, dtype=torch.int32, device=dev)
+    lay = _layout(cu, prompts, row_cfg.block_m, col_cfg.block_n, h_hi is None, dev)
 
-    # Per-position outputs (prompt slots unused): O(Hq * total_N) fp32.
-    lse = torch.empty(hq, n, dtype=torch.float32, device=dev)
-    span_row = torch.empty_like(lse)
-    waad = torch.empty_like(lse)
-    fai = torch.empty_like(lse)
+    # Per-position outputs (prompt slots unused): O(Hq * total_N) fp32, the row stride
+    # padded to a multiple of 16 so that it specialises the same way for every total_N.
+    padded = -(-n // 16) * 16
+    lse, span_row, waad, fai = (
+        torch.empty(hq, padded, dtype=torch.float32, device=dev)[:, :n] for _ in range(4)
+    )
     qk_scale = scale * LOG2E  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2 e)
     cap_in = cap_out = 1.0
     if softcap is not None:  # base-2 logits cap * log2 e * tanh(x * scale / cap)
@@ -456,33 +613,68 @@ def span_stats_packed(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is unused for 16-bit
     # Triton 3.9's interpreter multiplies bf16 tiles wrongly; it gets exact fp32 copies
     # (bf16 -> fp32 is lossless, and the GPU's bf16 MMA accumulates in fp32 too).
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = interpreting and q.dtype == torch.bfloat16
+    shared = {"BLOCK_D": block_d, "DOT_PRECISION": precision, "UPCAST": upcast, **variant}
 
     row_kernel, col_kernel = _kernels()
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0))
-    # FMA contraction on explicitly (it is what `s * scale - m` is written for).
-    launch = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
-    row_kernel[(len(rows), hq)](
-        q, k, lse, span_row, waad, row_seq, row_start, cu_dev, sinks2, *strides,
-        qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast,
-        HAS_SINK=sinks is not None, **variant, **launch,
-    )  # fmt: skip
-    col_kernel[(len(cols), hq)](
-        q, k, lse, fai, col_seq, col_start, cu_dev, *strides,
-        qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi), cap_in, cap_out, slide,
-        HAS_HI=h_hi is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST=upcast,
-        **variant, **launch,
-    )  # fmt: skip
 
-    out = []
-    for b in range(len(prompts)):
-        lo, hi = cu[b] + prompts[b], cu[b + 1]
-        out.append(
-            SpanStats(span=span_row[:, lo:hi].mean(-1), waad=waad[:, lo:hi], fai=fai[:, lo:hi])
+    def options(cfg: Blocks) -> dict[str, Any]:
+        # FMA contraction on explicitly (it is what `s * scale - m` is written for).
+        return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **shared,
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                "enable_fp_fusion": True}  # fmt: skip
+
+    row = Launch(
+        row_kernel, (len(lay.row_seq), hq),
+        (q, k, lse, span_row, waad, lay.row_seq, lay.row_start, lay.cu, sinks2, *strides,
+         qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide),
+        {**options(row_cfg), "HAS_SINK": sinks is not None},
+    )  # fmt: skip
+    col = Launch(
+        col_kernel, (len(lay.col_seq), hq),
+        (q, k, lse, fai, lay.col_seq, lay.col_start, lay.cu, *strides,
+         qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi), cap_in, cap_out, slide),
+        {**options(col_cfg), "HAS_HI": h_hi is not None},
+    )  # fmt: skip
+    return Plan(row, col, lay, lse, span_row, waad, fai)
+
+
+def span_stats_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    prompt_lens: torch.Tensor | Sequence[int],
+    window: int = DEFAULTS.window,
+    h_lo: int = DEFAULTS.h_lo,
+    h_hi: int | None = DEFAULTS.h_hi,
+    scale: float | None = None,
+    **options: Any,
+) -> list[SpanStats]:
+    """SPEC.md span/WAAD/FAI for every sequence of a packed batch, one SpanStats each.
+
+    q [Hq, total_N, d], k [Hkv, total_N, d]; sequence b occupies tokens
+    cu_seqlens[b]:cu_seqlens[b+1] with its first prompt_lens[b] tokens the prompt.
+    Keyword options (plan_packed): block_m, block_n, num_warps, num_stages (both passes;
+    powers of two >= 16 for the blocks), col_block_m, col_block_n (the column pass alone),
+    default hand-picked per dtype and horizon mode; check_finite=False skips the NaN/inf
+    scan of q, k and sinks (a full read and a device sync each) for callers whose inputs
+    come straight from a model forward (the engine's packed front, i.e. the runner);
+    softcap / sinks [Hq] / sliding_window: the layer's attention as the model computes it
+    (anchorcredit.engine.span docstring); None = plain causal softmax.
+
+    With cu_seqlens and prompt_lens as Python ints and check_finite=False a call makes no
+    host sync: the block tables go over in one pinned, non-blocking copy, cached per layout.
+    """
+    _require_triton()
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"the triton span kernel needs CUDA tensors (got {q.device}); set "
+            "TRITON_INTERPRET=1 before the first call to run it on CPU, or use backend='chunked'"
         )
-    return out
+    plan = plan_packed(q, k, cu_seqlens, prompt_lens, window, h_lo, h_hi, scale, **options)
+    plan.run()
+    return plan.collect()
 
 
 def span_stats_triton(

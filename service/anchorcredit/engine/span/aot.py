@@ -1,0 +1,257 @@
+"""Ahead-of-time compile of the span kernel exactly as a launch compiles it, and its resources.
+
+    python -m anchorcredit.engine.span.aot            # the full table (docs/KERNEL.md)
+    python -m anchorcredit.engine.span.aot --quick    # bf16, head dim 128 only
+
+No GPU needed: Triton ships ptxas and cuobjdump (triton/backends/nvidia/bin). For each
+launcher configuration, span_stats_packed's own planning (plan_packed) builds the launches
+on CPU tensors; the arguments then go through the JIT's binder for a CUDA target (the code
+a launch runs: the same divisibility/alignment specialisation and launch options), and
+triton.compile produces the cubin. Registers, spill stack and local memory come from
+`cuobjdump -res-usage`, shared memory from the compiled metadata, and the loops (a
+backward branch in the SASS) from `cuobjdump -sass`: their instruction counts and the
+cross-warp traffic inside them (SHFL shuffles, BAR barriers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from anchorcredit.engine.span import triton_kernel as tk
+
+ARCHS = (80, 90)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (64, 128, 256)
+# (pass, horizon mode, attention variant): both passes, both column-pass modes, and the
+# kernels with every model-true option switched on (soft-capping, sinks, sliding window).
+KERNELS = (
+    ("row", "band", "plain"),
+    ("row", "band", "variants"),
+    ("col", "band", "plain"),
+    ("col", "end", "plain"),
+    ("col", "end", "variants"),
+)
+COLUMNS = (
+    "arch", "dtype", "d", "pass", "horizon", "attention", "tile", "warps", "stages",
+    "regs", "spill B", "shared KiB", "loops: SASS instr / SHFL / BAR",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: int
+    dtype: torch.dtype
+    head_dim: int
+    pass_: str  # "row" or "col"
+    horizon: str  # "band" (h_hi=100) or "end" (h_hi=None)
+    attention: str  # "plain" or "variants"
+
+    @property
+    def sixteen_bit(self) -> bool:
+        return self.dtype in (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Loop:
+    instructions: int
+    shuffles: int
+    barriers: int
+
+
+@dataclass(frozen=True)
+class Resources:
+    config: Config
+    launch: tk.Launch
+    registers: int
+    spill_bytes: int  # ptxas' spill stack plus local memory: 0 means no spills
+    shared_bytes: int
+    loops: tuple[Loop, ...]
+    specialization: str  # the JIT's cache key of this launch
+
+
+def tool(name: str) -> str:
+    """Path of one of Triton's bundled CUDA tools (ptxas, cuobjdump), or a clear error."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"{path} is missing: this triton build has no CUDA tools")
+    return path
+
+
+def toolchain_present() -> bool:
+    try:
+        tool("ptxas")
+        tool("cuobjdump")
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+def plan_for(config: Config, n: int = 1000) -> tk.Plan:
+    """span_stats_packed's plan of a two-sequence batch with the config's inputs, on the CPU
+    (the launches are only bound and compiled, never run)."""
+    if tk._interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET: the AOT compile needs the real JIT")
+    hq, hkv, d = 4, 2, config.head_dim
+    q = torch.zeros(hq, n, d, dtype=config.dtype)
+    k = torch.zeros(hkv, n, d, dtype=config.dtype)
+    variant: dict[str, Any] = {}
+    if config.attention == "variants":
+        variant = {"softcap": 30.0, "sinks": torch.zeros(hq), "sliding_window": 64}
+    h_hi = 100 if config.horizon == "band" else None
+    return tk.plan_packed(q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False, **variant)
+
+
+def launch_for(config: Config) -> tk.Launch:
+    plan = plan_for(config)
+    return plan.row if config.pass_ == "row" else plan.col
+
+
+def bind(launch: tk.Launch, arch: int) -> tuple[Any, dict, dict, dict, dict, Any, str]:
+    """What JITFunction.run does before compiling, for a CUDA target instead of the
+    current device: (source args, options, target, key). Mirrors triton 3.x's run()."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    kernel = launch.kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(launch.options)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    key = compute_cache_key({}, specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    return kernel, signature, constexprs, attrs, options.__dict__, target, key
+
+
+def specialization_key(launch: tk.Launch, arch: int = 90) -> str:
+    """The JIT's cache key for this launch: a launch with a new key compiles a new kernel."""
+    return bind(launch, arch)[-1]
+
+
+def compile_launch(launch: tk.Launch, arch: int) -> tuple[Any, str]:
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel, signature, constexprs, attrs, options, target, key = bind(launch, arch)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options), key
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(0x[0-9a-f]+)")
+
+
+def sass_loops(sass: str) -> tuple[Loop, ...]:
+    """Every loop of a SASS listing (a branch back to an earlier address), in code order."""
+    code = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, ins in code:
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < addr:
+            body = [i for a, i in code if int(m.group(1), 16) <= a <= addr]
+            loops.append(
+                Loop(
+                    instructions=len(body),
+                    shuffles=sum("SHFL" in i for i in body),
+                    barriers=sum(re.search(r"\bBAR\.(SYNC|ARV|RED)", i) is not None for i in body),
+                )
+            )
+    return tuple(loops)
+
+
+def resources(config: Config) -> Resources:
+    launch = launch_for(config)
+    compiled, key = compile_launch(launch, config.arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump -res-usage output:\n{usage}")
+    return Resources(
+        config=config,
+        launch=launch,
+        registers=int(m.group(1)),
+        spill_bytes=int(m.group(2)) + int(m.group(3)),
+        shared_bytes=int(compiled.metadata.shared),
+        loops=sass_loops(sass),
+        specialization=key,
+    )
+
+
+def configs(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels=KERNELS) -> Iterator[Config]:
+    for arch in archs:
+        for dtype in dtypes:
+            for d in head_dims:
+                for pass_, horizon, attention in kernels:
+                    yield Config(arch, dtype, d, pass_, horizon, attention)
+
+
+def row(r: Resources) -> str:
+    c, o = r.config, r.launch.options
+    loops = "; ".join(f"{lp.instructions} / {lp.shuffles} / {lp.barriers}" for lp in r.loops)
+    cells = (
+        f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, c.pass_, c.horizon,
+        c.attention, f"{o['BLOCK_M']}x{o['BLOCK_N']}", o["num_warps"], o["num_stages"],
+        r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops,
+    )  # fmt: skip
+    return "| " + " | ".join(str(x) for x in cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m anchorcredit.engine.span.aot",
+                                 description=__doc__.splitlines()[0])  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="bf16, head dim 128 only")
+    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    args = ap.parse_args(argv)
+    import triton
+
+    dtypes = (torch.bfloat16,) if args.quick else DTYPES
+    dims = (128,) if args.quick else HEAD_DIMS
+    print(f"triton {triton.__version__}, ptxas {tool('ptxas')}\n")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    spills = 0
+    start = time.perf_counter()
+    for config in configs(args.arch, dtypes, dims):
+        r = resources(config)
+        print(row(r), flush=True)
+        spills += config.sixteen_bit and r.spill_bytes > 0
+    took = time.perf_counter() - start
+    print(f"\n{spills} 16-bit configuration(s) spill; compiled in {took:.0f} s")
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
