@@ -163,6 +163,10 @@ def experience_maker_class(
     return AnchorCreditExperienceMaker
 
 
+# What install() replaced, for uninstall(): (module or class, attribute) -> original.
+_ORIGINALS: dict[tuple[Any, str], Any] = {}
+
+
 def install(
     client: CreditClient | None = None,
     *,
@@ -222,9 +226,6 @@ def install(
     _ORIGINALS.setdefault(key, ppo_actor.ActorPPOTrainer)
     # PolicyModelActor.init_model_from_pretrained builds the trainer by this global name.
     ppo_actor.ActorPPOTrainer = actor_trainer_class(new_sync, _ORIGINALS[key])
-
-
-_ORIGINALS: dict[tuple[Any, str], Any] = {}
 
 
 def uninstall() -> None:
