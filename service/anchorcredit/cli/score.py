@@ -220,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         from anchorcredit.runner.layers import LayerChoiceError
 
         try:
-            backend = remote or LocalBackend(args.model, args.device, args.dtype, args.layers)
+            backend = remote or LocalBackend(
+                args.model, args.device, args.dtype, args.layers, entropy=with_entropy
+            )
         except LayerChoiceError as e:  # nothing written: the output is untouched
             _say(f"--layers: {e}")
             return 2

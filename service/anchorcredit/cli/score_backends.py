@@ -40,7 +40,12 @@ class LocalBackend:
     """Scores in-process with anchorcredit.runner.Scorer (one packed forward per group)."""
 
     def __init__(
-        self, model: str | None, device: str, dtype: str, layers: list[int] | None
+        self,
+        model: str | None,
+        device: str,
+        dtype: str,
+        layers: list[int] | None,
+        entropy: bool = True,
     ) -> None:
         import transformers
 
@@ -48,7 +53,10 @@ class LocalBackend:
 
         # transformers' "Loading weights" bar on every command is noise; our own tqdm stays.
         transformers.utils.logging.disable_progress_bar()
-        self.scorer = Scorer.from_pretrained(model, device=device, dtype=dtype, layers=layers)
+        # Without --entropy only the layers up to the last scored one are loaded, no LM head.
+        self.scorer = Scorer.from_pretrained(
+            model, device=device, dtype=dtype, layers=layers, entropy=entropy
+        )
 
     def settings(self) -> dict[str, Any]:
         s = self.scorer
