@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU suite: one command, one markdown table file, on an H100/H200 in under 9 minutes
-# (the step limits add up to 540 s; the device tool allows 600 s a command).
+# The GPU suite: one command, one markdown table file, on an H100/H200 in under 10 minutes
+# (the step limits add up to 560 s; the device tool allows 600 s a command).
 #
 #   bash bench/gpu_suite.sh                 # writes $OUT/gpu_suite.md (or bench/results/)
 #   bash bench/gpu_suite.sh --dry-run       # prints the steps and their time limits only
 #
 # Steps (each under its own time limit, so one slow step cannot eat the rest):
-#   1. the kernel's bf16 tests against the float64 reference, 1K..32K (pytest -m gpu)
-#   2. the span benchmark at Qwen3-8B shapes against SDPA flash (h_hi=100 and to the end)
+#   1. the kernel's GPU tests (pytest -m gpu tests/engine/span): bf16 vs the float64
+#      reference at 1K..32K, and no host sync per layer (torch sync debug mode, test_sync.py)
+#   2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
+#      FlashAttention-2 (h_hi=100 and to the end; whole call and kernel alone), and the
+#      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows)
 #   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
 #   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
 #   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
@@ -24,9 +27,10 @@ report="$out_dir/gpu_suite.md"
 py="${PYTHON:-python}"
 
 steps=(
-  "120|kernel bf16 tests vs float64 (1K..32K)|$py -m pytest -q -m gpu tests/engine/span"
-  "90|span kernel vs SDPA flash, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
-  "60|span kernel vs SDPA flash, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager"
+  "120|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
+  "90|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
+  "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager"
+  "20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
   "90|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
   "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"

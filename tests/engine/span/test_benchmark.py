@@ -10,7 +10,9 @@ def test_benchmark_main_prints_the_cpu_table(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     lines = out.splitlines()
-    header = "| N | backend | ms | peak MiB | time x base | memory x base | max rel err |"
+    header = (
+        "| N | backend | ms | peak MiB | time x base | memory x base | time x fa2 | max rel err |"
+    )
     assert header in lines
     rows = [line.split(" | ") for line in lines if line.startswith("| 48 |")]
     assert [r[1] for r in rows] == ["reference", "chunked"]
@@ -19,4 +21,20 @@ def test_benchmark_main_prints_the_cpu_table(capsys):
         assert float(r[-1].rstrip(" |")) <= 1e-5  # N <= --err-max-n: error vs float64
     assert rows[0][4] == "1.00"  # the CPU baseline is the reference
     if "cuda: skipped" not in out:  # a GPU box: its table follows
-        assert "| sdpa_flash |" in out and "| triton |" in out
+        assert "(base) |" in out and "| triton |" in out and "| triton_kernel |" in out
+
+
+def test_cuda_table_uses_the_fastest_sdpa_and_fa2():
+    rows = [
+        {"n": 8, "backend": "sdpa_flash", "ms": 2.0, "mib": 10.0, "err": None},
+        {"n": 8, "backend": "sdpa_cudnn", "ms": 1.0, "mib": 20.0, "err": None},
+        {"n": 8, "backend": "sdpa_efficient", "error": "No available kernel"},
+        {"n": 8, "backend": "fa2", "ms": 4.0, "mib": 5.0, "err": None},
+        {"n": 8, "backend": "triton", "ms": 0.5, "mib": 2.0, "err": 1e-6},
+    ]
+    lines = benchmark.table(rows, "cuda")
+    cells = {r.split(" | ")[1]: r.split(" | ") for r in lines[2:]}
+    assert "sdpa_cudnn (base)" in cells and "sdpa_flash" in cells
+    assert cells["triton"][4:7] == ["0.50", "0.10", "0.12"]  # time/memory x cudnn, time x fa2
+    assert cells["sdpa_efficient"][2] == "No available kernel"
+    assert all(len(r.split(" | ")) == len(benchmark.COLUMNS) for r in lines[2:])

@@ -7,34 +7,40 @@
 
 In the spirit of the Triton fused-attention tutorial's perf_report: for each N one row per
 backend that runs on the device, with its time, its peak extra memory, both as ratios against
-a baseline measured in the same run on the same inputs, and the max relative error of its
-statistics against the float64 reference (for N <= --err-max-n; '-' above it):
+a baseline measured in the same run on the same inputs, the time against FlashAttention-2
+(CUDA, when flash_attn is installed), and the max relative error of its statistics against
+the float64 reference (for N <= --err-max-n; '-' above it):
 
-    device  baseline                             rows
-    cpu     reference (materialised attention)   reference, chunked [, triton under
-                                                 TRITON_INTERPRET=1 with --interpret]
-    cuda    sdpa_flash (PyTorch SDPA's flash     sdpa_flash, triton, chunked, eager
-            forward, causal, k/v expanded)
+    device  baseline                              rows
+    cpu     reference (materialised attention)    reference, chunked [, triton under
+                                                  TRITON_INTERPRET=1 with --interpret]
+    cuda    the fastest SDPA backend of the run   sdpa_flash, sdpa_cudnn, sdpa_efficient,
+            (cuDNN attention on Hopper, flash     fa2, triton, triton_kernel, chunked,
+            elsewhere), causal, k/v expanded      eager
 
+`triton` is the whole call as the runner makes it (check_finite=False, as the engine's
+packed front passes it; host-side checks and the cached block tables included);
+`triton_kernel` is the two kernel launches alone on a prepared plan (plan_packed), so
+the difference is the host's share. `fa2` is flash_attn_func (causal, GQA native).
 `eager` is the materialised fp32 attention reduced with vectorised diagonals, what the
 paper's extra `output_attentions` pass does (run where it fits in memory); on the GPU it
 stands in for `reference`, whose literal per-column FAI loop would time Python, not the GPU.
-The error is max over span, WAAD and FAI of max |got - ref| / max(1, max |ref|), with ref the
-float64 reference on the same (rounded) inputs.
+The error is max over span, WAAD and FAI of max |got - ref| / max |ref| (each statistic
+relative to its own scale), ref the float64 reference on the same (rounded) inputs.
 
 Measurement. CPU: each (backend, N) runs in a fresh process, median of --reps calls after a
 small warm-up, peak memory = ru_maxrss after the calls minus the resident size before them
 (so the number belongs to that backend alone). CUDA: median of triton.testing.do_bench, peak
 memory = torch.cuda.max_memory_allocated during one call minus the memory allocated before.
-The kernel is timed as the runner calls it (host-side block tables and the cu_seqlens read
-included, check_finite=False); chunked and reference go through span_stats_packed, the
-runner's entry point. The kernel's target: time x sdpa_flash <= 0.70 at Qwen3-8B shapes.
-The GPU-only rows are skipped, with a line that says so, when there is no CUDA device.
+chunked and reference go through span_stats_packed, the runner's entry point. The
+kernel's target: time x base <= 0.70 at Qwen3-8B shapes. The GPU-only rows are skipped,
+with a line that says so, when there is no CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -49,12 +55,18 @@ import torch
 
 from anchorcredit.contract import DEFAULTS, H_HI_END, parse_h_hi
 from anchorcredit.engine.span import span_stats_packed
-from anchorcredit.engine.span.reference import span_stats_reference
+from anchorcredit.engine.span.reference import max_relative_error, span_stats_reference
 from anchorcredit.engine.types import SpanStats
 
 MIB = 1 << 20
-COLUMNS = ("N", "backend", "ms", "peak MiB", "time x base", "memory x base", "max rel err")
-BASELINE = {"cpu": "reference", "cuda": "sdpa_flash"}
+COLUMNS = (
+    "N", "backend", "ms", "peak MiB", "time x base", "memory x base", "time x fa2",
+    "max rel err",
+)  # fmt: skip
+# The baseline per device: CPU the reference; CUDA the fastest SDPA backend of the run.
+BASELINE = {"cpu": "reference", "cuda": "fastest sdpa_*"}
+SDPA = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+        "sdpa_efficient": "EFFICIENT_ATTENTION"}  # fmt: skip
 # Per device: sizes and shapes when the flags leave them out (CUDA: Qwen3-8B's heads).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"n": [1024, 2048, 4096], "heads": 4, "kv_heads": 2, "head_dim": 64,
@@ -116,7 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU: add the triton kernel under TRITON_INTERPRET=1 (slow; error only)",
     )
     ap.add_argument("--no-eager", action="store_true", help="CUDA: skip the eager row")
-    for name in ("block-m", "block-n", "num-warps", "num-stages"):
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="CUDA: only these rows (e.g. triton triton_kernel for a tile sweep)",
+    )
+    for name in ("block-m", "block-n", "num-warps", "num-stages", "col-block-m", "col-block-n"):
         ap.add_argument(f"--{name}", type=int, default=None, help="CUDA: kernel launch option")
     args = ap.parse_args(argv)
     args.h_hi = parse_h_hi(args.h_hi)
@@ -134,13 +152,8 @@ def make_qk(hq: int, hkv: int, n: int, d: int, dtype: torch.dtype, device: str):
 
 
 def max_rel_err(got: SpanStats, ref: SpanStats) -> float:
-    """Max over span, WAAD, FAI of max |got - ref| / max(1, max |ref|)."""
-    errs = []
-    for field in ("span", "waad", "fai"):
-        a, b = getattr(got, field).double(), getattr(ref, field).to(torch.float64)
-        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
-        errs.append(float((a.to(b.device) - b).abs().max()) / scale if b.numel() else 0.0)
-    return max(errs)
+    """Max over span, WAAD, FAI of max |got - ref| / max |ref| (reference.max_relative_error)."""
+    return max_relative_error(got, ref)
 
 
 def float64_reference(q, k, prompt_len: int, cfg: dict[str, Any]) -> SpanStats:
@@ -153,8 +166,8 @@ def float64_reference(q, k, prompt_len: int, cfg: dict[str, Any]) -> SpanStats:
 def eager_stats(q, k, prompt_len, window, h_lo, h_hi, scale) -> SpanStats:
     """SPEC.md statistics from the materialised fp32 attention (the paper's eager pass)."""
     hq, n, _ = q.shape
-    kk = k.repeat_interleave(hq // k.shape[0], dim=0)
-    scores = torch.matmul(q, kk.transpose(1, 2)).float().mul_(scale)
+    kk = k.repeat_interleave(hq // k.shape[0], dim=0).float()
+    scores = torch.matmul(q.float(), kk.transpose(1, 2)).mul_(scale)  # fp32, as the kernel
     future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
     attn = scores.masked_fill_(future, float("-inf")).softmax(-1)
     del scores
@@ -180,20 +193,36 @@ def eager_stats(q, k, prompt_len, window, h_lo, h_hi, scale) -> SpanStats:
     return SpanStats(span=span, waad=waad, fai=fai)
 
 
+LAUNCH_OPTIONS = ("block_m", "block_n", "num_warps", "num_stages", "col_block_m", "col_block_n")
+
+
 def stats_fn(backend: str, q, k, prompt_len: int, cfg: dict[str, Any]) -> Callable[[], Any]:
     """A no-argument call of `backend` on one sequence, as the runner would make it."""
     n, scale = q.shape[1], q.shape[-1] ** -0.5
     horizon = (cfg["window"], cfg["h_lo"], cfg["h_hi"], scale)
-    if backend == "triton":
+    launch = {o: cfg.get(o) for o in LAUNCH_OPTIONS}
+    if backend == "triton":  # the whole call, as the engine's packed front makes it
         from anchorcredit.engine.span import triton_kernel
 
-        launch = {o: cfg.get(o) for o in ("block_m", "block_n", "num_warps", "num_stages")}
         return lambda: triton_kernel.span_stats_packed(
             q, k, [0, n], [prompt_len], *horizon, check_finite=False, **launch
         )[0]
+    if backend == "triton_kernel":  # the two launches alone, on a prepared plan
+        from anchorcredit.engine.span import triton_kernel
+
+        plan = triton_kernel.plan_packed(
+            q, k, [0, n], [prompt_len], *horizon, check_finite=False, **launch
+        )
+        return plan.run
     if backend == "eager":
         return lambda: eager_stats(q, k, prompt_len, *horizon)
-    if backend == "sdpa_flash":
+    if backend == "fa2":
+        from flash_attn import flash_attn_func  # GQA native: k/v keep their Hkv heads
+
+        qf, kf = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0)
+        vf = torch.randn_like(kf)
+        return lambda: flash_attn_func(qf, kf, vf, causal=True)
+    if backend in SDPA:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -201,9 +230,10 @@ def stats_fn(backend: str, q, k, prompt_len: int, cfg: dict[str, Any]) -> Callab
         qs = q.unsqueeze(0)
         ks = k.repeat_interleave(hq // k.shape[0], dim=0).unsqueeze(0)
         vs = torch.randn_like(ks)
+        which = getattr(SDPBackend, SDPA[backend])
 
         def sdpa():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # errors out rather than fall back
+            with sdpa_kernel(which):  # errors out rather than fall back
                 return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
 
         return sdpa
@@ -283,17 +313,21 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
         q, k = make_qk(cfg["heads"], cfg["kv_heads"], n, cfg["head_dim"], dtype, "cuda")
         prompt_len = prompt_len_of(args, n)
         ref = float64_reference(q, k, prompt_len, cfg) if n <= cfg["err_max_n"] else None
-        backends = ["sdpa_flash", "triton", "chunked"]
+        backends = [*SDPA, "triton", "triton_kernel", "chunked"]
+        if importlib.util.find_spec("flash_attn") is not None:
+            backends.insert(len(SDPA), "fa2")
         # bytes: 16-bit scores, fp32 attention, one fp32 temporary (the eager pass's peak)
         if not args.no_eager and 12 * cfg["heads"] * n * n < 0.8 * torch.cuda.mem_get_info()[0]:
             backends.append("eager")
+        if args.backends:
+            backends = [b for b in dict.fromkeys([*backends, "eager"]) if b in args.backends]
         for backend in backends:
             row: dict[str, Any] = {"n": n, "backend": backend, "err": None}
             try:
                 call = stats_fn(backend, q, k, prompt_len, cfg)
                 got = call()  # compiles / warms up outside the timing
                 torch.cuda.synchronize()
-                if ref is not None and backend != "sdpa_flash":
+                if ref is not None and isinstance(got, SpanStats):
                     row["err"] = max_rel_err(got, ref)
                 del got
                 torch.cuda.reset_peak_memory_stats()
@@ -305,6 +339,8 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
                 del call
             except torch.cuda.OutOfMemoryError:
                 row = {"n": n, "backend": backend, "error": "out of memory"}
+            except RuntimeError as err:  # an SDPA backend this card or shape does not have
+                row = {"n": n, "backend": backend, "error": str(err).splitlines()[0][:60]}
             rows.append(row)
             torch.cuda.empty_cache()
         del q, k, ref
@@ -323,20 +359,38 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
-    """Markdown lines: one row per (N, backend), ratios against `baseline` at the same N."""
-    base = {r["n"]: r for r in rows if r["backend"] == baseline and "error" not in r}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---:|---|" + "---:|" * 5]
+def baseline_rows(rows: list[dict[str, Any]], device: str) -> dict[int, dict[str, Any]]:
+    """The baseline row per N: the reference on the CPU, the fastest SDPA backend on CUDA."""
+    ok = [r for r in rows if "error" not in r]
+    if device == "cpu":
+        return {r["n"]: r for r in ok if r["backend"] == "reference"}
+    base: dict[int, dict[str, Any]] = {}
+    for r in ok:
+        if r["backend"] in SDPA and (r["n"] not in base or r["ms"] < base[r["n"]]["ms"]):
+            base[r["n"]] = r
+    return base
+
+
+def table(rows: list[dict[str, Any]], device: str) -> list[str]:
+    """Markdown lines: one row per (N, backend), ratios against the device's baseline and
+    FlashAttention-2 at the same N; the baseline row's name is marked with '(base)'."""
+    base = baseline_rows(rows, device)
+    fa2 = {r["n"]: r for r in rows if r["backend"] == "fa2" and "error" not in r}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---:|---|" + "---:|" * (len(COLUMNS) - 2)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['backend']} | {r['error']} | | | | |")
+            cells = [str(r["n"]), r["backend"], r["error"], *["-"] * (len(COLUMNS) - 3)]
+            lines.append("| " + " | ".join(cells) + " |")
             continue
-        b = base.get(r["n"])
+        b, f = base.get(r["n"]), fa2.get(r["n"])
+        name = r["backend"] + (" (base)" if b is r and device == "cuda" else "")
         t_ratio = r["ms"] / b["ms"] if b else None
         m_ratio = r["mib"] / max(b["mib"], 1.0) if b else None
+        f_ratio = r["ms"] / f["ms"] if f else None
         lines.append(
-            f"| {r['n']} | {r['backend']} | {r['ms']:.2f} | {r['mib']:.0f} | "
-            f"{_fmt(t_ratio, '.2f')} | {_fmt(m_ratio, '.2f')} | {_fmt(r['err'], '.1e')} |"
+            f"| {r['n']} | {name} | {r['ms']:.2f} | {r['mib']:.0f} | "
+            f"{_fmt(t_ratio, '.2f')} | {_fmt(m_ratio, '.2f')} | {_fmt(f_ratio, '.2f')} | "
+            f"{_fmt(r['err'], '.1e')} |"
         )
     return lines
 
@@ -357,6 +411,7 @@ def config_for(device: str, args: argparse.Namespace) -> dict[str, Any]:
         window=args.window, h_lo=args.h_lo, h_hi=args.h_hi, err_max_n=args.err_max_n,
         reps=args.reps, threads=args.threads, block_m=args.block_m, block_n=args.block_n,
         num_warps=args.num_warps, num_stages=args.num_stages,
+        col_block_m=args.col_block_m, col_block_n=args.col_block_n,
     )  # fmt: skip
     return cfg
 
@@ -366,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     h_hi = H_HI_END if args.h_hi is None else args.h_hi
     for device in args.device:
         if device == "cuda" and not torch.cuda.is_available():
-            print("cuda: skipped, no CUDA device here (triton and sdpa_flash run only there)\n")
+            print("cuda: skipped, no CUDA device here (triton, SDPA and FA2 run only there)\n")
             continue
         cfg = config_for(device, args)
         if device == "cpu":
@@ -384,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         sys.stdout.flush()
         rows = bench_cpu(args, cfg) if device == "cpu" else bench_cuda(args, cfg)
-        print("\n".join(table(rows, BASELINE[device])) + "\n")
+        print("\n".join(table(rows, device)) + "\n")
         if device == "cuda":
             print(
-                "target: triton time x sdpa_flash <= 0.70. eager runs where it fits "
+                "target: triton time x base (the fastest SDPA) <= 0.70. eager runs where it fits "
                 "(12 * Hq * N^2 bytes < 80% of free memory) unless --no-eager.\n"
             )
     return 0
