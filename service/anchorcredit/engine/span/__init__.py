@@ -6,7 +6,10 @@ The room holds every way we compute them, side by side:
   triton_kernel.py  fused GPU kernel (its docstring states contract, limits, hardware)
   checks.py         argument checks every backend shares
   benchmark.py      one table per device: every backend, its memory and error, against a
-                    baseline measured in the same run (CPU: reference; CUDA: SDPA flash)
+                    baseline measured in the same run (CPU: reference; CUDA: the fastest
+                    SDPA backend, and FlashAttention-2)
+  aot.py            the kernel compiled for sm_80/sm_90 as a launch compiles it (no GPU):
+                    registers, spills, shared memory and SASS loops per configuration
 Their tests are tests/engine/span/.
 
 span_stats()         one sequence

@@ -19,24 +19,29 @@ Passes (docs/KERNEL.md has the derivation)
        and WAAD.
     2. Column pass, one program per (response key tile, q head), shaped like the dK/dV loop
        of a FlashAttention backward: with the row LSE known, recompute exact probabilities
-       for the query tiles with h_lo <= t - s <= h_hi and sum the columns. For a finite h_hi
-       this touches only ~(BLOCK_N + h_hi - h_lo) rows per key tile (the band epilogue); for
-       h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
+       for the query tiles with h_lo <= t - s <= h_hi and sum the columns (into a per-tile
+       fp32 accumulator, reduced over the rows once after the loop, not per step). For a
+       finite h_hi this touches only ~(BLOCK_N + h_hi - h_lo) rows per key tile (the band
+       epilogue); for h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
        per query block keeps FAI deterministic without an atomics buffer.
     Memory: O(Hq * total_N) fp32 (LSE, per-row span, WAAD, FAI) plus the block tables.
     The stored LSE is internal: base 2, of the scaled scores times log2(e).
 
 Limits
     head dim <= 256 (padded to a power of two >= 16); block sizes powers of two >= 16.
-    fp32 inputs use IEEE fp32 dot products (no TF32), so they are slow but exact to ~1e-6.
-    Every request is validated on the host (one device sync to read cu_seqlens).
+    fp32 inputs use IEEE fp32 dot products (no TF32) on small tiles: a CPU/debug path, exact
+    to ~1e-6 and slow on a GPU; the runner's dtype is bf16.
+    Host side: no device sync when cu_seqlens/prompt_lens are Python ints and
+    check_finite=False (the block tables are one pinned table copied asynchronously and
+    cached per batch layout); runtime integers are not specialised (no recompiles).
 
 Tested on
     Correctness verified under TRITON_INTERPRET=1 on CPU (fp32/bf16/fp16 inputs, N <= 512)
-    against the materialised reference, and compiled ahead of time to sm_80 / sm_90 cubins
-    (tests/engine/span/test_triton_kernel.py). NOT yet run on a GPU: the bf16 correctness
+    against the float64 reference, and compiled ahead of time to sm_80 / sm_90 cubins
+    through the JIT's own binder, with registers and spills read from the cubins (aot.py,
+    tests/engine/span/test_aot.py). NOT yet run on a GPU: the bf16 correctness and no-sync
     tests (marked gpu) and the benchmark (python -m anchorcredit.engine.span.benchmark
-    --device cuda, benchmark.py beside this file) are written but unmeasured.
+    --device cuda) are written but unmeasured.
 """
 
 from __future__ import annotations
