@@ -22,8 +22,8 @@ Passes (docs/KERNEL.md has the derivation)
        for the query tiles with h_lo <= t - s <= h_hi and sum the columns (into a per-tile
        fp32 accumulator, reduced over the rows once after the loop, not per step). For a
        finite h_hi this touches only ~(BLOCK_N + h_hi - h_lo) rows per key tile (the band
-       epilogue); for h_hi=None it runs to the end of the sequence. Doing the band per key tile rather than
-       per query block keeps FAI deterministic without an atomics buffer.
+       epilogue); for h_hi=None it runs to the end of the sequence. Doing the band per key
+       tile rather than per query block keeps FAI deterministic without an atomics buffer.
     Memory: O(Hq * total_N) fp32 (LSE, per-row span, WAAD, FAI) plus the block tables.
     The stored LSE is internal: base 2, of the scaled scores times log2(e).
 
@@ -46,6 +46,7 @@ Tested on
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -428,9 +429,12 @@ class Layout:
 
 
 # Layouts per (device, stream, cu_seqlens, prompt_lens, tiles, horizon mode): every selected
-# layer of a batch reuses the first layer's tables, and a trainer repeats few layouts.
+# layer of a batch reuses the first layer's tables. A trainer's batches rarely repeat a
+# layout, so the cache stays small (each entry holds ~4 bytes per token, pinned and on the
+# device); the lock keeps it consistent when several threads score.
 _LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
-LAYOUT_CACHE_SIZE = 64
+_LAYOUTS_LOCK = threading.Lock()
+LAYOUT_CACHE_SIZE = 16
 
 
 def _build_layout(
@@ -471,14 +475,15 @@ def _layout(
 ) -> Layout:  # fmt: skip
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream, tuple(cu), tuple(prompts), bm, bn, longest_first)
-    got = _LAYOUTS.get(key)
-    if got is None:
-        got = _LAYOUTS[key] = _build_layout(cu, prompts, bm, bn, longest_first, device)
-        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-            _LAYOUTS.popitem(last=False)
-    else:
-        _LAYOUTS.move_to_end(key)
-    return got
+    with _LAYOUTS_LOCK:
+        got = _LAYOUTS.get(key)
+        if got is None:
+            got = _LAYOUTS[key] = _build_layout(cu, prompts, bm, bn, longest_first, device)
+            while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+                _LAYOUTS.popitem(last=False)
+        else:
+            _LAYOUTS.move_to_end(key)
+        return got
 
 
 @dataclass(frozen=True)
