@@ -260,8 +260,11 @@ def test_block_tables_are_one_cached_copy(interpret, monkeypatch):
     assert len(mod._LAYOUTS) == 2 and all(v is not first for v in mod._LAYOUTS.values())
 
 
-def test_column_pass_tiles_can_differ_from_the_row_pass(interpret):
+@pytest.mark.parametrize("col_tiles", [(16, 32), (64, 32)])  # (64, 32): the GPU band default
+def test_column_pass_tiles_can_differ_from_the_row_pass(interpret, col_tiles):
     q, k = random_qk(2, 1, 120, 16, seed=6)
-    got = span_stats_packed(q.float(), k.float(), [0, 120], [7], h_hi=30, block_m=32,
-                            block_n=16, col_block_m=16, col_block_n=32)[0]  # fmt: skip
-    assert_matches(got, reference(q, k, 7, h_hi=30), 1e-4)
+    got = span_stats_packed(q.float(), k.float(), [0, 50, 120], [7, 3], h_hi=30, block_m=32,
+                            block_n=16, col_block_m=col_tiles[0],
+                            col_block_n=col_tiles[1])  # fmt: skip
+    assert_matches(got[0], reference(q[:, :50], k[:, :50], 7, h_hi=30), 1e-4)
+    assert_matches(got[1], reference(q[:, 50:], k[:, 50:], 3, h_hi=30), 1e-4)
