@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -189,6 +190,32 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(30)
+
+
+# AReaL's logging.getLogger (areal/utils/logging.py) swaps in a new root logger and Manager on
+# every call, so once AReaL is imported (test collection does it), loggers made afterwards no
+# longer reach the root that pytest's caplog listens on. Put the original back before each
+# test and re-parent the loggers made in the meantime.
+_ROOT, _MANAGER = logging.root, logging.Logger.manager
+
+
+def _restore_logging() -> None:
+    foreign = logging.Logger.manager
+    if foreign is _MANAGER and logging.Logger.root is _ROOT:
+        return
+    logging.Logger.root, logging.Logger.manager = _ROOT, _MANAGER
+    for name, lg in list(foreign.loggerDict.items()):
+        if isinstance(lg, logging.Logger) and name.startswith("anchorcredit"):
+            lg.manager = _MANAGER
+            _MANAGER.loggerDict.setdefault(name, lg)
+            _MANAGER._fixupParents(lg)  # parent = nearest ancestor under the original root
+
+
+@pytest.fixture(autouse=True)
+def _logging_reaches_the_root() -> Iterator[None]:
+    _restore_logging()
+    yield
+    _restore_logging()
 
 
 @pytest.fixture(name="free_port", scope="session")

@@ -7,22 +7,26 @@ import subprocess
 import sys
 import textwrap
 
-# Measured in a fresh process: ru_maxrss is a process-wide peak, so the extra memory of one
-# call is the peak after it minus the resident size just before it.
+# Measured in a fresh process. The kernel's high-water mark (VmHWM) is reset just before the
+# call (writing 5 to /proc/self/clear_refs, Linux), so a peak reached earlier (imports,
+# warm-up) cannot count: the extra memory of the call is the mark after it minus the resident
+# size just before it.
 PROBE = textwrap.dedent(
     """
-    import json, resource, torch
+    import json, torch
     from anchorcredit.engine import span_stats
     torch.set_num_threads(2)
     hq, hkv, n, d = 4, 2, 16384, 16
     q, k = torch.randn(hq, n, d), torch.randn(hkv, n, d)
     span_stats(q[:, :64], k[:, :64], 8, backend="chunked")  # warm up allocator and kernels
-    def rss_kib():
+    def status_kib(field):
         with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
-    before = rss_kib()
+            return next(int(l.split()[1]) for l in f if l.startswith(field))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
     s = span_stats(q, k, 1024, h_hi=None, backend="chunked")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kib("VmHWM")
     print(json.dumps({"before_kib": before, "peak_kib": peak, "r": s.waad.shape[1]}))
     """
 )
