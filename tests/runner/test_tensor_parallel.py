@@ -205,4 +205,3 @@ def test_serve_tensor_parallel_end_to_end(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
