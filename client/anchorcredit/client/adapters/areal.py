@@ -36,40 +36,16 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from anchorcredit.client.adapters.common import credit_for_shifted_batch
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.reweight import _to_numpy, reweight
+from anchorcredit.client.reweight import _to_numpy
 from anchorcredit.contract import DEFAULT_STRATEGY
 
-__all__ = ["apply_credit", "install", "response_spans"]
+__all__ = ["apply_credit", "install"]
 
 # The attribute a weight sync (areal_sync.py) sets on the train engine: the version the
 # service serves for this engine's current weights.
 VERSION_ATTR = "_anchorcredit_policy_version"
-
-
-def response_spans(
-    input_ids: Any, attention_mask: Any, rolled_loss_mask: Any
-) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
-    """(row, prompt ids, response ids, lo, hi) for each row with a response.
-
-    Action positions lo..hi-1 (of the rolled loss mask) produced response tokens lo+1..hi.
-    """
-    ids = _to_numpy(input_ids)
-    attn = _to_numpy(attention_mask).astype(bool)
-    action = _to_numpy(rolled_loss_mask).astype(bool)
-    out = []
-    for b in range(ids.shape[0]):
-        pos = np.flatnonzero(action[b])
-        if len(pos) == 0:
-            continue
-        first, last = int(pos[0]) + 1, int(pos[-1]) + 1  # sequence indices of the response
-        prompt = ids[b, :first][attn[b, :first]]
-        if len(prompt) == 0:
-            continue
-        out.append((b, prompt, ids[b, first : last + 1], first - 1, last))
-    return out
 
 
 def apply_credit(
@@ -88,19 +64,17 @@ def apply_credit(
     values exactly. policy_version: the version the scores must come from (else refused).
     """
     action = data["loss_mask"]
-    spans = response_spans(data["input_ids"], data["attention_mask"], action)
-    dense = np.ones(tuple(action.shape), np.float32)
-    if spans:
-        results = client.score(
-            [s[1] for s in spans],
-            [s[2] for s in spans],
-            strategy=strategy,
-            policy_version=policy_version,
-            **credit_params,
-        )
-        for (b, _, _, lo, hi), res in zip(spans, results, strict=True):
-            dense[b, lo:hi] = res.gamma
-    data["advantages"] = reweight(data["advantages"], dense, action, sign=sign)
+    data["advantages"], dense = credit_for_shifted_batch(
+        client,
+        data["advantages"],
+        data["input_ids"],
+        data["attention_mask"],
+        action,
+        strategy=strategy,
+        policy_version=policy_version,
+        sign=sign,
+        credit_params=credit_params,
+    )
     mask = _to_numpy(action).astype(bool)
     if mask.any():
         _log_gamma(float(dense[mask].mean()))

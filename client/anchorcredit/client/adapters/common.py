@@ -5,6 +5,7 @@ Torch-free by itself (numpy via `reweight`); tensors in give tensors out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,32 @@ def rows_from_mask(ids: Any, mask: Any) -> list[np.ndarray]:
     if ids_np.shape != mask_np.shape:
         raise ValueError(f"ids {ids_np.shape} and mask {mask_np.shape} differ in shape")
     return [row[m] for row, m in zip(ids_np, mask_np, strict=True)]
+
+
+def gammas_for_rows(
+    client: CreditClient,
+    prompts: Sequence[np.ndarray],
+    responses: Sequence[np.ndarray],
+    *,
+    strategy: str,
+    policy_version: str | None,
+    credit_params: dict[str, Any],
+) -> list[np.ndarray]:
+    """gamma for each (prompt, response) row; rows with an empty side get ones (not sent:
+    the service needs at least one token on each side)."""
+    live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
+    gammas = [np.ones(len(r), np.float32) for r in responses]
+    if live:
+        results = client.score(
+            [prompts[i] for i in live],
+            [responses[i] for i in live],
+            strategy=strategy,
+            policy_version=policy_version,
+            **credit_params,
+        )
+        for i, res in zip(live, results, strict=True):
+            gammas[i] = res.gamma
+    return gammas
 
 
 def credit_for_batch(
@@ -44,17 +71,69 @@ def credit_for_batch(
     """
     prompts = rows_from_mask(prompt_ids, prompt_mask)
     responses = rows_from_mask(response_ids, response_mask)
-    live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
-    gammas: list[np.ndarray] = [np.ones(len(r), np.float32) for r in responses]
-    if live:
+    gammas = gammas_for_rows(
+        client,
+        prompts,
+        responses,
+        strategy=strategy,
+        policy_version=policy_version,
+        credit_params=credit_params or {},
+    )
+    dense = gamma_matrix(gammas, response_mask)
+    return reweight(advantages, dense, response_mask, sign=sign), dense
+
+
+def shifted_response_spans(
+    sequences: Any, attention_mask: Any, action_mask: Any
+) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
+    """(row, prompt ids, response ids, lo, hi) for each row with a response, in the layout
+    where action position j produced the token at sequence index j + 1 (OpenRLHF's
+    action_mask, AReaL's rolled loss_mask).
+
+    The response is the span from the first to the last action token (multi-turn tool/user
+    tokens inside it stay in place as context); the prompt is every attended token before
+    it; action positions lo..hi-1 produced response tokens lo+1..hi.
+    """
+    ids = _to_numpy(sequences)
+    attn = _to_numpy(attention_mask).astype(bool)
+    action = _to_numpy(action_mask).astype(bool)
+    out = []
+    for b in range(ids.shape[0]):
+        pos = np.flatnonzero(action[b])
+        if len(pos) == 0:
+            continue
+        first, last = int(pos[0]) + 1, int(pos[-1]) + 1  # sequence indices of the response
+        prompt = ids[b, :first][attn[b, :first]]
+        if len(prompt) == 0:
+            continue
+        out.append((b, prompt, ids[b, first : last + 1], first - 1, last))
+    return out
+
+
+def credit_for_shifted_batch(
+    client: CreditClient,
+    advantages: Any,
+    sequences: Any,
+    attention_mask: Any,
+    action_mask: Any,
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    policy_version: str | None = None,
+    sign: str = "both",
+    credit_params: dict[str, Any] | None = None,
+) -> tuple[Any, np.ndarray]:
+    """(gamma * advantages, dense float32 gamma) for the shifted layout of
+    `shifted_response_spans`; positions where action_mask is 0 keep their values exactly."""
+    spans = shifted_response_spans(sequences, attention_mask, action_mask)
+    dense = np.ones(tuple(action_mask.shape), np.float32)
+    if spans:
         results = client.score(
-            [prompts[i] for i in live],
-            [responses[i] for i in live],
+            [s[1] for s in spans],
+            [s[2] for s in spans],
             strategy=strategy,
             policy_version=policy_version,
             **(credit_params or {}),
         )
-        for i, res in zip(live, results, strict=True):
-            gammas[i] = res.gamma
-    dense = gamma_matrix(gammas, response_mask)
-    return reweight(advantages, dense, response_mask, sign=sign), dense
+        for (b, _, _, lo, hi), res in zip(spans, results, strict=True):
+            dense[b, lo:hi] = res.gamma
+    return reweight(advantages, dense, action_mask, sign=sign), dense

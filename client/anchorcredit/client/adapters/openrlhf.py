@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from anchorcredit.client.adapters.common import credit_for_shifted_batch
 from anchorcredit.client.adapters.openrlhf_sync import (
     SYNC_TRANSPORTS,
     ActorWeightSync,
@@ -51,7 +52,7 @@ from anchorcredit.client.adapters.openrlhf_sync import (
     wrap_controller_broadcast,
 )
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.reweight import _to_numpy, reweight
+from anchorcredit.client.reweight import _to_numpy
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = [
@@ -73,29 +74,18 @@ def apply_credit(
     **credit_params: Any,
 ) -> Any:
     """Replace experience.advantages with gamma * advantages; returns `experience`."""
-    seqs = _to_numpy(experience.sequences)
-    attn = _to_numpy(experience.attention_mask).astype(bool)
     action = _to_numpy(experience.action_mask).astype(bool)
-    prompts, responses, spans = [], [], []
-    for b in range(seqs.shape[0]):
-        pos = np.flatnonzero(action[b])
-        if len(pos) == 0:
-            continue
-        first, last = int(pos[0]) + 1, int(pos[-1]) + 1  # sequence indices of the response
-        prompt = seqs[b, :first][attn[b, :first]]
-        if len(prompt) == 0:
-            continue
-        prompts.append(prompt)
-        responses.append(seqs[b, first : last + 1])
-        spans.append((b, first - 1, last))  # action-index range [first-1, last)
-    dense = np.ones(action.shape, np.float32)
-    if spans:
-        results = client.score(
-            prompts, responses, strategy=strategy, policy_version=policy_version, **credit_params
-        )
-        for (b, lo, hi), res in zip(spans, results, strict=True):
-            dense[b, lo:hi] = res.gamma
-    experience.advantages = reweight(experience.advantages, dense, action, sign=sign)
+    experience.advantages, dense = credit_for_shifted_batch(
+        client,
+        experience.advantages,
+        experience.sequences,
+        experience.attention_mask,
+        experience.action_mask,
+        strategy=strategy,
+        policy_version=policy_version,
+        sign=sign,
+        credit_params=credit_params,
+    )
     info = getattr(experience, "info", None)
     if isinstance(info, dict) and action.any():
         # per-sample, like OpenRLHF's other info entries

@@ -7,41 +7,15 @@ the policy generated): padding and tool-output positions keep verl's values exac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from anchorcredit.client.adapters.common import rows_from_mask
+from anchorcredit.client.adapters.common import gammas_for_rows, rows_from_mask
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 
 METRIC_PREFIX = "anchorcredit/"
-
-
-def score_rows(
-    client: CreditClient,
-    prompts: Sequence[np.ndarray],
-    responses: Sequence[np.ndarray],
-    *,
-    strategy: str,
-    policy_version: str | None,
-    credit_params: dict[str, Any],
-) -> list[np.ndarray]:
-    """gamma for each (prompt, response) row; rows with an empty side get ones (not sent)."""
-    live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
-    gammas = [np.ones(len(r), np.float32) for r in responses]
-    if live:
-        results = client.score(
-            [prompts[i] for i in live],
-            [responses[i] for i in live],
-            strategy=strategy,
-            policy_version=policy_version,
-            **credit_params,
-        )
-        for i, res in zip(live, results, strict=True):
-            gammas[i] = res.gamma
-    return gammas
 
 
 def gamma_stats(dense: np.ndarray, mask: Any) -> dict[str, float]:
@@ -84,7 +58,7 @@ def credit_padded(
     attention = batch["attention_mask"]
     prompts = batch["prompts"] if "prompts" in keys else batch["input_ids"][:, :-t]
     real = attention[:, -t:]
-    gammas = score_rows(
+    gammas = gammas_for_rows(
         client,
         rows_from_mask(prompts, attention[:, :-t]),
         rows_from_mask(responses, real),
@@ -129,7 +103,7 @@ def credit_transfer_queue(
     responses = [_to_numpy(r) for r in _rows(td["responses"])]
     masks = _rows(td["response_mask"])
     advs = _rows(td["advantages"])
-    gammas = score_rows(
+    gammas = gammas_for_rows(
         client,
         prompts,
         responses,
