@@ -150,3 +150,23 @@ def _tiny_batch():
         non_tensors={"uid": np.array(["a", "a"], dtype=object)},
     )
     return data
+
+
+def _fake_ray(monkeypatch, job_id: str, session: str) -> None:
+    context = types.SimpleNamespace(get_job_id=lambda: job_id, get_session_name=lambda: session)
+    fake = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
+    monkeypatch.setitem(__import__("sys").modules, "ray", fake)
+
+
+def test_run_id_differs_between_ray_clusters_with_the_same_job_id(monkeypatch):
+    """Every fresh Ray cluster (verl's own ray.init()) numbers its first job 01000000: two
+    runs must still name their versions differently, or a shared cache serves run 1's
+    step-5 scores to run 2's step 5."""
+    monkeypatch.delenv("ANCHORCREDIT_RUN_ID", raising=False)
+    _fake_ray(monkeypatch, "01000000", "session_2026-11-30_10-00-00_000001_11")
+    first = verl_sync.SyncState().version_for(5)
+    again = verl_sync.SyncState().version_for(5)
+    _fake_ray(monkeypatch, "01000000", "session_2026-11-30_12-00-00_000002_22")
+    second = verl_sync.SyncState().version_for(5)
+    assert first == again  # every process of one job agrees
+    assert first != second

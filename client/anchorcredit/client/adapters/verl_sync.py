@@ -13,11 +13,13 @@ verl (0.9) syncs weights trainer -> rollout with `CheckpointEngineManager.update
   other weights is refused (FAILED_PRECONDITION), never used.
 
 Both sides name the version from the same `global_steps` argument and run id (env
-ANCHORCREDIT_RUN_ID, else the Ray job id, which every process of one job shares).
+ANCHORCREDIT_RUN_ID, else the Ray job id and the cluster's session name, which every
+process of one job shares; job ids alone restart at 01000000 on each fresh cluster).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -57,7 +59,18 @@ STATE = SyncState()
 def _ray_job_id() -> str:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        return str(ray.get_runtime_context().get_job_id())
+        context = ray.get_runtime_context()
+        job = str(context.get_job_id())
+        # Job ids restart at 01000000 on every fresh cluster (verl's own ray.init()): the
+        # cluster's session name, shared by its processes, tells two runs apart.
+        session = getattr(context, "get_session_name", None)
+        if session is None:
+            raise RuntimeError(
+                "this Ray has no get_session_name(), so the Ray job id alone would repeat "
+                "across runs: set ANCHORCREDIT_RUN_ID to a label unique to this run"
+            )
+        digest = hashlib.sha256(str(session()).encode()).hexdigest()[:8]
+        return f"{job}-{digest}"
     return uuid.uuid4().hex[:8]  # one process (no Ray): trainer and actor are the same
 
 
