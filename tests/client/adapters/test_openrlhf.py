@@ -562,3 +562,23 @@ def test_the_documented_launch(orl, monkeypatch):
     (targets, kw), params = ac_orl._client_from_env()
     assert targets == ["credit-svc:50051"] and kw["cache"] == "redis://redis:6379/0"
     assert params == {"q": 0.4, "gamma_amp": 1.5, "strategy": "coupled_rhythm", "sign": "both"}
+
+
+def test_explicit_settings_beat_the_environment_when_the_client_comes_from_it(monkeypatch):
+    """install(None, sign=..., q=...) builds its client from ANCHORCREDIT_* on first use; the
+    settings passed in code must still apply (they were replaced by the env's defaults)."""
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.delenv("ANCHORCREDIT_PARAMS", raising=False)
+    monkeypatch.delenv("ANCHORCREDIT_SIGN", raising=False)
+    monkeypatch.setenv("ANCHORCREDIT_STRATEGY", "coupled_rhythm")
+    seen = []
+    monkeypatch.setattr(ac_orl, "apply_credit", lambda exp, client, **kw: seen.append(kw))
+
+    class Base:
+        def compute_advantages_and_returns(self, experiences):
+            return experiences
+
+    cls = ac_orl.experience_maker_class(None, Base, weight_sync=False, sign="positive_only", q=0.7)
+    cls().compute_advantages_and_returns([object()])
+    cls._ac_client.close()
+    assert seen == [{"strategy": "coupled_rhythm", "sign": "positive_only", "q": 0.7}]

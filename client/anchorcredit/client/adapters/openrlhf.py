@@ -140,7 +140,9 @@ def experience_maker_class(
             experiences = super().compute_advantages_and_returns(experiences)
             cls = type(self)
             if cls._ac_client is None:
-                cls._ac_client, cls._ac_kwargs = _client_from_env()
+                cls._ac_client, env_kwargs = _client_from_env()
+                # settings given in code win over the environment's (and its defaults)
+                cls._ac_kwargs = {**env_kwargs, **cls._ac_kwargs}
                 if cls._ac_sync is None:
                     cls._ac_sync = _sync_from_env()[0] is not None
             params = dict(cls._ac_kwargs)
