@@ -582,3 +582,17 @@ def test_explicit_settings_beat_the_environment_when_the_client_comes_from_it(mo
     cls().compute_advantages_and_returns([object()])
     cls._ac_client.close()
     assert seen == [{"strategy": "coupled_rhythm", "sign": "positive_only", "q": 0.7}]
+
+
+def test_client_from_env_sends_the_tokens(monkeypatch):
+    """A service started with --auth-token / --admin-token refuses calls without them: the
+    env-built client (every Ray worker's) must carry ANCHORCREDIT_TOKEN / _ADMIN_TOKEN."""
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.setenv("ANCHORCREDIT_TOKEN", "score-secret")
+    monkeypatch.setenv("ANCHORCREDIT_ADMIN_TOKEN", "admin-secret")
+    client, _ = ac_orl._client_from_env()
+    try:
+        assert ("authorization", "Bearer score-secret") in client.transport.metadata
+        assert ("authorization", "Bearer admin-secret") in client.transport.admin_metadata
+    finally:
+        client.close()

@@ -239,6 +239,8 @@ def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
         targets,
         cache=env.get("ANCHORCREDIT_CACHE") or None,
         timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
+        token=env.get("ANCHORCREDIT_TOKEN") or None,
+        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
     )
     kwargs: dict[str, Any] = dict(json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")))
     kwargs["strategy"] = env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY)
