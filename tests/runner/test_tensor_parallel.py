@@ -26,11 +26,7 @@ from anchorcredit.engine import SpanStats
 from anchorcredit.offline.debug_model import debug_config, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.forward import Horizon
-from anchorcredit.runner.tensor_parallel import (
-    TensorParallelWeightsUnsupported,
-    check_divisible,
-    launch,
-)
+from anchorcredit.runner.tensor_parallel import check_divisible, launch
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.tp_gather import concat_heads, flatten_stats
 
@@ -109,13 +105,6 @@ def test_info_reports_the_shard(scorers):
     assert info.total_param_count == ref.total_param_count
     # Each rank holds its half of every sharded projection: less than one process holds.
     assert info.loaded_param_count < ref.loaded_param_count
-
-
-def test_weight_changes_refused(scorers):
-    _, sharded, _ = scorers
-    with pytest.raises(TensorParallelWeightsUnsupported, match="--tensor-parallel"):
-        sharded.load_weights({}, "v2")
-    assert sharded.policy_version == "0"
 
 
 def test_gather_layout_roundtrip():

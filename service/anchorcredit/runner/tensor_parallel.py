@@ -18,9 +18,10 @@ gathered once per batch (tp_gather.py); head classification and credit then run 
 on rank 0. Entropy runs on every rank: the LM head's plan gathers the logits, so each rank
 computes the same entropies, and rank 0's are used.
 
-Limits: both Hq and Hkv must divide by N; weight changes are refused (the staging code
-copies whole tensors; a sharded reload is future work); a batch is cancelled between
-forwards only, never inside one (every rank must finish the collectives it started).
+Weight changes (a path, a PushWeights stream) are staged whole on rank 0 and committed on
+every rank at once between batches (tp_weights.py); the collective weight group is refused.
+Limits: both Hq and Hkv must divide by N; a batch is cancelled between forwards only, never
+inside one (every rank must finish the collectives it started).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from anchorcredit.runner.forward import Horizon
 from anchorcredit.runner.layers import select_layers
 from anchorcredit.runner.loading import (
     LoadedModel,
+    _headless,
+    _meta_model,
     model_config,
     param_count,
     parse_dtype,
@@ -51,13 +54,21 @@ from anchorcredit.runner.scorer import Scorer
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.tp_gather import Stats, gather_heads
 from anchorcredit.runner.tp_launch import TPGroup
+from anchorcredit.runner.tp_weights import (
+    TensorParallelWeightsFailed,
+    WeightCommand,
+    WholeTensorStaging,
+    exchange,
+)
+from anchorcredit.runner.weights import PartialWeightsError
+from anchorcredit.weight_wire import WeightUpdateSpec
 
 log = logging.getLogger(__name__)
 
 
 class TensorParallelWeightsUnsupported(WeightVersionConflict):
-    """Weight changes are refused under tensor parallelism (FAILED_PRECONDITION: restart the
-    server on the new checkpoint instead)."""
+    """The collective weight group is refused under tensor parallelism (FAILED_PRECONDITION:
+    use UpdateWeights or PushWeights instead)."""
 
 
 class TensorParallelGroupBroken(RuntimeError):
@@ -105,8 +116,9 @@ def load_sharded(
     check_divisible(full, world_size)
     depth = int(full.get_text_config().num_hidden_layers)
     layers = depth if with_head or layers_needed is None else int(layers_needed)
-    with torch.device("meta"):  # shapes only: the whole model's parameter count
-        total = param_count(AutoModelForCausalLM.from_config(full))
+    shell = _meta_model(full)  # shapes only: the whole model's parameters and tensor names
+    total = param_count(shell)
+    every = {name: tuple(t.shape) for name, t in shell.state_dict(keep_vars=True).items()}
     try:
         from transformers import DistributedConfig
 
@@ -131,8 +143,12 @@ def load_sharded(
     missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
     if missing:  # random-initialised tensors would score silently wrong
         raise RuntimeError(f"the checkpoint at {path} does not fill the model: {missing[:3]}")
+    if not with_head:  # the checkpoint's tensor names (model.layers.0...) for weight updates
+        model = _headless(shell, model)
     held = sum(local_numel(p) for p in model.parameters())
-    return LoadedModel(model, str(path), full, held, total)
+    names = model.state_dict(keep_vars=True).keys()
+    skipped = {name: shape for name, shape in every.items() if name not in names}
+    return LoadedModel(model, str(path), full, held, total, skipped)
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -261,6 +277,9 @@ class TensorParallelScorer(Scorer):
             if command is None:
                 log.info("tensor-parallel rank %d stopping", self.group.rank)
                 return
+            if isinstance(command, WeightCommand):
+                self._follow_weights(command)
+                continue
             try:
                 with self._lock, torch.inference_mode():
                     timer = StageTimer(self.device)
@@ -283,14 +302,57 @@ class TensorParallelScorer(Scorer):
         self.group.close()
 
     # ------------------------------------------------------------------ weights
-    def stage_weights(self, update: Any) -> Any:
-        raise TensorParallelWeightsUnsupported(
-            "weight changes are not supported with --tensor-parallel; restart the server "
-            "on the new checkpoint"
-        )
+    def stage_weights(self, update: WeightUpdateSpec) -> WholeTensorStaging:
+        """Rank 0: an empty staging buffer of whole tensors in host memory, checked against
+        the whole model (names, shapes, the layers not loaded) as one process checks them."""
+        update.check(self.policy_version)
+        return WholeTensorStaging(self.model, update, skipped=self._skipped_tensors)
+
+    def commit_weights(self, stage: WholeTensorStaging) -> None:  # type: ignore[override]
+        """Rank 0, between batches: every rank takes its shard of the staged tensors and
+        swaps them in (tp_weights.exchange); the version changes once every rank has."""
+        stage.finish()
+        with self._lock:
+            if self.broken is not None:
+                raise TensorParallelGroupBroken(self.broken)
+            stage.update.check(self.policy_version)
+            headers = stage.headers()
+            try:
+                self.group.send(WeightCommand(headers, stage.update.version))
+            except Exception as exc:
+                self._break(f"a tensor-parallel rank is gone ({exc}); restart every rank")
+                raise TensorParallelGroupBroken(self.broken) from exc
+            try:
+                exchange(self.model, self.device, self.group.control, headers, stage.whole_tensors)
+            except PartialWeightsError as err:
+                self._weights_broken = str(err)
+                raise
+            except TensorParallelWeightsFailed:
+                raise  # no rank changed its weights: the old version keeps scoring
+            except Exception as exc:
+                # A collective failed: a rank is gone, the ranks are out of step.
+                self._break(f"a weight change failed on the process group ({exc})")
+                raise TensorParallelGroupBroken(self.broken) from exc
+            finally:
+                stage.discard()
+            self._weights_broken = None
+            self.policy_version = stage.update.version
+
+    def _follow_weights(self, command: WeightCommand) -> None:
+        """Ranks > 0: rank 0's weight change, between two batches."""
+        try:
+            with self._lock:
+                exchange(self.model, self.device, self.group.control, command.headers, None)
+            self.policy_version = command.version
+            log.info("tensor-parallel rank %d: weights at %r", self.group.rank, command.version)
+        except Exception:  # rank 0 reports it; follow the next command
+            log.exception("tensor-parallel rank %d: weight change failed", self.group.rank)
 
     def join_weight_group(self, *args: Any, **kwargs: Any) -> Any:
-        return self.stage_weights(None)
+        raise TensorParallelWeightsUnsupported(
+            "the collective weight group (JoinWeightGroup / ReceiveWeights) is not supported "
+            "with --tensor-parallel; send the weights with PushWeights or UpdateWeights"
+        )
 
 
 def _worker(
