@@ -144,6 +144,31 @@ def test_partial_update_of_one_sharded_tensor(setup, models):
     assert _differs(got, _score(singles["old"], entropy))
 
 
+def test_a_rank_failing_to_stage_changes_no_rank(setup, models, monkeypatch):
+    """Rank 0 cannot take its shard of one tensor: it still joins every broadcast, the
+    update fails on every rank, the old weights keep scoring and later updates work."""
+    from anchorcredit.runner import tp_weights
+    from anchorcredit.runner.tp_weights import TensorParallelWeightsFailed
+
+    sharded, singles, entropy = setup
+    _load(sharded, models[0], "before-fail")
+    real = tp_weights.local_shard
+
+    def failing(param, whole):
+        if whole.shape == (64, 64):  # q_proj and o_proj of every layer
+            raise MemoryError("no room for this shard")
+        return real(param, whole)
+
+    monkeypatch.setattr(tp_weights, "local_shard", failing)
+    with pytest.raises(TensorParallelWeightsFailed, match="rank 0.*no room"):
+        sharded.load_weights(models[1], "failed")
+    assert sharded.policy_version == "before-fail"
+    _assert_same(_score(sharded, entropy), _score(singles["old"], entropy), entropy)
+    monkeypatch.undo()
+    _load(sharded, models[1], "after-fail")  # the ranks are still in step
+    _assert_same(_score(sharded, entropy), _score(singles["new"], entropy), entropy)
+
+
 def test_collective_group_refused(setup):
     sharded, _, _ = setup
     with pytest.raises(TensorParallelWeightsUnsupported, match="PushWeights or UpdateWeights"):
