@@ -63,13 +63,15 @@ def _ray_job_id() -> str:
         job = str(context.get_job_id())
         # Job ids restart at 01000000 on every fresh cluster (verl's own ray.init()): the
         # cluster's session name, shared by its processes, tells two runs apart.
-        session = getattr(context, "get_session_name", None)
-        if session is None:
+        getter = getattr(context, "get_session_name", None)
+        try:  # older Ray: what get_session_name() reads
+            session = getter() if getter else context.worker.node.session_name
+        except AttributeError:
             raise RuntimeError(
-                "this Ray has no get_session_name(), so the Ray job id alone would repeat "
-                "across runs: set ANCHORCREDIT_RUN_ID to a label unique to this run"
-            )
-        digest = hashlib.sha256(str(session()).encode()).hexdigest()[:8]
+                "this Ray does not tell its session name, so the Ray job id alone would "
+                "repeat across runs: set ANCHORCREDIT_RUN_ID to a label unique to this run"
+            ) from None
+        digest = hashlib.sha256(str(session).encode()).hexdigest()[:8]
         return f"{job}-{digest}"
     return uuid.uuid4().hex[:8]  # one process (no Ray): trainer and actor are the same
 
