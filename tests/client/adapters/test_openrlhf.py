@@ -523,9 +523,7 @@ def test_sync_settings_from_env(monkeypatch):
 
 def test_version_pin_learns_the_run_then_holds_it():
     served = ["step-0-ab12", "step-1-ab12", "step-2-zz"]
-    client = types.SimpleNamespace(
-        model_info=lambda refresh: types.SimpleNamespace(policy_version=served.pop(0))
-    )
+    client = types.SimpleNamespace(served_version=lambda: served.pop(0))
     pin = ac_sync.VersionPin()
     assert pin.current(client) == "step-0-ab12"
     assert pin.current(client) == "step-0-ab12"  # asked once per sync

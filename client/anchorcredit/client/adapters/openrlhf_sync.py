@@ -152,7 +152,7 @@ class VersionPin:
         """The version to pin for the next batch (asks the service once per sync)."""
         if self.version is not None and parse_version(self.version) == (self.syncs, self.run_id):
             return self.version
-        served = client.model_info(refresh=True).policy_version
+        served = client.served_version()  # every replica, or an error naming the odd ones
         parsed = parse_version(served)
         if parsed is None or parsed[0] != self.syncs or (self.run_id and parsed[1] != self.run_id):
             want = version_name(self.syncs, self.run_id or "<run>")

@@ -123,7 +123,7 @@ def record_sync(global_steps: int | None, client: CreditClient) -> str | None:
     if global_steps is None:
         return None
     version = STATE.version_for(global_steps)
-    served = client.model_info(refresh=True).policy_version
+    served = client.served_version()  # every replica, or an error naming the odd ones
     if served != version:
         raise RuntimeError(
             f"the credit service serves {served!r}, not {version!r}, after verl's weight sync: "
