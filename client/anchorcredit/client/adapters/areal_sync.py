@@ -85,14 +85,26 @@ class AReaLWeightSync:
         t0 = time.perf_counter()
         if version != self.version:
             rank0 = dist is None or dist.get_rank() == 0
+            error: BaseException | None = None
             with full_state(engine.model) as weights:
                 if rank0:
-                    self.client.push_weights(
-                        weights, version, transport=self.transport, dtype=self.dtype
-                    )
+                    try:
+                        self.client.push_weights(
+                            weights, version, transport=self.transport, dtype=self.dtype
+                        )
+                    except Exception as e:  # every rank must hear of it, not wait forever
+                        error = e
+            failure = f"{type(error).__name__}: {error}" if error is not None else None
             if dist is not None:
-                # no rank may score the next batch before the service serves `version`
-                dist.barrier(group=getattr(engine, "_cpu_group", None))
+                # Rank 0's outcome reaches every rank (a barrier too): no rank scores the next
+                # batch before the service serves `version`, none waits on a failed push.
+                box = [failure]
+                dist.broadcast_object_list(box, src=0, group=getattr(engine, "_cpu_group", None))
+                failure = box[0]
+            if error is not None:
+                raise error
+            if failure is not None:
+                raise RuntimeError(f"rank 0 could not push policy {version!r}: {failure}")
             self.version = version
         setattr(engine, VERSION_ATTR, version)
         self.seconds.append(time.perf_counter() - t0)
