@@ -436,3 +436,10 @@ def test_install_from_env_reads_the_runtime_env(monkeypatch):
     finally:
         ac_verl.install(sync=False)()  # replace and undo
         cfg.client.close()
+
+
+def test_install_from_env_names_the_variable_for_a_setting_in_params(monkeypatch):
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.setenv("ANCHORCREDIT_PARAMS", '{"q": 0.4, "sign": "positive_only"}')
+    with pytest.raises(ValueError, match="'sign' with ANCHORCREDIT_SIGN"):
+        ac_verl.install_from_env()

@@ -301,6 +301,20 @@ def install_from_env() -> None:
     weight sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID (version names).
     """
     env = os.environ
+    params = json.loads(env.get("ANCHORCREDIT_PARAMS", "{}"))
+    own = {
+        "strategy": "ANCHORCREDIT_STRATEGY",
+        "sign": "ANCHORCREDIT_SIGN",
+        "policy_version": "ANCHORCREDIT_POLICY_VERSION",
+        "sync": "ANCHORCREDIT_SYNC",
+        "sync_transport": "ANCHORCREDIT_SYNC_TRANSPORT",
+    }
+    clash = {k: v for k, v in own.items() if k in params}
+    if clash:
+        raise ValueError(
+            "ANCHORCREDIT_PARAMS holds credit parameters only; set "
+            + ", ".join(f"{k!r} with {v}" for k, v in clash.items())
+        )
     install(
         None,
         strategy=env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY),
@@ -308,5 +322,5 @@ def install_from_env() -> None:
         policy_version=env.get("ANCHORCREDIT_POLICY_VERSION") or None,
         sync=env.get("ANCHORCREDIT_SYNC", "1") not in ("0", "false", "no"),
         sync_transport=env.get("ANCHORCREDIT_SYNC_TRANSPORT", "grpc"),
-        **json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")),
+        **params,
     )
