@@ -14,7 +14,9 @@ address behind every target (`resolve.expand_target`: a dns name resolved as gRP
 gRPC's `ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
 replica is left on old weights by round-robin; `call(..., addresses=[...])` spreads a call
 over chosen addresses the same way `call` spreads it over the targets (replicas.py uses it
-to reach only the replicas that serve a policy version).
+to reach only the replicas that serve a policy version). Each resolution closes the channels
+of addresses that left the resolved set (pods gone behind a dns name), each once the last
+call on it has ended.
 """
 
 from __future__ import annotations
@@ -122,6 +124,60 @@ def retry_hint(err: grpc.RpcError) -> float | None:
     return None
 
 
+class _AddressChannel:
+    """One address's channel and how many calls run on it: a channel dropped from the
+    resolved set closes when its last call ends (closing fails the calls in flight)."""
+
+    def __init__(self, channel: grpc.Channel):
+        self.channel = channel
+        self.stub = pb_grpc.CreditServiceStub(channel)
+        self.in_flight = 0
+        self.dropped = False
+
+
+class _AddressMethod:
+    """One method of an address's stub: each call (plain, `.with_call`, `.future`) runs on
+    the address's current channel and holds it open until the call ends."""
+
+    def __init__(self, transport: Transport, address: str, method: str):
+        self._transport, self._address, self._method = transport, address, method
+
+    def _run(self, kind: str | None, *args: Any, **kwargs: Any) -> Any:
+        entry = self._transport._hold(self._address)
+        try:
+            fn = getattr(entry.stub, self._method)
+            result = fn(*args, **kwargs) if kind is None else getattr(fn, kind)(*args, **kwargs)
+        except BaseException:
+            self._transport._let_go(entry)
+            raise
+        if isinstance(result, grpc.Future):  # a future or a stream: held until it is done
+            result.add_done_callback(lambda _: self._transport._let_go(entry))
+        else:
+            self._transport._let_go(entry)
+        return result
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(None, *args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run("with_call", *args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run("future", *args, **kwargs)
+
+
+class _AddressStub:
+    """A CreditServiceStub bound to an address rather than to one channel."""
+
+    def __init__(self, transport: Transport, address: str):
+        self._transport, self._address = transport, address
+
+    def __getattr__(self, method: str) -> _AddressMethod:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _AddressMethod(self._transport, self._address, method)
+
+
 class Transport:
     """One channel and stub per target ("host:port", "dns:///name:port")."""
 
@@ -175,10 +231,12 @@ class Transport:
         # dns:/// targets with several addresses: spread over all of them
         options = [*base, ("grpc.lb_policy_name", "round_robin"), *channel_options]
         self._address_options = [*base, *channel_options]
-        self._address_channels: dict[str, tuple[grpc.Channel, pb_grpc.CreditServiceStub]] = {}
+        self._address_channels: dict[str, _AddressChannel] = {}
         self._address_lock = threading.Lock()
         # address -> the dns name it was resolved from (TLS checks the certificate for it)
         self._address_names: dict[str, str] = {}
+        # target -> its addresses at its last successful resolution
+        self._resolved: dict[str, list[str]] = {}
         self._channels = [self._channel(t, options) for t in self.targets]
         self._stubs = [pb_grpc.CreditServiceStub(c) for c in self._channels]
         self._rr = itertools.count()
@@ -204,12 +262,17 @@ class Transport:
         for c in self._channels:
             c.close()
         with self._address_lock:
-            for c, _ in self._address_channels.values():
-                c.close()
+            for entry in self._address_channels.values():
+                entry.channel.close()
             self._address_channels.clear()
 
     def address_stub(self, address: str) -> pb_grpc.CreditServiceStub:
-        """The stub of one concrete address (its own channel, created once, kept)."""
+        """The stub of one concrete address (its own channel, opened on the first call and
+        kept while the address stays in the resolved set)."""
+        return _AddressStub(self, address)  # type: ignore[return-value]
+
+    def _hold(self, address: str) -> _AddressChannel:
+        """The address's channel (opened if needed), counted busy until `_let_go`."""
         with self._address_lock:
             entry = self._address_channels.get(address)
             if entry is None:
@@ -219,12 +282,37 @@ class Transport:
                     # an IP channel still checks the certificate for the name it came from
                     options.append(("grpc.ssl_target_name_override", name))
                 ch = self._channel(_address_channel_target(address), options)
-                entry = self._address_channels[address] = (ch, pb_grpc.CreditServiceStub(ch))
-            return entry[1]
+                entry = self._address_channels[address] = _AddressChannel(ch)
+            entry.in_flight += 1
+            return entry
+
+    def _let_go(self, entry: _AddressChannel) -> None:
+        with self._address_lock:
+            entry.in_flight -= 1
+            close = entry.dropped and entry.in_flight == 0
+        if close:
+            entry.channel.close()
+
+    def _drop_unresolved(self) -> None:
+        """Close the channels of addresses no target resolves to any more; one still
+        running a call closes when that call ends."""
+        with self._address_lock:
+            live = {a for addresses in self._resolved.values() for a in addresses}
+            idle = []
+            for address in [a for a in self._address_channels if a not in live]:
+                entry = self._address_channels.pop(address)
+                entry.dropped = True
+                if entry.in_flight == 0:
+                    idle.append(entry)
+            for address in [a for a in self._address_names if a not in live]:
+                del self._address_names[address]
+        for entry in idle:
+            entry.channel.close()
 
     def resolve(self) -> tuple[dict[str, list[str]], dict[str, CreditServiceError]]:
         """{target: its concrete addresses}, resolved now; {target: error} for targets that
-        did not resolve (or resolved to nothing)."""
+        did not resolve (or resolved to nothing). Channels of addresses that left the set
+        are closed; a target that did not resolve keeps its earlier addresses."""
         found: dict[str, list[str]] = {}
         failed: dict[str, CreditServiceError] = {}
         for t in self.targets:
@@ -245,6 +333,9 @@ class Transport:
                 with self._address_lock:
                     self._address_names.update(dict.fromkeys(addresses, name))
             found[t] = addresses
+        with self._address_lock:
+            self._resolved.update(found)
+        self._drop_unresolved()
         return found, failed
 
     def addresses(self) -> tuple[list[str], dict[str, CreditServiceError]]:
