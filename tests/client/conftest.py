@@ -13,16 +13,52 @@ import pytest
 
 
 class StubDNS:
-    """A UDP DNS server on 127.0.0.1 answering A queries from a fixed table (else an empty
-    NOERROR for known names, NXDOMAIN for others)."""
+    """A DNS server on 127.0.0.1 (UDP and TCP, one port) answering A queries from a fixed
+    table (else an empty NOERROR for known names, NXDOMAIN for others). A UDP answer over
+    512 bytes is cut to the records that fit, with the TC bit set, as real servers do;
+    `queries` records (name, qtype, "udp" | "tcp")."""
 
     def __init__(self, table: dict[str, list[str]]):
         self.table = {k.lower(): v for k, v in table.items()}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.queries: list[tuple[str, int]] = []
+        for _ in range(20):  # a port free for both UDP and TCP
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.sock.close()
+                self.tcp.close()
+        else:
+            raise RuntimeError("no port free for both UDP and TCP")
+        self.tcp.listen(8)
+        self.queries: list[tuple[str, int, str]] = []
         threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._serve_tcp, daemon=True).start()
+
+    def _answer(self, data: bytes, proto: str) -> bytes:
+        i, labels = 12, []
+        while data[i]:
+            labels.append(data[i + 1 : i + 1 + data[i]].decode())
+            i += 1 + data[i]
+        qtype = struct.unpack(">H", data[i + 1 : i + 3])[0]
+        name = ".".join(labels).lower()
+        self.queries.append((name, qtype, proto))
+        ips = self.table.get(name, []) if qtype == 1 else []
+        rcode = 0 if name in self.table else 3
+        question = data[12 : i + 5]
+        flags = 0x8180 | rcode
+        if proto == "udp":
+            fit = (512 - 12 - len(question)) // 16  # each A record is 16 bytes
+            if len(ips) > fit:
+                ips, flags = ips[:fit], flags | 0x0200  # TC: ask again over TCP
+        answers = b"".join(
+            struct.pack(">HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip) for ip in ips
+        )
+        header = struct.pack(">HHHHHH", data[0] << 8 | data[1], flags, 1, len(ips), 0, 0)
+        return header + question + answers
 
     def _serve(self) -> None:
         while True:
@@ -30,25 +66,32 @@ class StubDNS:
                 data, peer = self.sock.recvfrom(512)
             except OSError:
                 return  # closed
-            i, labels = 12, []
-            while data[i]:
-                labels.append(data[i + 1 : i + 1 + data[i]].decode())
-                i += 1 + data[i]
-            qtype = struct.unpack(">H", data[i + 1 : i + 3])[0]
-            name = ".".join(labels).lower()
-            self.queries.append((name, qtype))
-            ips = self.table.get(name, []) if qtype == 1 else []
-            rcode = 0 if name in self.table else 3
-            answers = b"".join(
-                struct.pack(">HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(ip) for ip in ips
-            )
-            header = struct.pack(
-                ">HHHHHH", data[0] << 8 | data[1], 0x8180 | rcode, 1, len(ips), 0, 0
-            )
-            self.sock.sendto(header + data[12 : i + 5] + answers, peer)
+            self.sock.sendto(self._answer(data, "udp"), peer)
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:  # RFC 1035 4.2.2: each message after its 2-byte length
+                    size = conn.recv(2, socket.MSG_WAITALL)
+                    if len(size) < 2:
+                        return
+                    data = conn.recv(struct.unpack(">H", size)[0], socket.MSG_WAITALL)
+                    reply = self._answer(data, "tcp")
+                    conn.sendall(struct.pack(">H", len(reply)) + reply)
+            except OSError:
+                return
 
     def close(self) -> None:
         self.sock.close()
+        self.tcp.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """The concrete addresses behind one gRPC target, as gRPC's own resolver would find them.
 
 "dns:///name:port" and plain "name:port" go through the system resolver (getaddrinfo);
-"dns://server[:port]/name:port" asks that DNS server directly (UDP, A then AAAA), as
-gRPC's c-ares resolver does for a target with an authority; "ipv4:a:p1,b:p2" /
+"dns://server[:port]/name:port" asks that DNS server directly (UDP, A then AAAA; a
+truncated answer is asked again over TCP), as gRPC's c-ares resolver does for a target
+with an authority; "ipv4:a:p1,b:p2" /
 "ipv6:[a]:p1,[b]:p2" list the addresses; "unix:" targets are one address.
 """
 
@@ -16,6 +17,7 @@ import struct
 DNS_TIMEOUT_S = 2.0
 DNS_TRIES = 2
 _A, _AAAA = 1, 28
+_TC = 0x0200  # header flag: the answer was truncated
 
 
 def split_hostport(hostport: str, default_port: str = "443") -> tuple[str, str]:
@@ -106,10 +108,43 @@ def _query(family: int, server: tuple[str, int], name: str, qtype: int) -> list[
                 while True:
                     data, _ = sock.recvfrom(4096)
                     if len(data) >= 12 and struct.unpack(">H", data[:2])[0] == qid:
-                        return _answers(data, qtype, name)
+                        break
             except TimeoutError:
                 continue
+            if struct.unpack(">H", data[2:4])[0] & _TC:
+                # cut to what fits a datagram (~29 A records): the rest only comes over TCP
+                data = _query_tcp(family, server, name, packet)
+            return _answers(data, qtype, name)
     raise OSError(f"DNS server {server[0]}:{server[1]} did not answer for {name}")
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("DNS server closed the TCP connection mid-answer")
+        data += chunk
+    return data
+
+
+def _query_tcp(family: int, server: tuple[str, int], name: str, packet: bytes) -> bytes:
+    """The same query over TCP (RFC 1035 4.2.2: each message after its 2-byte length)."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DNS_TIMEOUT_S)
+            sock.connect(server)
+            sock.sendall(struct.pack(">H", len(packet)) + packet)
+            (size,) = struct.unpack(">H", _recv_exactly(sock, 2))
+            data = _recv_exactly(sock, size)
+    except OSError as exc:
+        raise OSError(
+            f"DNS server {server[0]}:{server[1]} truncated the answer for {name} over UDP "
+            f"and TCP failed: {exc}"
+        ) from exc
+    if len(data) < 12 or data[:2] != packet[:2]:
+        raise OSError(f"DNS server {server[0]}:{server[1]} answered another query over TCP")
+    return data
 
 
 def _skip_name(data: bytes, i: int) -> int:
