@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from anchorcredit.errors import InputError
 from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
-from anchorcredit.runner.tensor_parallel import TensorParallelWeightsUnsupported, launch
+from anchorcredit.runner.tensor_parallel import launch
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,16 +169,45 @@ def test_a_rank_failing_to_stage_changes_no_rank(setup, models, monkeypatch):
     _assert_same(_score(sharded, entropy), _score(singles["new"], entropy), entropy)
 
 
-def test_collective_group_refused(setup):
-    sharded, _, _ = setup
-    with pytest.raises(TensorParallelWeightsUnsupported, match="PushWeights or UpdateWeights"):
-        sharded.join_weight_group("127.0.0.1", 1, 2, 1)
+def test_collective_push_from_a_client(setup, models, start_server):
+    """push_weights(transport="collective") against a server whose backend is the 2-rank
+    scorer: rank 0 joins the client's private gloo group beside the ranks' default group,
+    receives the broadcast into its host staging and commits on every rank."""
+    from anchorcredit.client import CreditClient
+
+    sharded, singles, entropy = setup
+    _load(sharded, models[0], "before-collective")
+    new = load_file(str(models[1] / "model.safetensors"))
+    server = start_server(models[0], backend=sharded)
+    try:
+        with CreditClient(server.target, cache=False) as client:
+            group = client.open_weight_group(timeout_s=60)
+            assert group.backend == "gloo"
+            out = client.push_weights(new, "collective-new", transport="collective")
+            assert out[server.target].policy_version == "collective-new"
+            assert client.model_info(refresh=True).policy_version == "collective-new"
+            got = _score(sharded, entropy)
+            _assert_same(got, _score(singles["new"], entropy), entropy)
+            assert all(r.policy_version == "collective-new" for r in got)
+            # the same group again, and the ranks are still in step for a path update after
+            client.push_weights(
+                load_file(str(models[0] / "model.safetensors")),
+                "collective-old",
+                transport="collective",
+                replaces="collective-new",
+            )
+            _assert_same(_score(sharded, entropy), _score(singles["old"], entropy), entropy)
+    finally:
+        server.stop()
+    _load(sharded, models[1], "path-after-collective")
+    _assert_same(_score(sharded, entropy), _score(singles["new"], entropy), entropy)
 
 
 @pytest.mark.slow
 def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path):
-    """`anchorcredit serve --tensor-parallel 2`: UpdateWeights(path) and PushWeights over
-    gRPC, each followed by a Score equal to one process on those weights."""
+    """`anchorcredit serve --tensor-parallel 2`: UpdateWeights(path), PushWeights and a
+    collective push (gloo weight group), each followed by a Score equal to one process on
+    those weights."""
     from anchorcredit.client import CreditClient
     from anchorcredit.v1 import credit_pb2 as pb
     from anchorcredit.v1 import credit_pb2_grpc
@@ -233,6 +262,10 @@ def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path):
             check(score(stub), new, "v-path")
             client.push_weights(load_file(str(old / "model.safetensors")), "v-push")
             check(score(stub), old, "v-push")
+            client.push_weights(
+                load_file(str(new / "model.safetensors")), "v-group", transport="collective"
+            )
+            check(score(stub), new, "v-group")
         client.close()
     finally:
         proc.terminate()

@@ -18,8 +18,10 @@ gathered once per batch (tp_gather.py); head classification and credit then run 
 on rank 0. Entropy runs on every rank: the LM head's plan gathers the logits, so each rank
 computes the same entropies, and rank 0's are used.
 
-Weight changes (a path, a PushWeights stream) are staged whole on rank 0 and committed on
-every rank at once between batches (tp_weights.py); the collective weight group is refused.
+Weight changes (a path, a PushWeights stream, a broadcast over the trainer's collective
+weight group) are staged whole on rank 0 and committed on every rank at once between
+batches (tp_weights.py). Only rank 0 joins a weight group (Scorer.join_weight_group: its own
+store and process group, never the default group the ranks' forward uses).
 Limits: both Hq and Hkv must divide by N; a batch is cancelled between forwards only, never
 inside one (every rank must finish the collectives it started).
 """
@@ -36,7 +38,6 @@ import numpy as np
 import torch
 
 from anchorcredit.backend import TokenPair, cancellable
-from anchorcredit.errors import WeightVersionConflict
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.forward import Horizon
 from anchorcredit.runner.layers import select_layers
@@ -64,11 +65,6 @@ from anchorcredit.runner.weights import PartialWeightsError
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 log = logging.getLogger(__name__)
-
-
-class TensorParallelWeightsUnsupported(WeightVersionConflict):
-    """The collective weight group is refused under tensor parallelism (FAILED_PRECONDITION:
-    use UpdateWeights or PushWeights instead)."""
 
 
 class TensorParallelGroupBroken(RuntimeError):
@@ -347,12 +343,6 @@ class TensorParallelScorer(Scorer):
             log.info("tensor-parallel rank %d: weights at %r", self.group.rank, command.version)
         except Exception:  # rank 0 reports it; follow the next command
             log.exception("tensor-parallel rank %d: weight change failed", self.group.rank)
-
-    def join_weight_group(self, *args: Any, **kwargs: Any) -> Any:
-        raise TensorParallelWeightsUnsupported(
-            "the collective weight group (JoinWeightGroup / ReceiveWeights) is not supported "
-            "with --tensor-parallel; send the weights with PushWeights or UpdateWeights"
-        )
 
 
 def _worker(

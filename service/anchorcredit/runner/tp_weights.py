@@ -70,7 +70,10 @@ def local_shard(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 
 class WholeTensorStaging(WeightStaging):
     """Rank 0's staging: checked against the whole model as a single process checks it,
-    but staged into whole tensors in host memory (the live parameters are shards)."""
+    but staged into whole tensors in host memory (the live parameters are shards). Every
+    way in is WeightStaging's: begin/write (a stream), put/load (a path), receive (a
+    collective weight group: gloo receives straight into the host buffer, nccl on the
+    device and is copied to it tensor by tensor)."""
 
     def __init__(self, model: torch.nn.Module, update: Any, skipped: Any = None) -> None:
         super().__init__(model, update, skipped)
