@@ -434,8 +434,8 @@ def test_install_from_env_reads_the_runtime_env(monkeypatch):
         )
         assert cfg.get_client().targets == ["127.0.0.1:1"]  # built lazily, on first use
     finally:
-        ac_verl.install(sync=False)()  # replace and undo
-        cfg.client.close()
+        ac_verl.install(sync=False)()  # replace and undo: closes the client it built
+    assert cfg.client is None
 
 
 def test_install_from_env_names_the_variable_for_a_setting_in_params(monkeypatch):

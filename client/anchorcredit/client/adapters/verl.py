@@ -98,11 +98,19 @@ class _Config:
     params: dict[str, Any] = field(default_factory=dict)
     sync: bool = True
     sync_transport: str = "grpc"
+    built_client: bool = False  # the client came from the environment: ours to close
 
     def get_client(self) -> CreditClient:
         if self.client is None:
             self.client = _client_from_env()
+            self.built_client = True
         return self.client
+
+    def close_built_client(self) -> None:
+        """Close the client this install built (never one the user passed)."""
+        if self.built_client and self.client is not None:
+            client, self.client, self.built_client = self.client, None, False
+            client.close()
 
     def score_kwargs(self) -> dict[str, Any]:
         version = self.policy_version
@@ -256,7 +264,8 @@ def install(
 ) -> Callable[[], None]:
     """Hook verl in this process (now for loaded modules, on import for the others),
     replacing an earlier install; returns an undo function. client None: from the
-    ANCHORCREDIT_* env vars on first use (see install_from_env).
+    ANCHORCREDIT_* env vars on first use (see install_from_env); a client built so is
+    closed by the next install or the undo (one you pass stays yours to close).
     sync: push the actor weights at each verl weight sync and pin scoring to that version
     (policy_version, if given, pins a fixed version instead)."""
     global _CONFIG, _HOOKS
@@ -264,6 +273,7 @@ def install(
         raise ValueError(f"sync_transport must be one of {verl_sync.SYNC_TRANSPORTS}")
     if _HOOKS is not None:
         _HOOKS.remove()
+    _CONFIG.close_built_client()  # the replaced install's own client: its channels, pool
     _CONFIG = _Config(
         client, strategy, sign, policy_version, dict(credit_params), sync, sync_transport
     )
@@ -275,6 +285,7 @@ def install(
         if _HOOKS is not None:
             _HOOKS.remove()
             _HOOKS = None
+        _CONFIG.close_built_client()
 
     return undo
 
