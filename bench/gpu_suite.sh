@@ -10,7 +10,8 @@
 #      reference at 1K..32K, and no host sync per layer (torch sync debug mode, test_sync.py)
 #   2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
 #      FlashAttention-2 (h_hi=100 and to the end; whole call and kernel alone), and the
-#      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows)
+#      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows),
+#      and the row pass with the GQA group packed vs one head per program at 8K (item 6)
 #   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
 #   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
 #   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
@@ -28,10 +29,11 @@ py="${PYTHON:-python}"
 
 steps=(
   "120|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
-  "90|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
+  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
   "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager"
   "20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
-  "90|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
+  "25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"
+  "75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
   "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
   "60|weight push over NCCL|$py bench/weights.py --device cuda"

@@ -2,6 +2,7 @@
 
     python -m anchorcredit.engine.span.aot            # the full table (docs/KERNEL.md)
     python -m anchorcredit.engine.span.aot --quick    # bf16, head dim 128 only
+    python -m anchorcredit.engine.span.aot --gqa-pack # row pass: GQA-packed vs one head
 
 No GPU needed: Triton ships ptxas and cuobjdump (triton/backends/nvidia/bin). For each
 launcher configuration, span_stats_packed's own planning (plan_packed) builds the launches
@@ -42,6 +43,12 @@ KERNELS = (
     ("col", "end", "plain"),
     ("col", "end", "variants"),
 )
+# The GQA-packing sweep (issue 16 item 6): the row pass, bf16, d 64/128, Qwen3-8B's group of
+# 4, one head per program vs the group packed, at the same tile (rows x key columns; packed
+# rows = 4 heads x rows/4 positions), each with its warps and stages.
+PACK_GROUP = 4
+PACK_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+PACK_HEAD_DIMS = (64, 128)
 COLUMNS = (
     "arch", "dtype", "d", "pass", "horizon", "attention", "tile", "warps", "stages",
     "regs", "spill B", "shared KiB", "loops: SASS instr / SHFL / BAR",
@@ -56,6 +63,9 @@ class Config:
     pass_: str  # "row" or "col"
     horizon: str  # "band" (h_hi=100) or "end" (h_hi=None)
     attention: str  # "plain" or "variants"
+    group: int = 2  # query heads per kv head
+    gqa_pack: bool = False  # the row pass packs the group into one program
+    tile: tuple[int, int, int, int] | None = None  # rows, columns, warps, stages; None: default
 
     @property
     def sixteen_bit(self) -> bool:
@@ -104,14 +114,22 @@ def plan_for(config: Config, n: int = 1000) -> tk.Plan:
     (the launches are only bound and compiled, never run)."""
     if tk._interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: the AOT compile needs the real JIT")
-    hq, hkv, d = 4, 2, config.head_dim
+    hkv, d = 2, config.head_dim
+    hq = hkv * config.group
     q = torch.zeros(hq, n, d, dtype=config.dtype)
     k = torch.zeros(hkv, n, d, dtype=config.dtype)
     variant: dict[str, Any] = {}
     if config.attention == "variants":
         variant = {"softcap": 30.0, "sinks": torch.zeros(hq), "sliding_window": 64}
     h_hi = 100 if config.horizon == "band" else None
-    return tk.plan_packed(q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False, **variant)
+    if config.tile is not None:
+        rows, cols, warps, stages = config.tile
+        per_head = rows // config.group if config.gqa_pack else rows  # group a power of two
+        variant.update(block_m=per_head, block_n=cols, num_warps=warps, num_stages=stages)
+    return tk.plan_packed(
+        q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False,
+        gqa_pack=config.gqa_pack, **variant,
+    )  # fmt: skip
 
 
 def launch_for(config: Config) -> tk.Launch:
@@ -218,12 +236,25 @@ def configs(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, kernels=KERNELS) ->
                     yield Config(arch, dtype, d, pass_, horizon, attention)
 
 
+def pack_configs(archs=ARCHS, head_dims=PACK_HEAD_DIMS) -> Iterator[Config]:
+    """The GQA-packing sweep: each tile one head per program, then the group packed."""
+    for arch in archs:
+        for d in head_dims:
+            for tile in PACK_TILES:
+                for pack in (False, True):
+                    yield Config(arch, torch.bfloat16, d, "row", "band", "plain",
+                                 group=PACK_GROUP, gqa_pack=pack, tile=tile)  # fmt: skip
+
+
 def row(r: Resources) -> str:
     c, o = r.config, r.launch.options
+    tile = f"{o['BLOCK_M']}x{o['BLOCK_N']}"
+    if o.get("GQA_PACK", 1) > 1:  # heads x positions x key columns
+        tile = f"{o['GQA_PACK']}x{tile}"
     loops = "; ".join(f"{lp.instructions} / {lp.shuffles} / {lp.barriers}" for lp in r.loops)
     cells = (
         f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, c.pass_, c.horizon,
-        c.attention, f"{o['BLOCK_M']}x{o['BLOCK_N']}", o["num_warps"], o["num_stages"],
+        c.attention, tile, o["num_warps"], o["num_stages"],
         r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops,
     )  # fmt: skip
     return "| " + " | ".join(str(x) for x in cells) + " |"
@@ -234,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.splitlines()[0])  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="bf16, head dim 128 only")
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    ap.add_argument("--gqa-pack", action="store_true",
+                    help="the row pass's GQA-packing sweep (bf16, d 64/128, group 4)")  # fmt: skip
     args = ap.parse_args(argv)
     import triton
 
@@ -244,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * len(COLUMNS))
     spills = 0
     start = time.perf_counter()
-    for config in configs(args.arch, dtypes, dims):
+    todo = pack_configs(args.arch) if args.gqa_pack else configs(args.arch, dtypes, dims)
+    for config in todo:
         r = resources(config)
         print(row(r), flush=True)
         spills += config.sixteen_bit and r.spill_bytes > 0

@@ -21,7 +21,10 @@ the float64 reference (for N <= --err-max-n; '-' above it):
 `triton` is the whole call as the runner makes it (check_finite=False, as the engine's
 packed front passes it; host-side checks and the cached block tables included);
 `triton_kernel` is the two kernel launches alone on a prepared plan (plan_packed), so
-the difference is the host's share. `fa2` is flash_attn_func (causal, GQA native).
+the difference is the host's share. With --gqa-pack, `triton_gqa` and `triton_kernel_gqa`
+follow them: the same with the row pass's GQA group packed into one program (gqa_pack=True;
+pick them with --backends for a packed vs one-head-per-program comparison).
+`fa2` is flash_attn_func (causal, GQA native).
 `eager` is the materialised fp32 attention reduced with vectorised diagonals, what the
 paper's extra `output_attentions` pass does (run where it fits in memory); on the GPU it
 stands in for `reference`, whose literal per-column FAI loop would time Python, not the GPU.
@@ -134,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="CUDA: only these rows (e.g. triton triton_kernel for a tile sweep)",
     )
+    ap.add_argument(
+        "--gqa-pack",
+        action="store_true",
+        help="CUDA: add triton_gqa / triton_kernel_gqa rows (the row pass's GQA group packed)",
+    )
     for name in ("block-m", "block-n", "num-warps", "num-stages", "col-block-m", "col-block-n"):
         ap.add_argument(f"--{name}", type=int, default=None, help="CUDA: kernel launch option")
     args = ap.parse_args(argv)
@@ -201,6 +209,8 @@ def stats_fn(backend: str, q, k, prompt_len: int, cfg: dict[str, Any]) -> Callab
     n, scale = q.shape[1], q.shape[-1] ** -0.5
     horizon = (cfg["window"], cfg["h_lo"], cfg["h_hi"], scale)
     launch = {o: cfg.get(o) for o in LAUNCH_OPTIONS}
+    if backend.endswith("_gqa"):  # the same kernel with the row pass's GQA group packed
+        backend, launch["gqa_pack"] = backend.removesuffix("_gqa"), True
     if backend == "triton":  # the whole call, as the engine's packed front makes it
         from anchorcredit.engine.span import triton_kernel
 
@@ -314,6 +324,8 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
         prompt_len = prompt_len_of(args, n)
         ref = float64_reference(q, k, prompt_len, cfg) if n <= cfg["err_max_n"] else None
         backends = [*SDPA, "triton", "triton_kernel", "chunked"]
+        if args.gqa_pack:
+            backends[backends.index("chunked") : 0] = ["triton_gqa", "triton_kernel_gqa"]
         if importlib.util.find_spec("flash_attn") is not None:
             backends.insert(len(SDPA), "fa2")
         # bytes: 16-bit scores, fp32 attention, one fp32 temporary (the eager pass's peak)
@@ -409,9 +421,9 @@ def config_for(device: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = {name: getattr(args, name) or preset[name] for name in preset}
     cfg.update(
         window=args.window, h_lo=args.h_lo, h_hi=args.h_hi, err_max_n=args.err_max_n,
-        reps=args.reps, threads=args.threads, block_m=args.block_m, block_n=args.block_n,
-        num_warps=args.num_warps, num_stages=args.num_stages,
-        col_block_m=args.col_block_m, col_block_n=args.col_block_n,
+        reps=args.reps, threads=args.threads, gqa_pack=args.gqa_pack,
+        block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps,
+        num_stages=args.num_stages, col_block_m=args.col_block_m, col_block_n=args.col_block_n,
     )  # fmt: skip
     return cfg
 

@@ -17,6 +17,8 @@ Passes (docs/KERNEL.md has the derivation)
        sum p * (t - s) (span, unclipped) and sum_{t-s<W} (W - (t-s)) p (WAAD, read only on
        the few tiles at the diagonal). Stores the row log-sum-exp, the row's mean distance
        and WAAD.
+       Option gqa_pack=True: one program per (query block, kv head) with the GQA group's
+       query heads stacked into one tile, each K tile loaded once per group (untimed).
     2. Column pass, one program per (response key tile, q head), shaped like the dK/dV loop
        of a FlashAttention backward: with the row LSE known, recompute exact probabilities
        for the query tiles with h_lo <= t - s <= h_hi and sum the columns (into a per-tile
@@ -49,7 +51,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -90,20 +92,35 @@ def _row_pass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SLIDE: tl.constexpr,
+    GQA_PACK: tl.constexpr = 1,
 ):  # fmt: skip
+    # GQA_PACK > 1 (gqa_pack=True; the GQA group padded to a power of two): one program per
+    # (query block, kv head) stacks its group's query heads into one [GQA_PACK * BLOCK_M, d]
+    # tile, row r = head r // BLOCK_M at position t0 + r % BLOCK_M, so every K tile is
+    # loaded once for the whole group. GQA_PACK == 1 is the one-head-per-program kernel,
+    # written as before (the constexpr branches compile to exactly the same code).
+    ROWS: tl.constexpr = GQA_PACK * BLOCK_M
     blk = tl.program_id(0)
-    h = tl.program_id(1)
     seq = tl.load(BLK_SEQ + blk)
     t0 = tl.load(BLK_START + blk)
     seq_start = tl.load(CU + seq)
     seq_end = tl.load(CU + seq + 1)
-    kvh = h // group
-
-    offs_m = t0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_end
     d_ok = offs_d < head_dim
-    q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+    if GQA_PACK == 1:
+        h = tl.program_id(1)
+        kvh = h // group
+        offs_m = t0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seq_end
+        q_ptrs = Q + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn
+    else:
+        kvh = tl.program_id(1)
+        rows = tl.arange(0, ROWS)
+        in_group = rows // BLOCK_M
+        h = kvh * group + in_group  # [ROWS] each row's query head
+        offs_m = t0 + rows % BLOCK_M
+        row_ok = (offs_m < seq_end) & (in_group < group)  # padded heads are never stored
+        q_ptrs = Q + (h.to(tl.int64) * stride_qh + offs_m.to(tl.int64) * stride_qn)[:, None]
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -112,14 +129,17 @@ def _row_pass(
     if HAS_SINK:
         # The sink (base 2) starts the online softmax: its term is 2^(sink - m) in l, and
         # m is finite from the start.
-        sink = tl.load(SINKS + h)
-        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + sink
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if GQA_PACK == 1:
+            sink = tl.load(SINKS + h)
+        else:
+            sink = tl.load(SINKS + h, mask=row_ok, other=0.0)
+        m_i = tl.full([ROWS], 0.0, dtype=tl.float32) + sink
+        l_i = tl.full([ROWS], 1.0, dtype=tl.float32)
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    dist_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum p * (t - s)
-    near_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
+    dist_i = tl.full([ROWS], 0.0, dtype=tl.float32)  # sum p * (t - s)
+    near_i = tl.full([ROWS], 0.0, dtype=tl.float32)  # sum_{t-s<W} (W - (t-s)) p
 
     # Stage 1: key tiles ending at least `near` = max(W, 1) before the block's first row:
     # no causal mask, no WAAD weight, always in bounds.
@@ -194,7 +214,7 @@ def _row_pass(
         near_i = near_i * alpha + tl.reduce(p * weight, 1, _SUM)
         m_i = m_new
 
-    out = h.to(tl.int64) * stride_oh + offs_m
+    out = h.to(tl.int64) * stride_oh + offs_m  # h is one head, or one per row (packed)
     if HAS_SLIDE:  # rows past the end may have seen no key at all (never stored)
         l_i = tl.where(row_ok, l_i, 1.0)
     tl.store(LSE + out, m_i + tl.log2(l_i), mask=row_ok)
@@ -553,11 +573,19 @@ def plan_packed(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    gqa_pack: bool = False,
 ) -> Plan:
     """Validate a call of span_stats_packed and prepare its launches (nothing runs yet).
 
     q and k may live on the CPU with the interpreter off: the AOT compile
     (anchorcredit.engine.span.aot) plans GPU launches that way without a GPU.
+
+    gqa_pack=True (off by default; issue 16 item 6, untimed): the row pass runs one program
+    per (query block, kv head) over the group's query heads stacked into one tile, so each
+    K tile is loaded once per group; block_m then counts query positions per head (the
+    tile has group * block_m rows, the group padded to a power of two) and defaults to the
+    unpacked tile's rows divided by the group (same tile size, at least 16 positions).
+    Same results; the column pass is unchanged.
     """
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
     prompts = _as_int_list(prompt_lens, "prompt_lens")
@@ -602,6 +630,9 @@ def plan_packed(
         )
     hq, n, d = q.shape
     group = hq // k.shape[0]
+    pack = triton.next_power_of_2(group) if gqa_pack else 1
+    if pack > 1 and not block_m:  # keep the stacked tile at the unpacked tile's rows
+        row_cfg = Blocks(max(16, row_cfg.block_m // pack), *astuple(row_cfg)[1:])
     block_d = max(16, triton.next_power_of_2(d))
     dev = q.device
     lay = _layout(cu, prompts, row_cfg.block_m, col_cfg.block_n, h_hi is None, dev)
@@ -635,11 +666,14 @@ def plan_packed(
                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                 "enable_fp_fusion": True}  # fmt: skip
 
+    row_options = {**options(row_cfg), "HAS_SINK": sinks is not None}
+    if pack > 1:  # passed only when packing: the default launch binds exactly as before
+        row_options["GQA_PACK"] = pack
     row = Launch(
-        row_kernel, (len(lay.row_seq), hq),
+        row_kernel, (len(lay.row_seq), hq // group if pack > 1 else hq),
         (q, k, lse, span_row, waad, lay.row_seq, lay.row_start, lay.cu, sinks2, *strides,
          qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide),
-        {**options(row_cfg), "HAS_SINK": sinks is not None},
+        row_options,
     )  # fmt: skip
     col = Launch(
         col_kernel, (len(lay.col_seq), hq),
@@ -671,7 +705,8 @@ def span_stats_packed(
     scan of q, k and sinks (a full read and a device sync each) for callers whose inputs
     come straight from a model forward (the engine's packed front, i.e. the runner);
     softcap / sinks [Hq] / sliding_window: the layer's attention as the model computes it
-    (anchorcredit.engine.span docstring); None = plain causal softmax.
+    (anchorcredit.engine.span docstring); None = plain causal softmax; gqa_pack=True packs
+    a GQA group's query heads into one row-pass program (default off; plan_packed).
 
     With cu_seqlens and prompt_lens as Python ints and check_finite=False a call makes no
     host sync: the block tables go over in one pinned, non-blocking copy, cached per layout.
