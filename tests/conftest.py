@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,3 +252,59 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
     yield start
     for s in started:
         s.stop()
+
+
+class ServeProcess:
+    """`anchorcredit serve ARGS` as a real process; its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        cli = "import sys; from anchorcredit.cli import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", cli, "serve", *args],
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float = 120.0) -> re.Match:
+        """The first output line matching `pattern`; fails with the output on timeout or exit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in server output:\n{self.output()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 60 s, if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """serve_process(*args, **env): `anchorcredit serve` as a real process, stopped after."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str, **env: str) -> ServeProcess:
+        started.append(ServeProcess(list(args), env))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.stop()

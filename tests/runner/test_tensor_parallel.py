@@ -8,13 +8,7 @@ are compared too, which checks that the gather puts heads back in global order.
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -30,7 +24,6 @@ from anchorcredit.runner.tensor_parallel import check_divisible, launch
 from anchorcredit.runner.timing import StageTimer
 from anchorcredit.runner.tp_gather import concat_heads, flatten_stats
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32; the row-parallel all-reduce sums in another order
 LENGTHS = [(5, 9), (12, 30), (3, 4), (40, 17)]  # (prompt, response): unequal on purpose
 MODELS = {
@@ -140,57 +133,37 @@ def test_heads_must_divide():
 
 
 @pytest.mark.slow
-def test_serve_tensor_parallel_end_to_end(tmp_path: Path):
+def test_serve_tensor_parallel_end_to_end(tmp_path: Path, serve_process):
     """`anchorcredit serve --tensor-parallel 2` as a real process: a gRPC Score answers what
     one process computes; SIGTERM stops rank 0 and the rank it spawned, exit 0."""
     from anchorcredit.v1 import credit_pb2 as pb
     from anchorcredit.v1 import credit_pb2_grpc
 
     model = save_debug_model(tmp_path / "llama", arch="llama")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from anchorcredit.cli import main; sys.exit(main())",
-         "serve", "--model", str(model), "--device", "cpu", "--tensor-parallel", "2",
-         "--port", "0", "--host", "127.0.0.1", "--metrics-port", "-1", "--grace-s", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = serve_process(
+        "--model", str(model), "--device", "cpu", "--tensor-parallel", "2",
+        "--port", "0", "--host", "127.0.0.1", "--metrics-port", "-1", "--grace-s", "5",
     )  # fmt: skip
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-
-    def wait_for(pattern: str) -> re.Match:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            for line in list(lines):
-                if m := re.search(pattern, line):
-                    return m
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in server output:\n{''.join(lines)}")
-
-    try:
-        port = int(wait_for(r"gRPC on 127\.0\.0\.1:(\d+)").group(1))
-        wait_for(r"loaded in")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = credit_pb2_grpc.CreditServiceStub(channel)
-            request = pb.ScoreRequest(
-                sequences=[
-                    pb.Sequence(prompt_ids=p.tolist(), response_ids=r.tolist()) for p, r in _pairs()
-                ],
-                outputs=pb.Outputs(waad=True, fai=True, gamma=True),
-            )
-            reply = stub.Score(request, timeout=60)
-            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-        want = Scorer.from_pretrained(model, entropy=False).score(_pairs())
-        assert len(reply.results) == len(want)
-        for res, w in zip(reply.results, want, strict=True):
-            for field in ("waad", "fai", "gamma"):
-                got = np.frombuffer(getattr(res, field), dtype="<f4")
-                np.testing.assert_allclose(got, getattr(w, field), **TOL)
-            assert [(h.layer, h.head) for h in res.local_heads] == w.local_heads
-        assert info.loaded_param_count < info.total_param_count
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, "".join(lines)
-        assert any("rank 1 stopping" in line for line in lines), "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    port = int(server.wait_for(r"gRPC on 127\.0\.0\.1:(\d+)").group(1))
+    server.wait_for(r"loaded in")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = credit_pb2_grpc.CreditServiceStub(channel)
+        request = pb.ScoreRequest(
+            sequences=[
+                pb.Sequence(prompt_ids=p.tolist(), response_ids=r.tolist()) for p, r in _pairs()
+            ],
+            outputs=pb.Outputs(waad=True, fai=True, gamma=True),
+        )
+        reply = stub.Score(request, timeout=60)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    want = Scorer.from_pretrained(model, entropy=False).score(_pairs())
+    assert len(reply.results) == len(want)
+    for res, w in zip(reply.results, want, strict=True):
+        for field in ("waad", "fai", "gamma"):
+            got = np.frombuffer(getattr(res, field), dtype="<f4")
+            np.testing.assert_allclose(got, getattr(w, field), **TOL)
+        assert [(h.layer, h.head) for h in res.local_heads] == w.local_heads
+    assert info.loaded_param_count < info.total_param_count
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0, server.output()
+    assert any("rank 1 stopping" in line for line in server.lines), server.output()

@@ -7,12 +7,6 @@ sharded scores must equal one process loaded from them, and differ from the old 
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -27,7 +21,6 @@ from anchorcredit.runner import Scorer
 from anchorcredit.runner.tensor_parallel import launch
 from anchorcredit.weight_wire import WeightUpdateSpec
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32; the row-parallel all-reduce sums in another order
 LENGTHS = [(5, 9), (12, 30), (40, 17)]
 
@@ -204,7 +197,7 @@ def test_collective_push_from_a_client(setup, models, start_server):
 
 
 @pytest.mark.slow
-def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path):
+def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path, serve_process):
     """`anchorcredit serve --tensor-parallel 2`: UpdateWeights(path), PushWeights and a
     collective push (gloo weight group), each followed by a Score equal to one process on
     those weights."""
@@ -214,25 +207,12 @@ def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path):
 
     old = save_debug_model(tmp_path / "weights" / "old", arch="llama", seed=0)
     new = save_debug_model(tmp_path / "weights" / "new", arch="llama", seed=1)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ANCHORCREDIT_ADMIN_TOKEN": "tp-admin"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from anchorcredit.cli import main; sys.exit(main())",
-         "serve", "--model", str(old), "--device", "cpu", "--tensor-parallel", "2",
-         "--weights-dir", str(tmp_path / "weights"), "--port", "0", "--host", "127.0.0.1",
-         "--metrics-port", "-1", "--grace-s", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = serve_process(
+        "--model", str(old), "--device", "cpu", "--tensor-parallel", "2",
+        "--weights-dir", str(tmp_path / "weights"), "--port", "0", "--host", "127.0.0.1",
+        "--metrics-port", "-1", "--grace-s", "5",
+        ANCHORCREDIT_ADMIN_TOKEN="tp-admin",
     )  # fmt: skip
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-
-    def wait_for(pattern: str) -> re.Match:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            for line in list(lines):
-                if m := re.search(pattern, line):
-                    return m
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in server output:\n{''.join(lines)}")
 
     def score(stub) -> pb.ScoreResponse:
         request = pb.ScoreRequest(
@@ -251,26 +231,18 @@ def test_serve_tensor_parallel_weight_rpcs(tmp_path: Path):
                 got = np.frombuffer(getattr(res, field), dtype="<f4")
                 np.testing.assert_allclose(got, getattr(w, field), **TOL)
 
-    try:
-        port = int(wait_for(r"gRPC on 127\.0\.0\.1:(\d+)").group(1))
-        wait_for(r"loaded in")
-        target = f"127.0.0.1:{port}"
-        client = CreditClient(target, cache=False, admin_token="tp-admin")
-        with grpc.insecure_channel(target) as channel:
-            stub = credit_pb2_grpc.CreditServiceStub(channel)
-            client.update_weights("new", "v-path")
-            check(score(stub), new, "v-path")
-            client.push_weights(load_file(str(old / "model.safetensors")), "v-push")
-            check(score(stub), old, "v-push")
-            client.push_weights(
-                load_file(str(new / "model.safetensors")), "v-group", transport="collective"
-            )
-            check(score(stub), new, "v-group")
-        client.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    port = int(server.wait_for(r"gRPC on 127\.0\.0\.1:(\d+)").group(1))
+    server.wait_for(r"loaded in")
+    target = f"127.0.0.1:{port}"
+    client = CreditClient(target, cache=False, admin_token="tp-admin")
+    with grpc.insecure_channel(target) as channel:
+        stub = credit_pb2_grpc.CreditServiceStub(channel)
+        client.update_weights("new", "v-path")
+        check(score(stub), new, "v-path")
+        client.push_weights(load_file(str(old / "model.safetensors")), "v-push")
+        check(score(stub), old, "v-push")
+        client.push_weights(
+            load_file(str(new / "model.safetensors")), "v-group", transport="collective"
+        )
+        check(score(stub), new, "v-group")
+    client.close()

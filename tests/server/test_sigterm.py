@@ -6,12 +6,8 @@ ANCHORCREDIT_* variables) and that a drained server refuses new work.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,70 +21,28 @@ from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTUP_S = 120
-
-
-def _start(model: Path, **env_extra: str) -> tuple[subprocess.Popen, list[str]]:
-    env = {
-        **os.environ,
-        "ANCHORCREDIT_PORT": "0",
-        "ANCHORCREDIT_METRICS_PORT": "0",
-        "ANCHORCREDIT_HOST": "127.0.0.1",
-        "ANCHORCREDIT_METRICS_HOST": "127.0.0.1",
-        "ANCHORCREDIT_GRACE_S": "60",
-        "PYTHONUNBUFFERED": "1",
-        **env_extra,
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from anchorcredit.cli import main; sys.exit(main())",
-            "serve",
-            "--model",
-            str(model),
-            "--device",
-            "cpu",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return proc, lines
-
-
-def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen) -> re.Match:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        for line in list(lines):
-            if m := re.search(pattern, line):
-                return m
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"no {pattern!r} in server output:\n{''.join(lines)}")
-
 
 @pytest.mark.slow
-def test_sigterm_drains_inflight_request(tmp_path: Path):
+def test_sigterm_drains_inflight_request(tmp_path: Path, serve_process):
     model = save_debug_model(tmp_path / "llama", arch="llama")
     # A short shutdown delay: long enough to observe NOT_SERVING, far shorter than the request.
-    proc, lines = _start(model, ANCHORCREDIT_SHUTDOWN_DELAY_S="0.2")
+    server = serve_process(
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        ANCHORCREDIT_PORT="0",
+        ANCHORCREDIT_METRICS_PORT="0",
+        ANCHORCREDIT_HOST="127.0.0.1",
+        ANCHORCREDIT_METRICS_HOST="127.0.0.1",
+        ANCHORCREDIT_GRACE_S="60",
+        ANCHORCREDIT_SHUTDOWN_DELAY_S="0.2",
+    )
+    proc = server.proc
     try:
-        m = _wait_for(lines, r"gRPC on 127\.0\.0\.1:(\d+) .* metrics on 127\.0\.0\.1:(\d+)", proc)
+        m = server.wait_for(r"gRPC on 127\.0\.0\.1:(\d+) .* metrics on 127\.0\.0\.1:(\d+)")
         port, metrics_port = int(m.group(1)), int(m.group(2))
-        _wait_for(lines, r"loaded in", proc)
+        server.wait_for(r"loaded in")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = credit_pb2_grpc.CreditServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -115,7 +69,7 @@ def test_sigterm_drains_inflight_request(tmp_path: Path):
             time.sleep(0.01)
         assert not future.done(), "request finished before SIGTERM; make it slower"
         proc.send_signal(signal.SIGTERM)
-        _wait_for(lines, r"draining", proc)
+        server.wait_for(r"draining")
         reply = health.Check(
             health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"), timeout=5
         )
@@ -123,10 +77,10 @@ def test_sigterm_drains_inflight_request(tmp_path: Path):
         assert not future.done()
         resp = future.result(timeout=90)
         # It was still running when the server stopped accepting: drained by stop(grace).
-        _wait_for(lines, r"stopping: 1 RPCs in flight", proc)
+        server.wait_for(r"stopping: 1 RPCs in flight")
         assert len(resp.results) == 8 and resp.results[0].response_len == 1000
         assert proc.wait(timeout=60) == 0
-        out = "".join(lines)
+        out = server.output()
         assert "server stopped" in out and "Traceback" not in out
         with pytest.raises(grpc.RpcError):
             stub.Score(slow, timeout=2)
