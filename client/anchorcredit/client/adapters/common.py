@@ -125,15 +125,15 @@ def credit_for_shifted_batch(
     """(gamma * advantages, dense float32 gamma) for the shifted layout of
     `shifted_response_spans`; positions where action_mask is 0 keep their values exactly."""
     spans = shifted_response_spans(sequences, attention_mask, action_mask)
+    gammas = gammas_for_rows(
+        client,
+        [s[1] for s in spans],
+        [s[2] for s in spans],
+        strategy=strategy,
+        policy_version=policy_version,
+        credit_params=credit_params or {},
+    )
     dense = np.ones(tuple(action_mask.shape), np.float32)
-    if spans:
-        results = client.score(
-            [s[1] for s in spans],
-            [s[2] for s in spans],
-            strategy=strategy,
-            policy_version=policy_version,
-            **(credit_params or {}),
-        )
-        for (b, _, _, lo, hi), res in zip(spans, results, strict=True):
-            dense[b, lo:hi] = res.gamma
+    for (b, _, _, lo, hi), gamma in zip(spans, gammas, strict=True):
+        dense[b, lo:hi] = gamma
     return reweight(advantages, dense, action_mask, sign=sign), dense
