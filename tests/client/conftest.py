@@ -4,10 +4,13 @@ target names it: `dns://127.0.0.1:<port>/name:P`)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +109,39 @@ def stub_dns() -> Iterator[Callable[[dict[str, list[str]]], StubDNS]]:
     yield start
     for d in started:
         d.close()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _make_pki(d: Path, signed: dict[str, str], other_cas: Sequence[str] = ()) -> Path:
+    """In `d`: a test CA (ca.pem, ca.key), a CA-signed certificate NAME.pem/NAME.key for
+    each NAME -> its openssl extension line, and a self-signed CA NAME.pem for each of
+    `other_cas` (which signed nothing)."""
+    for ca in ("ca", *other_cas):
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", f"/CN={'test-ca' if ca == 'ca' else ca + '-ca'}",
+            "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.pem"),
+        )  # fmt: skip
+    for name, ext in signed.items():
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
+            "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.pem"),
+        )  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_pki() -> Callable[..., Path]:
+    """make_pki(dir, {name: openssl extension line}, other_cas=()): test certificates."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not available to make test certificates")
+    return _make_pki

@@ -6,9 +6,7 @@ channel does; without it every weight change over TLS to a dns target failed ver
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +18,10 @@ NAME = "tls.replicas.anchorcredit.test"
 HOSTS = ("127.0.0.1", "127.0.0.2")
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pki(tmp_path_factory: pytest.TempPathFactory, make_pki: Any) -> Path:
     """A CA and a server certificate for the dns name only (no IP in its names)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not available to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-    )  # fmt: skip
-    (d / "server.ext").write_text(f"subjectAltName=DNS:{NAME}\n")
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=server",
-        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
-        "-extfile", str(d / "server.ext"), "-out", str(d / "server.pem"),
-    )  # fmt: skip
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), {"server": f"subjectAltName=DNS:{NAME}"})
 
 
 def test_tls_dns_target_reaches_every_address(

@@ -6,8 +6,6 @@ a token about to go in cleartext to a target off this machine logs a warning."""
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,38 +18,14 @@ from anchorcredit.client.transport import channel_credentials, is_loopback_targe
 TOKEN, ADMIN = "score-t0ken", "admin-t0ken"
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pki(tmp_path_factory: pytest.TempPathFactory, make_pki: Any) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all CA-signed."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not available to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-    )  # fmt: skip
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other-ca",
-        "-keyout", str(d / "other.key"), "-out", str(d / "other.pem"),
-    )  # fmt: skip
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
-            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
-            "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.pem"),
-        )  # fmt: skip
+    signed = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "client": "extendedKeyUsage=clientAuth",
+    }
+    d = make_pki(tmp_path_factory.mktemp("pki"), signed, other_cas=["other"])
     return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
