@@ -3,6 +3,7 @@
     python -m anchorcredit.engine.span.aot            # the full table (docs/KERNEL.md)
     python -m anchorcredit.engine.span.aot --quick    # bf16, head dim 128 only
     python -m anchorcredit.engine.span.aot --gqa-pack # row pass: GQA-packed vs one head
+    python -m anchorcredit.engine.span.aot --overlap  # QK^T pipelined vs not (item 6)
 
 No GPU needed: Triton ships ptxas and cuobjdump (triton/backends/nvidia/bin). For each
 launcher configuration, span_stats_packed's own planning (plan_packed) builds the launches
@@ -10,8 +11,10 @@ on CPU tensors; the arguments then go through the JIT's binder for a CUDA target
 a launch runs: the same divisibility/alignment specialisation and launch options), and
 triton.compile produces the cubin. Registers, spill stack and local memory come from
 `cuobjdump -res-usage`, shared memory from the compiled metadata, and the loops (a
-backward branch in the SASS) from `cuobjdump -sass`: their instruction counts and the
-cross-warp traffic inside them (SHFL shuffles, BAR barriers).
+backward branch in the SASS) from `cuobjdump -sass`: their instruction counts, the
+cross-warp traffic inside them (SHFL shuffles, BAR barriers) and, on sm_90, how many exp2
+(MUFU.EX2) issue while a wgmma is in flight (between an HGMMA and its WARPGROUP.DEPBAR
+wait, around the loop): 0 means the softmax waits for the tensor cores.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ KERNELS = (
 PACK_GROUP = 4
 PACK_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
 PACK_HEAD_DIMS = (64, 128)
+# The QK^T-overlap sweep (issue 16 item 6): the loops it changes (the row pass's bulk loop,
+# the column pass's to-the-end loop), bf16, every head dim, off and on.
+OVERLAP_KERNELS = (("row", "band", "plain"), ("col", "end", "plain"))
 COLUMNS = (
     "arch", "dtype", "d", "pass", "horizon", "attention", "tile", "warps", "stages",
-    "regs", "spill B", "shared KiB", "loops: SASS instr / SHFL / BAR",
+    "overlap", "regs", "spill B", "shared KiB", "loops: SASS instr / SHFL / BAR", "EX2 under wgmma",
 )  # fmt: skip
 
 
@@ -66,6 +72,7 @@ class Config:
     group: int = 2  # query heads per kv head
     gqa_pack: bool = False  # the row pass packs the group into one program
     tile: tuple[int, int, int, int] | None = None  # rows, columns, warps, stages; None: default
+    overlap: bool | None = None  # overlap_qk; None: plan_packed's default for this arch
 
     @property
     def sixteen_bit(self) -> bool:
@@ -77,6 +84,7 @@ class Loop:
     instructions: int
     shuffles: int
     barriers: int
+    exp2_under_mma: int | None = None  # None: no wgmma in the loop (sm_80's mma is sync)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,8 @@ def plan_for(config: Config, n: int = 1000) -> tk.Plan:
         variant.update(block_m=per_head, block_n=cols, num_warps=warps, num_stages=stages)
     return tk.plan_packed(
         q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False,
-        gqa_pack=config.gqa_pack, **variant,
+        gqa_pack=config.gqa_pack, overlap_qk=config.overlap,
+        capability=divmod(config.arch, 10), **variant,
     )  # fmt: skip
 
 
@@ -196,9 +205,28 @@ def sass_loops(sass: str) -> tuple[Loop, ...]:
                     instructions=len(body),
                     shuffles=sum("SHFL" in i for i in body),
                     barriers=sum(re.search(r"\bBAR\.(SYNC|ARV|RED)", i) is not None for i in body),
+                    exp2_under_mma=exp2_under_mma(body),
                 )
             )
     return tuple(loops)
+
+
+def exp2_under_mma(body: list[str]) -> int | None:
+    """Exp2s a loop issues while a wgmma is in flight: after an HGMMA and before the
+    WARPGROUP.DEPBAR that waits for it, following the loop around once (the wgmma issued
+    late in one iteration is awaited in the next). None when the loop has no wgmma."""
+    if not any("HGMMA" in i for i in body):
+        return None
+    in_flight, count = False, 0
+    for lap in (0, 1):  # the first lap only establishes the state carried around the loop
+        for ins in body:
+            if "HGMMA" in ins:
+                in_flight = True
+            elif "WARPGROUP.DEPBAR" in ins:
+                in_flight = False
+            elif "MUFU.EX2" in ins and in_flight and lap:
+                count += 1
+    return count
 
 
 def resources(config: Config) -> Resources:
@@ -246,16 +274,27 @@ def pack_configs(archs=ARCHS, head_dims=PACK_HEAD_DIMS) -> Iterator[Config]:
                                  group=PACK_GROUP, gqa_pack=pack, tile=tile)  # fmt: skip
 
 
+def overlap_configs(archs=ARCHS, head_dims=HEAD_DIMS) -> Iterator[Config]:
+    """The QK^T-overlap sweep: the loops it changes, each off then on."""
+    for arch in archs:
+        for d in head_dims:
+            for pass_, horizon, attention in OVERLAP_KERNELS:
+                for overlap in (False, True):
+                    yield Config(arch, torch.bfloat16, d, pass_, horizon, attention,
+                                 overlap=overlap)  # fmt: skip
+
+
 def row(r: Resources) -> str:
     c, o = r.config, r.launch.options
     tile = f"{o['BLOCK_M']}x{o['BLOCK_N']}"
     if o.get("GQA_PACK", 1) > 1:  # heads x positions x key columns
         tile = f"{o['GQA_PACK']}x{tile}"
     loops = "; ".join(f"{lp.instructions} / {lp.shuffles} / {lp.barriers}" for lp in r.loops)
+    under = "; ".join("-" if x is None else str(x) for x in (lp.exp2_under_mma for lp in r.loops))
     cells = (
         f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, c.pass_, c.horizon,
-        c.attention, tile, o["num_warps"], o["num_stages"],
-        r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops,
+        c.attention, tile, o["num_warps"], o["num_stages"], "on" if o.get("OVERLAP_QK") else "off",
+        r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops, under,
     )  # fmt: skip
     return "| " + " | ".join(str(x) for x in cells) + " |"
 
@@ -267,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--gqa-pack", action="store_true",
                     help="the row pass's GQA-packing sweep (bf16, d 64/128, group 4)")  # fmt: skip
+    ap.add_argument("--overlap", action="store_true",
+                    help="the QK^T-overlap sweep: the loops it changes, off and on")  # fmt: skip
     args = ap.parse_args(argv)
     import triton
 
@@ -277,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * len(COLUMNS))
     spills = 0
     start = time.perf_counter()
-    todo = pack_configs(args.arch) if args.gqa_pack else configs(args.arch, dtypes, dims)
+    if args.gqa_pack:
+        todo = pack_configs(args.arch)
+    elif args.overlap:
+        todo = overlap_configs(args.arch, dims)
+    else:
+        todo = configs(args.arch, dtypes, dims)
     for config in todo:
         r = resources(config)
         print(row(r), flush=True)

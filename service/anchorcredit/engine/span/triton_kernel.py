@@ -19,6 +19,10 @@ Passes (docs/KERNEL.md has the derivation)
        and WAAD.
        Option gqa_pack=True: one program per (query block, kv head) with the GQA group's
        query heads stacked into one tile, each K tile loaded once per group (untimed).
+       Option overlap_qk (default on for 16-bit inputs on sm_90+ where the registers allow):
+       the bulk loop issues the next key tile's QK^T before the current softmax (the column
+       pass's to-the-end loop likewise with the next query tile), so the asynchronous wgmma
+       runs under the exp2s.
     2. Column pass, one program per (response key tile, q head), shaped like the dK/dV loop
        of a FlashAttention backward: with the row LSE known, recompute exact probabilities
        for the query tiles with h_lo <= t - s <= h_hi and sum the columns (into a per-tile
@@ -92,7 +96,7 @@ def _row_pass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SLIDE: tl.constexpr,
-    GQA_PACK: tl.constexpr = 1,
+    GQA_PACK: tl.constexpr = 1, OVERLAP_QK: tl.constexpr = False,
 ):  # fmt: skip
     # GQA_PACK > 1 (gqa_pack=True; the GQA group padded to a power of two): one program per
     # (query block, kv head) stacks its group's query heads into one [GQA_PACK * BLOCK_M, d]
@@ -155,13 +159,34 @@ def _row_pass(
     # tile's size, so the difference loses nothing worth measuring in fp32.
     col_rel = tl.arange(0, BLOCK_N).to(tl.float32)
     row_f = offs_m.to(tl.float32)
-    for start_n in range(first, split, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    if OVERLAP_QK:
+        # Software-pipelined QK^T (overlap_qk): the first tile's scores are issued before
+        # the loop and every step issues the next tile's before its own softmax, so on
+        # sm_90 the asynchronous wgmma runs under this tile's exp2s (its wait lands after
+        # the softmax). The step past the last tile multiplies a masked, all-zero tile.
+        offs_n = first + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
-        kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        kt = tl.load(k_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < split), other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    for start_n in range(first, split, BLOCK_N):
+        if OVERLAP_QK:
+            s = s_next
+            offs_n = start_n + BLOCK_N + tl.arange(0, BLOCK_N)
+            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+            kt = tl.load(k_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < split), other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        else:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+            kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         if SOFTCAP:  # cap * tanh(x * scale / cap) in base 2; the host set qk_scale = 1
             y = s * cap_in
             e = tl.exp2(tl.abs(y) * -2.8853900817779268)  # exp(-2|y|)
@@ -234,7 +259,7 @@ def _col_pass(
     HAS_HI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SLIDE: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SLIDE: tl.constexpr, OVERLAP_QK: tl.constexpr = False,
 ):  # fmt: skip
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -298,15 +323,32 @@ def _col_pass(
     if not HAS_HI:
         # The horizon runs to the end: the bulk of a causal pass, unmasked. Rows past the
         # end get LSE +inf (probability 0); columns past the end are never stored.
-        for start_m in range(t_mid, t_hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+        if OVERLAP_QK:  # the next row tile's QK^T under this one's exp2 (as the row pass)
+            offs_m = t_mid + tl.arange(0, BLOCK_M)
             row_ok = offs_m < t_hi
             q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
             q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            lse_next = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             if UPCAST:
                 q = q.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        for start_m in range(t_mid, t_hi, BLOCK_M):
+            if OVERLAP_QK:
+                s, lse = s_next, lse_next
+                offs_m = start_m + BLOCK_M + tl.arange(0, BLOCK_M)
+            else:
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < t_hi
+            q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            if OVERLAP_QK:
+                lse_next = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+                s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            else:
+                lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION)
             if SOFTCAP:
                 y = s * cap_in
                 e = tl.exp2(tl.abs(y) * -2.8853900817779268)
@@ -391,6 +433,28 @@ def default_blocks(dtype: torch.dtype, band: bool, interpreting: bool) -> tuple[
         return cfg, cfg
     row = Blocks(128, 64, 8, 3)
     return row, Blocks(64, 32, 4, 2) if band else row
+
+
+# Padded head dims (BLOCK_D) per pass where the pipelined QK^T pays on sm_90, read from the
+# AOT table (docs/KERNEL.md, `python -m anchorcredit.engine.span.aot --overlap`): the exp2s
+# run under the wgmma and the registers stay <= 128, so two 8-warp programs still fit an SM.
+# Elsewhere (row pass at d=256, column pass at d=64/256) the carried scores cost an SM's
+# second program for almost no overlap.
+OVERLAP_HEAD_DIMS = {"row": (64, 128), "col": (128,)}
+
+
+def default_overlap(
+    dtype: torch.dtype, capability: tuple[int, int] | None, block_d: int
+) -> dict[str, bool]:
+    """plan_packed's overlap_qk=None, per pass ("row", "col"): on for 16-bit inputs on sm_90
+    and newer (tl.dot an asynchronous wgmma whose wait the compiler can place after the
+    softmax) at the head dims of OVERLAP_HEAD_DIMS. capability None: not a CUDA device."""
+    asynchronous = capability is not None and capability[0] >= 9
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    return {
+        pass_: asynchronous and sixteen_bit and block_d in dims
+        for pass_, dims in OVERLAP_HEAD_DIMS.items()
+    }
 
 
 def _as_int_list(x: torch.Tensor | Sequence[int], name: str) -> list[int]:
@@ -574,6 +638,8 @@ def plan_packed(
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
     gqa_pack: bool = False,
+    overlap_qk: bool | None = None,
+    capability: tuple[int, int] | None = None,
 ) -> Plan:
     """Validate a call of span_stats_packed and prepare its launches (nothing runs yet).
 
@@ -586,6 +652,16 @@ def plan_packed(
     tile has group * block_m rows, the group padded to a power of two) and defaults to the
     unpacked tile's rows divided by the group (same tile size, at least 16 positions).
     Same results; the column pass is unchanged.
+
+    overlap_qk (issue 16 item 6): software-pipeline the QK^T of the row pass's bulk loop and
+    of the column pass's to-the-end loop, issuing the next tile's dot before the current
+    softmax so the tensor cores run under the exp2s. None (default) picks it per pass where
+    the dot is asynchronous and the registers allow (default_overlap: 16-bit inputs on
+    sm_90+ at the head dims of OVERLAP_HEAD_DIMS); on sm_80 the carried fp32 scores cost
+    50-130 more registers a thread (docs/KERNEL.md). Same results either way.
+
+    capability: the GPU the launches are for, (major, minor); default the tensors' device.
+    The AOT compile sets it to plan sm_80/sm_90 launches from CPU tensors.
     """
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
     prompts = _as_int_list(prompt_lens, "prompt_lens")
@@ -635,6 +711,13 @@ def plan_packed(
         row_cfg = Blocks(max(16, row_cfg.block_m // pack), *astuple(row_cfg)[1:])
     block_d = max(16, triton.next_power_of_2(d))
     dev = q.device
+    if capability is None and dev.type == "cuda":
+        capability = torch.cuda.get_device_capability(dev)
+    if overlap_qk is None:
+        overlap = default_overlap(q.dtype, capability, block_d)
+    else:
+        overlap = {"row": overlap_qk, "col": overlap_qk}
+    overlap["col"] &= h_hi is None  # the band's column loop has nothing to pipeline
     lay = _layout(cu, prompts, row_cfg.block_m, col_cfg.block_n, h_hi is None, dev)
 
     # Per-position outputs (prompt slots unused): O(Hq * total_N) fp32, the row stride
@@ -669,6 +752,10 @@ def plan_packed(
     row_options = {**options(row_cfg), "HAS_SINK": sinks is not None}
     if pack > 1:  # passed only when packing: the default launch binds exactly as before
         row_options["GQA_PACK"] = pack
+    col_options = {**options(col_cfg), "HAS_HI": h_hi is not None}
+    for opts, pass_ in ((row_options, "row"), (col_options, "col")):
+        if overlap[pass_]:  # likewise passed only when on
+            opts["OVERLAP_QK"] = True
     row = Launch(
         row_kernel, (len(lay.row_seq), hq // group if pack > 1 else hq),
         (q, k, lse, span_row, waad, lay.row_seq, lay.row_start, lay.cu, sinks2, *strides,
@@ -679,7 +766,7 @@ def plan_packed(
         col_kernel, (len(lay.col_seq), hq),
         (q, k, lse, fai, lay.col_seq, lay.col_start, lay.cu, *strides,
          qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi), cap_in, cap_out, slide),
-        {**options(col_cfg), "HAS_HI": h_hi is not None},
+        col_options,
     )  # fmt: skip
     return Plan(row, col, lay, lse, span_row, waad, fai)
 
@@ -706,7 +793,9 @@ def span_stats_packed(
     come straight from a model forward (the engine's packed front, i.e. the runner);
     softcap / sinks [Hq] / sliding_window: the layer's attention as the model computes it
     (anchorcredit.engine.span docstring); None = plain causal softmax; gqa_pack=True packs
-    a GQA group's query heads into one row-pass program (default off; plan_packed).
+    a GQA group's query heads into one row-pass program (default off; plan_packed);
+    overlap_qk pipelines the QK^T dots (default None: per pass, on for 16-bit inputs on
+    sm_90+ where the registers allow; plan_packed).
 
     With cu_seqlens and prompt_lens as Python ints and check_finite=False a call makes no
     host sync: the block tables go over in one pinned, non-blocking copy, cached per layout.
