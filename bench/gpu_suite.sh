@@ -11,11 +11,14 @@
 #   2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
 #      FlashAttention-2 (h_hi=100 and to the end; whole call and kernel alone), and the
 #      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows),
-#      and the row pass with the GQA group packed vs one head per program at 8K (item 6)
+#      and the row pass with the GQA group packed vs one head per program at 8K (item 6);
+#      both horizons also time the launches with the QK^T dots not pipelined
+#      (triton_kernel_nooverlap: item 6's overlap, on by default on sm_90, against off)
 #   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
 #   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
 #   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
 #   6. the weight push over NCCL (bench/weights.py --device cuda), when that script exists
+#   7. issue 16's targets judged from the tables above (bench/gpu_targets.py; no GPU work)
 # Record the file's tables in docs/BENCHMARKS.md with the command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,15 +31,16 @@ report="$out_dir/gpu_suite.md"
 py="${PYTHON:-python}"
 
 steps=(
-  "120|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
-  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5"
-  "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager"
+  "115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
+  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off"
+  "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager --overlap-off"
   "20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
   "25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"
   "75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
   "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
   "60|weight push over NCCL|$py bench/weights.py --device cuda"
+  "5|issue 16 targets: <= 0.5x FA2 (h_hi=100), <= 0.7x FA2 (end), <= 0.7x SDPA|$py bench/gpu_targets.py $report"
 )
 
 if [ "$dry" = 1 ]; then
@@ -73,7 +77,7 @@ for s in "${steps[@]}"; do
   {
     printf '## %s\n\n`%s` (rc %s, %s s)\n\n' "$title" "$cmd" "$rc" "$took"
     # Tables and summary lines only; the full log follows folded.
-    grep -E '^\||passed|failed|skipped|^[a-z]+=|^preset=|^cuda' "$log" || true
+    grep -E '^\||passed|failed|skipped|missed a target|^[a-z]+=|^preset=|^cuda' "$log" || true
     printf '\n<details><summary>log tail</summary>\n\n```\n'
     tail -n 40 "$log"
     printf '```\n</details>\n\n'

@@ -38,3 +38,18 @@ def test_cuda_table_uses_the_fastest_sdpa_and_fa2():
     assert cells["triton"][4:7] == ["0.50", "0.10", "0.12"]  # time/memory x cudnn, time x fa2
     assert cells["sdpa_efficient"][2] == "No available kernel"
     assert all(len(r.split(" | ")) == len(benchmark.COLUMNS) for r in lines[2:])
+
+
+def test_fa2_column_falls_back_to_pytorchs_flash_backend():
+    """Without flash_attn (the GPU box's image has none) the FA2 column reads sdpa_flash,
+    PyTorch's FlashAttention-2; with it, flash_attn's own row wins."""
+    rows = [
+        {"n": 8, "backend": "sdpa_flash", "ms": 2.0, "mib": 10.0, "err": None},
+        {"n": 8, "backend": "sdpa_cudnn", "ms": 1.0, "mib": 20.0, "err": None},
+        {"n": 8, "backend": "triton", "ms": 0.5, "mib": 2.0, "err": 1e-6},
+    ]
+    cells = {r.split(" | ")[1]: r.split(" | ") for r in benchmark.table(rows, "cuda")[2:]}
+    assert cells["triton"][6] == "0.25"  # 0.5 / sdpa_flash's 2.0
+    with_fa2 = [*rows, {"n": 8, "backend": "fa2", "ms": 4.0, "mib": 5.0, "err": None}]
+    cells = {r.split(" | ")[1]: r.split(" | ") for r in benchmark.table(with_fa2, "cuda")[2:]}
+    assert cells["triton"][6] == "0.12"

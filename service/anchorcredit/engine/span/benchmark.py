@@ -9,7 +9,8 @@ In the spirit of the Triton fused-attention tutorial's perf_report: for each N o
 backend that runs on the device, with its time, its peak extra memory, both as ratios against
 a baseline measured in the same run on the same inputs, the time against FlashAttention-2
 (CUDA, when flash_attn is installed), and the max relative error of its statistics against
-the float64 reference (for N <= --err-max-n; '-' above it):
+the float64 reference (for N <= --err-max-n; '-' above it). Without flash_attn the FA2
+column is against `sdpa_flash`, the FlashAttention-2 kernels PyTorch ships:
 
     device  baseline                              rows
     cpu     reference (materialised attention)    reference, chunked [, triton under
@@ -23,7 +24,9 @@ packed front passes it; host-side checks and the cached block tables included);
 `triton_kernel` is the two kernel launches alone on a prepared plan (plan_packed), so
 the difference is the host's share. With --gqa-pack, `triton_gqa` and `triton_kernel_gqa`
 follow them: the same with the row pass's GQA group packed into one program (gqa_pack=True;
-pick them with --backends for a packed vs one-head-per-program comparison).
+pick them with --backends for a packed vs one-head-per-program comparison). With
+--overlap-off, `triton_kernel_nooverlap` follows: the launches with the QK^T dots not
+pipelined (overlap_qk=False), against `triton_kernel` with the default (pipelined on sm_90+).
 `fa2` is flash_attn_func (causal, GQA native).
 `eager` is the materialised fp32 attention reduced with vectorised diagonals, what the
 paper's extra `output_attentions` pass does (run where it fits in memory); on the GPU it
@@ -142,6 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CUDA: add triton_gqa / triton_kernel_gqa rows (the row pass's GQA group packed)",
     )
+    ap.add_argument(
+        "--overlap-off",
+        action="store_true",
+        help="CUDA: add a triton_kernel_nooverlap row (overlap_qk=False: QK^T not pipelined)",
+    )
     for name in ("block-m", "block-n", "num-warps", "num-stages", "col-block-m", "col-block-n"):
         ap.add_argument(f"--{name}", type=int, default=None, help="CUDA: kernel launch option")
     args = ap.parse_args(argv)
@@ -211,6 +219,8 @@ def stats_fn(backend: str, q, k, prompt_len: int, cfg: dict[str, Any]) -> Callab
     launch = {o: cfg.get(o) for o in LAUNCH_OPTIONS}
     if backend.endswith("_gqa"):  # the same kernel with the row pass's GQA group packed
         backend, launch["gqa_pack"] = backend.removesuffix("_gqa"), True
+    if backend.endswith("_nooverlap"):  # the same kernel with its QK^T dots not pipelined
+        backend, launch["overlap_qk"] = backend.removesuffix("_nooverlap"), False
     if backend == "triton":  # the whole call, as the engine's packed front makes it
         from anchorcredit.engine.span import triton_kernel
 
@@ -326,6 +336,8 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
         backends = [*SDPA, "triton", "triton_kernel", "chunked"]
         if args.gqa_pack:
             backends[backends.index("chunked") : 0] = ["triton_gqa", "triton_kernel_gqa"]
+        if args.overlap_off:
+            backends.insert(backends.index("triton_kernel") + 1, "triton_kernel_nooverlap")
         if importlib.util.find_spec("flash_attn") is not None:
             backends.insert(len(SDPA), "fa2")
         # bytes: 16-bit scores, fp32 attention, one fp32 temporary (the eager pass's peak)
@@ -383,11 +395,21 @@ def baseline_rows(rows: list[dict[str, Any]], device: str) -> dict[int, dict[str
     return base
 
 
+def fa2_rows(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """FlashAttention-2's forward per N: flash_attn's `fa2` row where it ran, else PyTorch's
+    SDPA flash backend (`sdpa_flash`: the FlashAttention-2 kernels PyTorch ships), so the
+    column is filled on machines without the flash_attn package."""
+    ok = [r for r in rows if "error" not in r]
+    out = {r["n"]: r for r in ok if r["backend"] == "sdpa_flash"}
+    out.update({r["n"]: r for r in ok if r["backend"] == "fa2"})
+    return out
+
+
 def table(rows: list[dict[str, Any]], device: str) -> list[str]:
     """Markdown lines: one row per (N, backend), ratios against the device's baseline and
     FlashAttention-2 at the same N; the baseline row's name is marked with '(base)'."""
     base = baseline_rows(rows, device)
-    fa2 = {r["n"]: r for r in rows if r["backend"] == "fa2" and "error" not in r}
+    fa2 = fa2_rows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---:|---|" + "---:|" * (len(COLUMNS) - 2)]
     for r in rows:
         if "error" in r:
@@ -454,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table(rows, device)) + "\n")
         if device == "cuda":
             print(
-                "target: triton time x base (the fastest SDPA) <= 0.70. eager runs where it fits "
-                "(12 * Hq * N^2 bytes < 80% of free memory) unless --no-eager.\n"
+                "target: triton time x base (the fastest SDPA) <= 0.70. time x fa2: against "
+                "flash_attn's fa2 where installed, else sdpa_flash (PyTorch's FlashAttention-2). "
+                "eager runs where it fits (12 * Hq * N^2 bytes < 80% of free memory) unless "
+                "--no-eager.\n"
             )
     return 0
 
