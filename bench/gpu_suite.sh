@@ -4,6 +4,13 @@
 #
 #   bash bench/gpu_suite.sh                 # writes $OUT/gpu_suite.md (or bench/results/)
 #   bash bench/gpu_suite.sh --dry-run       # prints the steps and their time limits only
+#   bash bench/gpu_suite.sh --preflight     # installs and checks the imports, runs no step
+#
+# On the GPU box (the device tool): first, here, `bash bench/gpu_wheels.sh` (the wheels its
+# image lacks, into .whl/), then one call: carry [".whl"], command "bash bench/gpu_suite.sh",
+# timeout_s 590. The box runs its image's python3 with nothing of ours installed, so the
+# suite installs this checkout and the carried wheels into a private site folder first, and
+# checks every import the steps need (a missing one is named in the report at once).
 #
 # Steps (each under its own time limit, so one slow step cannot eat the rest):
 #   1. the kernel's GPU tests (pytest -m gpu tests/engine/span): bf16 vs the float64
@@ -23,12 +30,75 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry=0
+dry=0 preflight_only=0
 [ "${1:-}" = "--dry-run" ] && dry=1
+[ "${1:-}" = "--preflight" ] && preflight_only=1
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
 report="$out_dir/gpu_suite.md"
-py="${PYTHON:-python}"
+py="${PYTHON:-python3}"
+site="${SUITE_SITE:-/tmp/anchorcredit-site}"
+
+wheel_dir="${SUITE_WHEELS:-.whl}"
+
+install() {
+  # This checkout (not whatever anchorcredit the interpreter may hold) and the carried
+  # wheels, offline, into one folder put first on the path. Prints one report line.
+  local wheels=() log
+  compgen -G "$wheel_dir/*.whl" >/dev/null && wheels=("$wheel_dir"/*.whl)
+  rm -rf "$site"
+  if log=$("$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --no-cache-dir --target "$site" "${wheels[@]}" . 2>&1); then
+    echo "- install: this checkout and ${#wheels[@]} carried wheel(s) into $site"
+  else
+    echo "- install FAILED (the steps run with what the interpreter has): $(echo "$log" | grep -v "as the 'root' user" | tail -n 3 | tr '\n' ' ')"
+  fi
+}
+
+preflight() {
+  # Versions, the GPU, and every module the steps import: exit 1 naming what is missing.
+  "$py" - <<'PY'
+import importlib
+import sys
+
+NEEDED = {
+    "anchorcredit.engine.span.triton_kernel": "the span kernel (steps 1-5)",
+    "anchorcredit.engine.span.benchmark": "the span benchmark (steps 2-5)",
+    "anchorcredit.runner": "bench/runner.py (steps 6-8)",
+    "anchorcredit.server.app": "bench/weights.py's server (step 9)",
+    "anchorcredit.client": "bench/weights.py's client (step 9)",
+    "pytest": "the kernel's GPU tests (step 1)",
+}
+versions = []
+for name in ("torch", "triton", "transformers", "grpc", "google.protobuf", "numpy"):
+    try:
+        versions.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as err:  # noqa: BLE001 - reported, not raised
+        versions.append(f"{name} missing ({err})")
+print("- python:", sys.version.split()[0], "|", ", ".join(versions))
+try:
+    print("- anchorcredit from:", importlib.import_module("anchorcredit").__file__)
+except Exception as err:  # noqa: BLE001 - reported below
+    print("- anchorcredit: not importable:", err)
+import torch  # noqa: E402
+
+if torch.cuda.is_available():
+    cap = torch.cuda.get_device_capability()
+    print(f"- gpu: {torch.cuda.get_device_name()}, sm_{cap[0]}{cap[1]}, cuda {torch.version.cuda}")
+else:
+    print("- gpu: none (the CUDA steps will skip or fail)")
+missing = []
+for name, why in NEEDED.items():
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - reported, not raised
+        missing.append(f"{name} for {why}: {type(err).__name__}: {err}")
+for line in missing:
+    print(f"- MISSING {line} (bash bench/gpu_wheels.sh here, then carry .whl)")
+print(f"- preflight: {'ok' if not missing else f'{len(missing)} import(s) missing'}")
+sys.exit(1 if missing else 0)
+PY
+}
 
 steps=(
   "115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
@@ -39,7 +109,7 @@ steps=(
   "75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
   "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
-  "60|weight push over NCCL|$py bench/weights.py --device cuda"
+  "60|weight push over NCCL (a random Qwen3-0.6B-shaped model, 1.2 GB bf16)|$py bench/weights.py --device cuda --preset qwen3-0.6b --repeats 2"
   "5|issue 16 targets: <= 0.5x FA2 (h_hi=100), <= 0.7x FA2 (end), <= 0.7x SDPA|$py bench/gpu_targets.py $report"
 )
 
@@ -51,14 +121,22 @@ if [ "$dry" = 1 ]; then
   exit 0
 fi
 
+install_line=$(install)
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"  # install ran in a subshell
 {
   echo "# GPU suite $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "- command: \`bash bench/gpu_suite.sh\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'none found')"
-  echo "- versions: $($py -c 'import torch, transformers; import importlib.util as u; t = __import__("triton").__version__ if u.find_spec("triton") else "-"; print(f"torch {torch.__version__} (cuda {torch.version.cuda}), triton {t}, transformers {transformers.__version__}")' 2>&1)"
+  echo "$install_line"
+  echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'none found')"
+  preflight
+  preflight_rc=$?
   echo
 } >"$report"
+cat "$report" >&2
+if [ "$preflight_only" = 1 ]; then
+  exit "$preflight_rc"
+fi
 
 failed=0
 for s in "${steps[@]}"; do

@@ -35,6 +35,10 @@ PRESETS: dict[str, dict[str, int]] = {
         num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=32000,
     ),
     # real shapes (random weights) for GPU runs
+    "qwen3-0.6b": dict(
+        num_hidden_layers=28, hidden_size=1024, intermediate_size=3072,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+    ),
     "qwen3-4b": dict(
         num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,

@@ -1,9 +1,11 @@
 """Weight sync to the service: disk (save_pretrained + UpdateWeights) vs gRPC stream vs collective.
 
-    python bench/weights.py [--device all|cpu|cuda] [--repeats 3] [--model DIR]
+    python bench/weights.py [--device all|cpu|cuda] [--repeats 3] [--model DIR | --preset NAME]
                             [--server process|thread]
 
-Serves the embedded SmolLM2-135M-Instruct (or --model) from a CreditServer on loopback (its
+Serves the embedded SmolLM2-135M-Instruct (or --model, or with --preset a random-initialised
+Qwen3 of bench/runner.py's shapes, saved to a temporary folder: the GPU box has no packaged
+model) from a CreditServer on loopback (its
 own process by default, as trainer and service run in deployment; `--server thread` runs it
 in this process, sharing the GIL with the trainer side), holds a trainer copy of the same
 model, and for each repeat makes a new policy version by perturbing every weight, then
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 from inproc_server import start_server_thread  # bench/inproc_server.py (the script's folder)
+from runner import PRESETS  # bench/runner.py's model shapes
 
 
 def _start_process(model_dir: Path, device: str, dtype: str):
@@ -153,17 +156,41 @@ def _section(model_dir: Path, device: str, dtype: str, repeats: int, server: str
         )
 
 
+def random_model_dir(preset: str) -> Path:
+    """A random-initialised Qwen3 with the preset's shapes, saved in bf16 to a temporary folder
+    (removed at exit); weight sync timings depend on the bytes, not on the values."""
+    import atexit
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**PRESETS[preset], tie_word_embeddings=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # initialise where it is fast
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    folder = Path(tempfile.mkdtemp(prefix=f"anchorcredit-{preset}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", type=Path, default=None, help="default: the embedded SmolLM2")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a random-initialised Qwen3 of these shapes, not --model")  # fmt: skip
     ap.add_argument("--server", choices=("process", "thread"), default="process")
     args = ap.parse_args()
 
     import torch
 
-    if args.model is None:
+    if args.preset is not None:
+        args.model = random_model_dir(args.preset)
+    elif args.model is None:
         from anchorcredit.offline.models import embedded_default_path
 
         args.model = embedded_default_path()
