@@ -4,6 +4,7 @@
     python -m anchorcredit.engine.span.aot --quick    # bf16, head dim 128 only
     python -m anchorcredit.engine.span.aot --gqa-pack # row pass: GQA-packed vs one head
     python -m anchorcredit.engine.span.aot --overlap  # QK^T pipelined vs not (item 6)
+    python -m anchorcredit.engine.span.aot --fold     # row pass with the band folded (item 5)
 
 No GPU needed: Triton ships ptxas and cuobjdump (triton/backends/nvidia/bin). For each
 launcher configuration, span_stats_packed's own planning (plan_packed) builds the launches
@@ -73,6 +74,7 @@ class Config:
     gqa_pack: bool = False  # the row pass packs the group into one program
     tile: tuple[int, int, int, int] | None = None  # rows, columns, warps, stages; None: default
     overlap: bool | None = None  # overlap_qk; None: plan_packed's default for this arch
+    band: str = "columns"  # plan_packed's band: "fold" sums FAI's band in the row pass
 
     @property
     def sixteen_bit(self) -> bool:
@@ -137,7 +139,7 @@ def plan_for(config: Config, n: int = 1000) -> tk.Plan:
     return tk.plan_packed(
         q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False,
         gqa_pack=config.gqa_pack, overlap_qk=config.overlap,
-        capability=divmod(config.arch, 10), **variant,
+        capability=divmod(config.arch, 10), band=config.band, **variant,
     )  # fmt: skip
 
 
@@ -159,8 +161,9 @@ def bind(launch: tk.Launch, arch: int) -> tuple[Any, dict, dict, dict, dict, Any
     backend = make_backend(target)
     kwargs = dict(launch.options)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # the latter is 3.9's
+        if hasattr(knobs.compilation, knob):  # run() passes those its triton has (3.6: one)
+            kwargs[knob] = getattr(knobs.compilation, knob)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     key = compute_cache_key({}, specialization, options)
@@ -284,15 +287,26 @@ def overlap_configs(archs=ARCHS, head_dims=HEAD_DIMS) -> Iterator[Config]:
                                  overlap=overlap)  # fmt: skip
 
 
+def fold_configs(archs=ARCHS, dtypes=DTYPES[:2], head_dims=HEAD_DIMS) -> Iterator[Config]:
+    """The band-fold sweep: the row pass (band horizon, plain and model-true attention), its
+    column sums folded in, for the 16-bit dtypes."""
+    for arch in archs:
+        for dtype in dtypes:
+            for d in head_dims:
+                for attention in ("plain", "variants"):
+                    yield Config(arch, dtype, d, "row", "band", attention, band="fold")
+
+
 def row(r: Resources) -> str:
     c, o = r.config, r.launch.options
     tile = f"{o['BLOCK_M']}x{o['BLOCK_N']}"
     if o.get("GQA_PACK", 1) > 1:  # heads x positions x key columns
         tile = f"{o['GQA_PACK']}x{tile}"
+    pass_ = c.pass_ + ("+fold" if o.get("FOLD_BAND") else "")
     loops = "; ".join(f"{lp.instructions} / {lp.shuffles} / {lp.barriers}" for lp in r.loops)
     under = "; ".join("-" if x is None else str(x) for x in (lp.exp2_under_mma for lp in r.loops))
     cells = (
-        f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, c.pass_, c.horizon,
+        f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, pass_, c.horizon,
         c.attention, tile, o["num_warps"], o["num_stages"], "on" if o.get("OVERLAP_QK") else "off",
         r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops, under,
     )  # fmt: skip
@@ -306,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--gqa-pack", action="store_true",
                     help="the row pass's GQA-packing sweep (bf16, d 64/128, group 4)")  # fmt: skip
+    ap.add_argument("--fold", action="store_true",
+                    help="the row pass with the band's FAI folded in (16-bit)")  # fmt: skip
     ap.add_argument("--overlap", action="store_true",
                     help="the QK^T-overlap sweep: the loops it changes, off and on")  # fmt: skip
     args = ap.parse_args(argv)
@@ -322,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = pack_configs(args.arch)
     elif args.overlap:
         todo = overlap_configs(args.arch, dims)
+    elif args.fold:
+        todo = fold_configs(args.arch, head_dims=dims)
     else:
         todo = configs(args.arch, dtypes, dims)
     for config in todo:

@@ -93,10 +93,12 @@ def _row_pass(
     BLK_SEQ, BLK_START, CU, SINKS,
     stride_qh, stride_qn, stride_kh, stride_kn, stride_oh,
     qk_scale, group, head_dim, window, near, cap_in, cap_out, slide,
+    PART, BLK_INDEX, stride_ph, stride_ps, h_lo, h_hi, slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_SINK: tl.constexpr, HAS_SLIDE: tl.constexpr,
     GQA_PACK: tl.constexpr = 1, OVERLAP_QK: tl.constexpr = False,
+    FOLD_BAND: tl.constexpr = False,
 ):  # fmt: skip
     # GQA_PACK > 1 (gqa_pack=True; the GQA group padded to a power of two): one program per
     # (query block, kv head) stacks its group's query heads into one [GQA_PACK * BLOCK_M, d]
@@ -250,6 +252,37 @@ def _row_pass(
         near_i = near_i + window * tl.exp2(sink - m_i)
     tl.store(WAAD + out, window - near_i / l_i, mask=row_ok)
 
+    if FOLD_BAND:
+        # band="fold": FAI's column sums for a finite h_hi, here instead of in a column pass.
+        # With these rows' final LSE, recompute the key tiles within [h_lo, h_hi] of them
+        # (columns t0 - h_hi .. t0 + BLOCK_M - 1 - h_lo, ~(BLOCK_M + h_hi - h_lo) / BLOCK_N
+        # tiles) and store each tile's column sums into slot k % slots of PART, k this
+        # block's index in its sequence. Blocks sharing a slot never share a column (slots
+        # = 1 + ceil((h_hi - h_lo) / BLOCK_M)): no atomics, and the host sums the slots in
+        # a fixed order, so FAI stays deterministic. Rows past the end are masked out.
+        lse_fin = m_i + tl.log2(l_i)
+        slot = tl.load(BLK_INDEX + blk) % slots
+        part_base = PART + h.to(tl.int64) * stride_ph + slot.to(tl.int64) * stride_ps
+        c_hi = tl.minimum(t0 + BLOCK_M - h_lo, seq_end)  # exclusive
+        for start_n in range(tl.maximum(t0 - h_hi, seq_start), c_hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < c_hi
+            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+            kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            if SOFTCAP:
+                y = s * cap_in
+                e = tl.exp2(tl.abs(y) * -2.8853900817779268)
+                s = tl.where(y < 0, e - 1.0, 1.0 - e) / (1.0 + e) * cap_out
+            delta = offs_m[:, None] - offs_n[None, :]
+            band = row_ok[:, None] & col_ok[None, :] & (delta >= h_lo) & (delta <= h_hi)
+            if HAS_SLIDE:
+                band = band & (delta < slide)
+            p = tl.exp2(tl.where(band, s * qk_scale - lse_fin[:, None], float("-inf")))
+            tl.store(part_base + offs_n, tl.reduce(p, 0, _SUM), mask=col_ok)
+
 
 def _col_pass(
     Q, K, LSE, FAI,
@@ -374,9 +407,9 @@ def _col_pass(
 # strides are multiples of d (always divisible by 16 for d = 64, 80, 96, 128, 256), and
 # the outputs' row stride is total_N rounded up to 16 (plan_packed pads it).
 _DYNAMIC = ("group", "slide")
-ROW_DYNAMIC = (*_DYNAMIC, "window", "near")
+ROW_DYNAMIC = (*_DYNAMIC, "window", "near", "h_lo", "h_hi", "slots")
 COL_DYNAMIC = (*_DYNAMIC, "h_lo", "h_hi")
-TABLE_POINTERS = ("BLK_SEQ", "BLK_START", "CU")
+TABLE_POINTERS = ("BLK_SEQ", "BLK_START", "CU", "BLK_INDEX")
 
 # Jitted kernels per interpreter mode: TRITON_INTERPRET is read when a function is jitted,
 # so jitting lazily (not at import) lets tests switch the interpreter on at any time.
@@ -495,19 +528,23 @@ def _check_block(value: int, name: str) -> int:
 class Layout:
     """One batch layout's int32 tables on the device, slices of one tensor copied once.
 
-    cu [B+1]; row blocks (sequence, first row) and column tiles (sequence, first column),
-    longest first; resp [n_resp] the response positions, resp_offsets [B+1] where each
-    sequence's rows start among them, resp_counts [B] (the span's mean over rows).
+    cu [B+1]; row blocks (sequence, first row, index in its sequence) and column tiles
+    (sequence, first column), longest first; resp [n_resp] the response positions,
+    resp_offsets [B+1] where each sequence's rows start among them, resp_counts [B] (the
+    span's mean over rows), resp_end [n_resp] the end of each response position's sequence
+    (FAI's |T(s)| when the band is folded into the row pass).
     """
 
     cu: torch.Tensor
     row_seq: torch.Tensor
     row_start: torch.Tensor
+    row_index: torch.Tensor
     col_seq: torch.Tensor
     col_start: torch.Tensor
     resp: torch.Tensor
     resp_offsets: torch.Tensor
     resp_counts: torch.Tensor
+    resp_end: torch.Tensor
     ranges: tuple[tuple[int, int], ...]  # each sequence's response tokens [lo, hi)
     host: torch.Tensor  # the (pinned) source of the copy: kept alive while it may run
 
@@ -531,7 +568,7 @@ def _build_layout(
     for b in range(len(prompts)):
         start, end = cu[b] + prompts[b], cu[b + 1]
         ranges.append((start, end))
-        rows += [(t0 - cu[b], b, t0) for t0 in range(start, end, bm)]
+        rows += [(t0 - cu[b], b, t0, (t0 - start) // bm) for t0 in range(start, end, bm)]
         cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
     # The heaviest blocks first, so the long causal rows do not trail at the end of the grid.
     rows.sort(key=lambda r: -r[0])
@@ -541,9 +578,11 @@ def _build_layout(
     parts = [
         np.asarray(cu),
         np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+        np.array([r[3] for r in rows]),
         np.array([c[1] for c in cols]), np.array([c[2] for c in cols]),
         np.concatenate([np.arange(lo, hi) for lo, hi in ranges]),
         np.concatenate([[0], np.cumsum(counts)]), counts,
+        np.repeat(np.asarray(cu[1:]), counts),
     ]  # fmt: skip
     host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":  # pinned, so the copy is asynchronous (no host stall)
@@ -585,11 +624,32 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class FoldedFai:
+    """band="fold"'s second step: FAI from the row pass's per-slot column sums, for the
+    response positions, in a few batched ops (the slots summed in a fixed order, then
+    divided by |T(s)| = min(end - 1, s + h_hi) - (s + h_lo) + 1; 0 where T(s) is empty)."""
+
+    part: torch.Tensor  # [Hq, slots, total_N] fp32, zeroed once: every run rewrites the same
+    layout: Layout
+    h_lo: int
+    h_hi: int
+    fai: torch.Tensor
+
+    def __call__(self) -> None:
+        lay = self.layout
+        sums = self.part.index_select(2, lay.resp).sum(1)  # [Hq, n_resp]
+        last = torch.minimum(lay.resp_end - 1, lay.resp + self.h_hi)
+        count = (last - lay.resp - self.h_lo + 1).float()
+        fai = torch.where(count > 0, sums / count.clamp(min=1.0), 0.0)
+        self.fai.index_copy_(1, lay.resp.long(), fai)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Both passes of one call with their outputs; run() launches, collect() reads back."""
 
     row: Launch
-    col: Launch
+    col: Launch | FoldedFai  # the column pass, or the folded band's finishing step
     layout: Layout
     lse: torch.Tensor
     span_row: torch.Tensor
@@ -640,6 +700,7 @@ def plan_packed(
     gqa_pack: bool = False,
     overlap_qk: bool | None = None,
     capability: tuple[int, int] | None = None,
+    band: str = "columns",
 ) -> Plan:
     """Validate a call of span_stats_packed and prepare its launches (nothing runs yet).
 
@@ -662,6 +723,14 @@ def plan_packed(
 
     capability: the GPU the launches are for, (major, minor); default the tensors' device.
     The AOT compile sets it to plan sm_80/sm_90 launches from CPU tensors.
+
+    band (issue 16 item 5; a finite h_hi only): "columns" (default) sums FAI's columns in
+    the column pass, one program per key tile of the band; "fold" sums them in the row
+    pass instead, after each query block's loop (its rows' LSE final), into per-slot
+    partial sums that a few torch ops add up (FoldedFai): no second kernel of ~N/32 tiny
+    programs, ~(BLOCK_M + h_hi - h_lo) / BLOCK_N more key tiles per row program, and
+    O(Hq * slots * total_N) fp32 more memory (slots = 1 + ceil((h_hi - h_lo) / BLOCK_M)).
+    Same results, deterministic either way; not with gqa_pack.
     """
     cu = _as_int_list(cu_seqlens, "cu_seqlens")
     prompts = _as_int_list(prompt_lens, "prompt_lens")
@@ -713,6 +782,15 @@ def plan_packed(
     dev = q.device
     if capability is None and dev.type == "cuda":
         capability = torch.cuda.get_device_capability(dev)
+    if band not in ("columns", "fold"):
+        raise ValueError(f"band must be 'columns' or 'fold', got {band!r}")
+    fold = band == "fold"
+    if fold and h_hi is None:
+        raise ValueError(
+            "band='fold' needs a finite h_hi: the horizon to the end runs the column pass"
+        )
+    if fold and pack > 1:
+        raise ValueError("band='fold' does not combine with gqa_pack=True")
     if overlap_qk is None:
         overlap = default_overlap(q.dtype, capability, block_d)
     else:
@@ -756,16 +834,26 @@ def plan_packed(
     for opts, pass_ in ((row_options, "row"), (col_options, "col")):
         if overlap[pass_]:  # likewise passed only when on
             opts["OVERLAP_QK"] = True
+    hi = 0 if h_hi is None else int(h_hi)
+    if fold:  # per-slot column sums; the row stride padded like the outputs'
+        slots = 1 + -(-(hi - h_lo) // row_cfg.block_m)
+        part = torch.zeros(hq, slots, padded, dtype=torch.float32, device=dev)[:, :, :n]
+        row_options["FOLD_BAND"] = True
+        fold_args = (part, lay.row_index, part.stride(0), part.stride(1), h_lo, hi, slots)
+    else:  # unused: stand-ins that bind the same way
+        fold_args = (lse, lay.row_index, lse.stride(0), lse.stride(0), h_lo, hi, 1)
     row = Launch(
         row_kernel, (len(lay.row_seq), hq // group if pack > 1 else hq),
         (q, k, lse, span_row, waad, lay.row_seq, lay.row_start, lay.cu, sinks2, *strides,
-         qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide),
+         qk_scale, group, d, window, max(window, 1), cap_in, cap_out, slide, *fold_args),
         row_options,
     )  # fmt: skip
+    if fold:
+        return Plan(row, FoldedFai(part, lay, h_lo, hi, fai), lay, lse, span_row, waad, fai)
     col = Launch(
         col_kernel, (len(lay.col_seq), hq),
         (q, k, lse, fai, lay.col_seq, lay.col_start, lay.cu, *strides,
-         qk_scale, group, d, h_lo, 0 if h_hi is None else int(h_hi), cap_in, cap_out, slide),
+         qk_scale, group, d, h_lo, hi, cap_in, cap_out, slide),
         col_options,
     )  # fmt: skip
     return Plan(row, col, lay, lse, span_row, waad, fai)
