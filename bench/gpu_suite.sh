@@ -20,7 +20,8 @@
 #      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows),
 #      and the row pass with the GQA group packed vs one head per program at 8K (item 6);
 #      both horizons also time the launches with the QK^T dots not pipelined
-#      (triton_kernel_nooverlap: item 6's overlap, on by default on sm_90, against off)
+#      (triton_kernel_nooverlap: item 6's overlap, on by default on sm_90, against off),
+#      and h_hi=100 the band folded into the row pass (triton_fold: item 5's other answer)
 #   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
 #   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
 #   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
@@ -102,7 +103,7 @@ PY
 
 steps=(
   "115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
-  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off"
+  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off --band-fold"
   "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager --overlap-off"
   "20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
   "25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"

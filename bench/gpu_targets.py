@@ -10,9 +10,11 @@ Reads the span benchmark's tables of the two horizon steps and prints one row pe
     both       max rel err vs float64 <= 2e-3 where it was measured
 
 `triton` is the whole call as the runner makes it and decides the verdict; `triton_kernel`
-(the launches alone) and `triton_kernel_nooverlap` (QK^T not pipelined) are shown beside it
-to tell host overhead and the overlap's share apart. Exit 0 when every `triton` row from 1K
-to 32K meets its targets, 1 when one misses or is missing, 2 when the report has no table.
+(the launches alone), `triton_kernel_nooverlap` (QK^T not pipelined) and `triton_fold` /
+`triton_kernel_fold` (the band summed in the row pass) are shown beside it with their own
+verdict in brackets, to tell host overhead, the overlap's share and the better band apart.
+Exit 0 when every `triton` row from 1K to 32K meets its targets, 1 when one misses or is
+missing, 2 when the report has no table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 STEP_TITLE = "span kernel vs fastest SDPA and FA2"  # the suite's horizon steps start so
 SIZES = (1024, 4096, 8192, 16384, 32768)
 JUDGED = "triton"
-SHOWN = ("triton", "triton_kernel", "triton_kernel_nooverlap")
+SHOWN = ("triton", "triton_kernel", "triton_kernel_nooverlap", "triton_fold", "triton_kernel_fold")
 MAX_ERR = 2e-3
 # horizon -> {column: bound}
 TARGETS = {"100": {"time x fa2": 0.50, "time x base": 0.70}, "end": {"time x fa2": 0.70}}
@@ -103,7 +105,9 @@ def judge(rows: list[Row]) -> tuple[list[str], int]:
                 met, why = verdict(r)
                 judged = backend == JUDGED
                 missed += judged and not met
-                word = ("met" if met else "missed: " + "; ".join(why)) if judged else "(shown)"
+                word = "met" if met else "missed: " + "; ".join(why)
+                if not judged:
+                    word = f"({word})"
                 c = r.cells
                 lines.append(
                     f"| {horizon} | {n} | {backend} | {c.get('ms', '-')} | "

@@ -27,6 +27,8 @@ follow them: the same with the row pass's GQA group packed into one program (gqa
 pick them with --backends for a packed vs one-head-per-program comparison). With
 --overlap-off, `triton_kernel_nooverlap` follows: the launches with the QK^T dots not
 pipelined (overlap_qk=False), against `triton_kernel` with the default (pipelined on sm_90+).
+With --band-fold (a finite h_hi), `triton_fold` and `triton_kernel_fold` follow: FAI's band
+summed in the row pass instead of a column pass (band="fold").
 `fa2` is flash_attn_func (causal, GQA native).
 `eager` is the materialised fp32 attention reduced with vectorised diagonals, what the
 paper's extra `output_attentions` pass does (run where it fits in memory); on the GPU it
@@ -150,6 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CUDA: add a triton_kernel_nooverlap row (overlap_qk=False: QK^T not pipelined)",
     )
+    ap.add_argument(
+        "--band-fold",
+        action="store_true",
+        help="CUDA: add triton_fold / triton_kernel_fold rows (band='fold', finite h_hi)",
+    )
     for name in ("block-m", "block-n", "num-warps", "num-stages", "col-block-m", "col-block-n"):
         ap.add_argument(f"--{name}", type=int, default=None, help="CUDA: kernel launch option")
     args = ap.parse_args(argv)
@@ -221,6 +228,8 @@ def stats_fn(backend: str, q, k, prompt_len: int, cfg: dict[str, Any]) -> Callab
         backend, launch["gqa_pack"] = backend.removesuffix("_gqa"), True
     if backend.endswith("_nooverlap"):  # the same kernel with its QK^T dots not pipelined
         backend, launch["overlap_qk"] = backend.removesuffix("_nooverlap"), False
+    if backend.endswith("_fold"):  # the same kernel with FAI's band summed in the row pass
+        backend, launch["band"] = backend.removesuffix("_fold"), "fold"
     if backend == "triton":  # the whole call, as the engine's packed front makes it
         from anchorcredit.engine.span import triton_kernel
 
@@ -338,6 +347,8 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
             backends[backends.index("chunked") : 0] = ["triton_gqa", "triton_kernel_gqa"]
         if args.overlap_off:
             backends.insert(backends.index("triton_kernel") + 1, "triton_kernel_nooverlap")
+        if args.band_fold and cfg["h_hi"] is not None:
+            backends[backends.index("chunked") : 0] = ["triton_fold", "triton_kernel_fold"]
         if importlib.util.find_spec("flash_attn") is not None:
             backends.insert(len(SDPA), "fa2")
         # bytes: 16-bit scores, fp32 attention, one fp32 temporary (the eager pass's peak)
