@@ -39,6 +39,8 @@ mkdir -p "$out_dir"
 report="$out_dir/gpu_suite.md"
 py="${PYTHON:-python3}"
 site="${SUITE_SITE:-/tmp/anchorcredit-site}"
+# A step killed at its time limit keeps what it printed: nothing waits in Python's buffer.
+export PYTHONUNBUFFERED=1
 
 wheel_dir="${SUITE_WHEELS:-.whl}"
 

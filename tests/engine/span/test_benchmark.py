@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from anchorcredit.engine.span import benchmark
 
 
@@ -53,3 +55,29 @@ def test_fa2_column_falls_back_to_pytorchs_flash_backend():
     with_fa2 = [*rows, {"n": 8, "backend": "fa2", "ms": 4.0, "mib": 5.0, "err": None}]
     cells = {r.split(" | ")[1]: r.split(" | ") for r in benchmark.table(with_fa2, "cuda")[2:]}
     assert cells["triton"][6] == "0.12"
+
+
+def test_cuda_table_is_printed_one_size_at_a_time(monkeypatch, capsys):
+    """A GPU step cut short by its time limit must still leave the sizes it finished: the
+    header first, then each N's rows as soon as that N is done."""
+    pytest.importorskip("triton")
+    seen_before_second = []
+
+    def fake_bench(args, cfg, on_size):
+        for n in (1024, 4096):
+            rows = [
+                {"n": n, "backend": "sdpa_flash", "ms": 2.0, "mib": 1.0, "err": None},
+                {"n": n, "backend": "triton", "ms": 1.0, "mib": 1.0, "err": None},
+            ]
+            on_size(rows)
+            if n == 1024:
+                seen_before_second.append(capsys.readouterr().out)
+        return []
+
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark.torch.cuda, "get_device_name", lambda: "fake GPU")
+    monkeypatch.setattr(benchmark, "bench_cuda", fake_bench)
+    assert benchmark.main(["--device", "cuda"]) == 0
+    first, rest = seen_before_second[0], capsys.readouterr().out
+    assert first.count("| N | backend |") == 1 and "| 1024 | triton | 1.00 |" in first
+    assert "| 4096 | triton | 1.00 | 1 | 0.50 |" in rest and "| N | backend |" not in rest

@@ -333,7 +333,13 @@ def bench_cpu(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, A
 # -- CUDA: in process, do_bench and the caching allocator's peak -----------------------------
 
 
-def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def bench_cuda(
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    on_size: Callable[[list[dict]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The CUDA rows; on_size(rows of one N) after each N, so a run cut short by a time
+    limit still leaves the sizes it finished."""
     from triton.testing import do_bench
 
     dtype = getattr(torch, cfg["dtype"])
@@ -380,6 +386,8 @@ def bench_cuda(args: argparse.Namespace, cfg: dict[str, Any]) -> list[dict[str, 
             torch.cuda.empty_cache()
         del q, k, ref
         torch.cuda.empty_cache()
+        if on_size is not None:
+            on_size([r for r in rows if r["n"] == n])
     return rows
 
 
@@ -483,8 +491,14 @@ def main(argv: list[str] | None = None) -> int:
             f"error vs float64 reference for N <= {args.err_max_n}\n"
         )
         sys.stdout.flush()
-        rows = bench_cpu(args, cfg) if device == "cpu" else bench_cuda(args, cfg)
-        print("\n".join(table(rows, device)) + "\n")
+        if device == "cpu":
+            print("\n".join(table(bench_cpu(args, cfg), device)) + "\n")
+        else:  # a table that grows one N at a time (ratios are per N)
+            print("\n".join(table([], device)), flush=True)
+            bench_cuda(
+                args, cfg, lambda rows: print("\n".join(table(rows, "cuda")[2:]), flush=True)
+            )
+            print()
         if device == "cuda":
             print(
                 "target: triton time x base (the fastest SDPA) <= 0.70. time x fa2: against "
