@@ -155,11 +155,6 @@ def test_variant_arguments_are_checked(kw, match):
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 @pytest.mark.parametrize("softcap,with_sinks,slide", VARIANTS)
 @pytest.mark.parametrize(
     "hq,hkv,n,prompt_len,h_hi,block",

@@ -17,12 +17,7 @@ from anchorcredit.engine.span.reference import span_stats_reference
 triton = pytest.importorskip("triton")
 from anchorcredit.engine.span import aot, benchmark, triton_kernel  # noqa: E402
 
-from .test_triton_kernel import FIELDS, assert_matches, random_qk  # noqa: E402
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+from .test_triton_kernel import FIELDS, assert_matches, assert_same, random_qk  # noqa: E402
 
 
 def reference(q, k, prompt, h_lo, h_hi, **variant):
@@ -35,11 +30,6 @@ def folded_and_columns(q, k, cu, prompts, h_lo, h_hi, **kw):
     fold = triton_kernel.span_stats_packed(*args, band="fold", **kw)
     cols = triton_kernel.span_stats_packed(*args, **kw)
     return fold, cols
-
-
-def assert_same(a, b) -> None:
-    for field in FIELDS:
-        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-7)
 
 
 # (h_lo, h_hi) with 16-row blocks: 1 slot (h_hi = h_lo), 2 slots, 4 slots (wider than 3

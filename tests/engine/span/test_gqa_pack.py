@@ -13,12 +13,7 @@ from anchorcredit.engine.span.reference import span_stats_reference
 triton = pytest.importorskip("triton")
 from anchorcredit.engine.span import aot, benchmark, triton_kernel  # noqa: E402
 
-from .test_triton_kernel import FIELDS, assert_matches, random_qk, reference  # noqa: E402
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+from .test_triton_kernel import assert_matches, assert_same, random_qk, reference  # noqa: E402
 
 
 def packed_and_plain(q, k, cu, prompts, **kw):
@@ -26,11 +21,6 @@ def packed_and_plain(q, k, cu, prompts, **kw):
     packed = triton_kernel.span_stats_packed(*args, gqa_pack=True, **kw)
     plain = triton_kernel.span_stats_packed(*args, **kw)
     return packed, plain
-
-
-def assert_same(a, b) -> None:
-    for field in FIELDS:
-        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6)
 
 
 # (Hq, Hkv): GQA groups 1, 2, 4, and 3 (padded to a stacked tile of 4 heads).

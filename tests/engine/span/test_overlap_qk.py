@@ -18,12 +18,7 @@ from anchorcredit.engine.span.reference import span_stats_reference
 triton = pytest.importorskip("triton")
 from anchorcredit.engine.span import aot, benchmark, triton_kernel  # noqa: E402
 
-from .test_triton_kernel import FIELDS, assert_matches, random_qk, reference  # noqa: E402
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+from .test_triton_kernel import assert_matches, assert_same, random_qk, reference  # noqa: E402
 
 
 def overlapped_and_sequential(q, k, cu, prompts, **kw):
@@ -31,11 +26,6 @@ def overlapped_and_sequential(q, k, cu, prompts, **kw):
     on = triton_kernel.span_stats_packed(*args, overlap_qk=True, **kw)
     off = triton_kernel.span_stats_packed(*args, overlap_qk=False, **kw)
     return on, off
-
-
-def assert_same(a, b) -> None:
-    for field in FIELDS:
-        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6)
 
 
 # (n, prompt): the first query blocks have no bulk tile (split == first), the last many;
