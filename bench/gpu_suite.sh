@@ -54,7 +54,11 @@ install() {
     --no-cache-dir --target "$site" "${wheels[@]}" . 2>&1); then
     echo "- install: this checkout and ${#wheels[@]} carried wheel(s) into $site"
   else
-    echo "- install FAILED (the steps run with what the interpreter has): $(echo "$log" | grep -v "as the 'root' user" | tail -n 3 | tr '\n' ' ')"
+    # Fallback: the wheels alone, and the service source root on the path (enough for
+    # every step but the weight push, which needs the client's root too).
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+      "${wheels[@]}" >/dev/null 2>&1
+    echo "- install FAILED, running from service/ on PYTHONPATH: $(echo "$log" | grep -v "as the 'root' user" | tail -n 3 | tr '\n' ' ')"
   fi
 }
 
@@ -126,6 +130,7 @@ fi
 
 install_line=$(install)
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"  # install ran in a subshell
+[[ "$install_line" == *FAILED* ]] && export PYTHONPATH="$PYTHONPATH:$PWD/service"
 {
   echo "# GPU suite $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
