@@ -124,20 +124,6 @@ def _actor(group_norm: bool) -> areal_actor.PPOActor:
     return areal_actor.PPOActor(cfg, engine=None)  # the train engine is not used here
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama")
-
-
-@pytest.fixture(scope="module")
-def target(model_dir, start_server):
-    s = start_server(model_dir)
-    yield s.target
-    s.stop()
-
-
 def _expected(checker, padded_in, ref_adv, sign="both", **params):
     """AReaL's advantages times gamma at the actions that produced response tokens, found
     here from the un-rolled loss mask: token j (mask 1) was produced at position j - 1."""

@@ -198,20 +198,6 @@ def parse_cli(argv: list[str]):
     return captured["args"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama")
-
-
-@pytest.fixture(scope="module")
-def target(model_dir, start_server):
-    s = start_server(model_dir)
-    yield s.target
-    s.stop()
-
-
 # -- rollouts -> OpenRLHF Experiences -------------------------------------------------------
 def rollouts(seed: int = 5) -> list[dict]:
     """vLLM-engine outputs as OpenRLHF's SamplesGenerator receives them: prompt tokens, then

@@ -39,15 +39,6 @@ UIDS = ["a", "b", "a", "b"]  # GRPO groups: rows 0, 2 and rows 1, 3
 PARAMS = {"q": 0.5}
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory, start_server):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    s = start_server(save_debug_model(tmp_path_factory.mktemp("m") / "llama"))
-    yield s.target
-    s.stop()
-
-
 @pytest.fixture
 def client(target):
     with CreditClient([target], cache=None) as c:
