@@ -173,22 +173,21 @@ def _row_pass(
             kt = kt.to(tl.float32)
         s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
     for start_n in range(first, split, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         if OVERLAP_QK:
             s = s_next
-            offs_n = start_n + BLOCK_N + tl.arange(0, BLOCK_N)
-            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
-            kt = tl.load(k_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < split), other=0.0)
+            offs_next = offs_n + BLOCK_N
+            k_ptrs = k_base + offs_next[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+            kt = tl.load(k_ptrs, mask=d_ok[:, None] & (offs_next[None, :] < split), other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
             s_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
         else:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
             k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
             kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         if SOFTCAP:  # cap * tanh(x * scale / cap) in base 2; the host set qk_scale = 1
             y = s * cap_in
             e = tl.exp2(tl.abs(y) * -2.8853900817779268)  # exp(-2|y|)
