@@ -1,42 +1,69 @@
 #!/usr/bin/env bash
-# The GPU suite: one command, one markdown table file, on an H100/H200 in under 10 minutes
-# (the step limits add up to 560 s; the device tool allows 600 s a command).
+# The GPU suite: one markdown report per device call, on an H100/H200. Two parts, each
+# sized to leave room in the device tool's 15 minutes for the machine's start and one rerun:
 #
-#   bash bench/gpu_suite.sh                 # writes $OUT/gpu_suite.md (or bench/results/)
-#   bash bench/gpu_suite.sh --dry-run       # prints the steps and their time limits only
-#   bash bench/gpu_suite.sh --preflight     # installs and checks the imports, runs no step
+#   bash bench/gpu_suite.sh --part kernel   # 305 s: issue 16 (kernel tests, benchmarks, verdict)
+#   bash bench/gpu_suite.sh --part service  # 255 s: runner overhead, 512 x 1K, 32K, weight push
+#   bash bench/gpu_suite.sh                 # both (560 s), one report
+#   add --dry-run to print the steps and their time limits only, or --preflight to install
+#   and check the imports without running a step
 #
-# On the GPU box (the device tool): first, here, `bash bench/gpu_wheels.sh` (the wheels its
-# image lacks, into .whl/), then one call: carry [".whl"], command "bash bench/gpu_suite.sh",
-# timeout_s 590. The box runs its image's python3 with nothing of ours installed, so the
-# suite installs this checkout and the carried wheels into a private site folder first, and
-# checks every import the steps need (a missing one is named in the report at once).
+# The report is $OUT/gpu_suite_<part>.md ($OUT/gpu_suite.md for both; bench/results/ without
+# $OUT). On the GPU box (the device tool): first, here, `bash bench/gpu_wheels.sh` (the
+# wheels its image lacks, into .whl/), then call 1: carry [".whl"], command
+# "bash bench/gpu_suite.sh --part kernel", timeout_s 400; at once (the machine is still
+# warm) call 2: the same with "--part service", timeout_s 330; then give the machine back.
+# The box runs its image's python3 with nothing of ours installed, so the suite installs this
+# checkout and the carried wheels into a private site folder first, and checks every import
+# the steps need (a missing one is named in the report at once).
 #
 # Steps (each under its own time limit, so one slow step cannot eat the rest):
-#   1. the kernel's GPU tests (pytest -m gpu tests/engine/span): bf16 vs the float64
+#   kernel 1. the kernel's GPU tests (pytest -m gpu tests/engine/span): bf16 vs the float64
 #      reference at 1K..32K, and no host sync per layer (torch sync debug mode, test_sync.py)
-#   2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
+#   kernel 2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
 #      FlashAttention-2 (h_hi=100 and to the end; whole call and kernel alone), and the
 #      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows),
 #      and the row pass with the GQA group packed vs one head per program at 8K (item 6);
 #      both horizons also time the launches with the QK^T dots not pipelined
 #      (triton_kernel_nooverlap: item 6's overlap, on by default on sm_90, against off),
 #      and h_hi=100 the band folded into the row pass (triton_fold: item 5's other answer)
-#   3. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
-#   4. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
-#   5. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
-#   6. the weight push over NCCL (bench/weights.py --device cuda), when that script exists
-#   7. issue 16's targets judged from the tables above (bench/gpu_targets.py; no GPU work)
-# Record the file's tables in docs/BENCHMARKS.md with the command.
+#   kernel 3. issue 16's targets judged from the tables above (bench/gpu_targets.py)
+#   service 1. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
+#   service 2. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
+#   service 3. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
+#   service 4. the weight push over NCCL (bench/weights.py --device cuda)
+# Record the reports' tables in docs/BENCHMARKS.md with the commands.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry=0 preflight_only=0
-[ "${1:-}" = "--dry-run" ] && dry=1
-[ "${1:-}" = "--preflight" ] && preflight_only=1
+dry=0 preflight_only=0 part=all
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --preflight) preflight_only=1 ;;
+    --part)
+      part="${2:-}"
+      shift
+      ;;
+    --part=*) part="${1#--part=}" ;;
+    *)
+      echo "gpu_suite.sh: unknown argument '$1' (use --part kernel|service|all, --dry-run, --preflight)" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+case "$part" in
+  kernel | service) report_name="gpu_suite_$part.md" ;;
+  all) report_name="gpu_suite.md" ;;
+  *)
+    echo "gpu_suite.sh: --part must be kernel, service or all, not '$part'" >&2
+    exit 2
+    ;;
+esac
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
-report="$out_dir/gpu_suite.md"
+report="$out_dir/$report_name"
 py="${PYTHON:-python3}"
 site="${SUITE_SITE:-/tmp/anchorcredit-site}"
 # A step killed at its time limit keeps what it printed: nothing waits in Python's buffer.
@@ -69,12 +96,12 @@ import importlib
 import sys
 
 NEEDED = {
-    "anchorcredit.engine.span.triton_kernel": "the span kernel (steps 1-5)",
-    "anchorcredit.engine.span.benchmark": "the span benchmark (steps 2-5)",
-    "anchorcredit.runner": "bench/runner.py (steps 6-8)",
-    "anchorcredit.server.app": "bench/weights.py's server (step 9)",
-    "anchorcredit.client": "bench/weights.py's client (step 9)",
-    "pytest": "the kernel's GPU tests (step 1)",
+    "anchorcredit.engine.span.triton_kernel": "the span kernel (kernel part, runner steps)",
+    "anchorcredit.engine.span.benchmark": "the span benchmark (kernel part)",
+    "anchorcredit.runner": "bench/runner.py (service part)",
+    "anchorcredit.server.app": "bench/weights.py's server (service part)",
+    "anchorcredit.client": "bench/weights.py's client (service part)",
+    "pytest": "the kernel's GPU tests (kernel part)",
 }
 versions = []
 for name in ("torch", "triton", "transformers", "grpc", "google.protobuf", "numpy"):
@@ -107,19 +134,23 @@ sys.exit(1 if missing else 0)
 PY
 }
 
-steps=(
-  "115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
-  "80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off --band-fold"
-  "60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager --overlap-off"
-  "20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
-  "25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"
-  "75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
-  "60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
-  "60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
-  "60|weight push over NCCL (a random Qwen3-0.6B-shaped model, 1.2 GB bf16)|$py bench/weights.py --device cuda --preset qwen3-0.6b --repeats 2"
-  "5|issue 16 targets: <= 0.5x FA2 (h_hi=100), <= 0.7x FA2 (end), <= 0.7x SDPA|$py bench/gpu_targets.py $report"
+# part|seconds|title|command; the kernel part ends with the verdict read from its own report.
+all_steps=(
+  "kernel|115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
+  "kernel|80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off --band-fold"
+  "kernel|60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager --overlap-off"
+  "kernel|20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
+  "kernel|25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"
+  "kernel|5|issue 16 targets: <= 0.5x FA2 (h_hi=100), <= 0.7x FA2 (end), <= 0.7x SDPA|$py bench/gpu_targets.py $report"
+  "service|75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
+  "service|60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
+  "service|60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
+  "service|60|weight push over NCCL (a random Qwen3-0.6B-shaped model, 1.2 GB bf16)|$py bench/weights.py --device cuda --preset qwen3-0.6b --repeats 2"
 )
-
+steps=()
+for s in "${all_steps[@]}"; do
+  [ "$part" = all ] || [ "${s%%|*}" = "$part" ] && steps+=("${s#*|}")
+done
 if [ "$dry" = 1 ]; then
   for s in "${steps[@]}"; do
     IFS='|' read -r limit title cmd <<<"$s"
@@ -134,7 +165,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"  # install ran in a subshel
 {
   echo "# GPU suite $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
-  echo "- command: \`bash bench/gpu_suite.sh\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "- command: \`bash bench/gpu_suite.sh --part $part\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "$install_line"
   echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'none found')"
   preflight

@@ -1,6 +1,6 @@
 """Issue 16's speed targets, judged from a GPU suite report (bench/gpu_suite.sh writes it).
 
-    python bench/gpu_targets.py $OUT/gpu_suite.md      # the suite runs this as its last step
+    python bench/gpu_targets.py $OUT/gpu_suite_kernel.md  # the kernel part's last step
 
 Reads the span benchmark's tables of the two horizon steps and prints one row per
 (horizon, N, kernel row) with its ratios and the verdict against the targets:

@@ -1,5 +1,6 @@
 """bench/gpu_suite.sh stays runnable without a GPU to try it on: its steps name commands
-and files that exist, and its time limits fit one device-tool call (600 s)."""
+and files that exist, and each part's time limits fit one device-tool call with room for
+the machine's start and a rerun."""
 
 from __future__ import annotations
 
@@ -13,24 +14,52 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dry_run_lists_steps_that_exist_and_fit_one_call():
+def dry_run(*args: str) -> tuple[list[int], list[str]]:
     out = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"],
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", *args],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     lines = out.splitlines()
     limits = [int(line.split("s", 1)[0]) for line in lines[0::2]]
-    commands = [line.strip() for line in lines[1::2]]
+    return limits, [line.strip() for line in lines[1::2]]
+
+
+def test_dry_run_lists_steps_that_exist_and_fit_one_call():
+    limits, commands = dry_run()
     assert len(commands) >= 6 and sum(limits) <= 560
     for cmd in commands:
         words = cmd.split()
-        if words[1].startswith("bench/") and words[1] != "bench/weights.py":
+        if words[1].startswith("bench/"):
             assert (ROOT / words[1]).is_file(), cmd
         if words[1:3] == ["-m", "pytest"]:
             assert (ROOT / words[-1]).is_dir(), cmd
         if words[1] == "-m" and words[2].startswith("anchorcredit."):
             module = ROOT / "service" / Path(*words[2].split("."))
             assert module.with_suffix(".py").is_file(), cmd
+
+
+def test_parts_split_the_steps_and_each_leaves_room_to_rerun():
+    """15 device minutes hold a start (1-2 min), the kernel part, and either the service
+    part or a rerun of the kernel part after a fix: each part stays well under 6 minutes."""
+    kernel_limits, kernel = dry_run("--part", "kernel")
+    service_limits, service = dry_run("--part", "service")
+    # A split, nothing lost or doubled (the verdict reads the report of its own run).
+    split = [c.replace("gpu_suite_kernel.md", "gpu_suite.md") for c in kernel + service]
+    assert sorted(split) == sorted(dry_run()[1])
+    assert sum(kernel_limits) <= 330 and sum(service_limits) <= 300
+    assert any("-m gpu tests/engine/span" in c for c in kernel)
+    # The verdict reads the kernel part's own report, which holds the benchmark tables.
+    assert kernel[-1].endswith("bench/gpu_targets.py bench/results/gpu_suite_kernel.md")
+    assert not any("anchorcredit.engine.span.benchmark" in c for c in service)
+
+
+@pytest.mark.parametrize("args", [("--part", "gpu"), ("--bogus",)])
+def test_a_wrong_argument_is_refused_with_what_to_use(args):
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "kernel" in done.stderr and "service" in done.stderr
 
 
 def preflight(tmp_path: Path, env_extra: dict[str, str]) -> tuple[int, str]:
