@@ -39,53 +39,48 @@ def test_sigterm_drains_inflight_request(tmp_path: Path, serve_process):
         ANCHORCREDIT_SHUTDOWN_DELAY_S="0.2",
     )
     proc = server.proc
-    try:
-        m = server.wait_for(r"gRPC on 127\.0\.0\.1:(\d+) .* metrics on 127\.0\.0\.1:(\d+)")
-        port, metrics_port = int(m.group(1)), int(m.group(2))
-        server.wait_for(r"loaded in")
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = credit_pb2_grpc.CreditServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
-        rng = np.random.default_rng(0)
-        # 2-10 s of CPU with the debug model: still in flight when the delay is over.
-        slow = pb.ScoreRequest(
-            sequences=[
-                pb.Sequence(
-                    prompt_ids=rng.integers(0, 256, 24).tolist(),
-                    response_ids=rng.integers(0, 256, 1000).tolist(),
-                )
-                for _ in range(8)
-            ]
-        )
-        future = stub.Score.future(slow, timeout=90)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # wait until the request is on the device
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-            if re.search(r"^anchorcredit_inflight_requests 1\.0$", text, re.M) and re.search(
-                r"^anchorcredit_queue_size 0\.0$", text, re.M
-            ):
-                break
-            time.sleep(0.01)
-        assert not future.done(), "request finished before SIGTERM; make it slower"
-        proc.send_signal(signal.SIGTERM)
-        server.wait_for(r"draining")
-        reply = health.Check(
-            health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"), timeout=5
-        )
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert not future.done()
-        resp = future.result(timeout=90)
-        # It was still running when the server stopped accepting: drained by stop(grace).
-        server.wait_for(r"stopping: 1 RPCs in flight")
-        assert len(resp.results) == 8 and resp.results[0].response_len == 1000
-        assert proc.wait(timeout=60) == 0
-        out = server.output()
-        assert "server stopped" in out and "Traceback" not in out
-        with pytest.raises(grpc.RpcError):
-            stub.Score(slow, timeout=2)
-        channel.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    m = server.wait_for(r"gRPC on 127\.0\.0\.1:(\d+) .* metrics on 127\.0\.0\.1:(\d+)")
+    port, metrics_port = int(m.group(1)), int(m.group(2))
+    server.wait_for(r"loaded in")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = credit_pb2_grpc.CreditServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    rng = np.random.default_rng(0)
+    # 2-10 s of CPU with the debug model: still in flight when the delay is over.
+    slow = pb.ScoreRequest(
+        sequences=[
+            pb.Sequence(
+                prompt_ids=rng.integers(0, 256, 24).tolist(),
+                response_ids=rng.integers(0, 256, 1000).tolist(),
+            )
+            for _ in range(8)
+        ]
+    )
+    future = stub.Score.future(slow, timeout=90)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the request is on the device
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if re.search(r"^anchorcredit_inflight_requests 1\.0$", text, re.M) and re.search(
+            r"^anchorcredit_queue_size 0\.0$", text, re.M
+        ):
+            break
+        time.sleep(0.01)
+    assert not future.done(), "request finished before SIGTERM; make it slower"
+    proc.send_signal(signal.SIGTERM)
+    server.wait_for(r"draining")
+    reply = health.Check(
+        health_pb2.HealthCheckRequest(service="anchorcredit.v1.CreditService"), timeout=5
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not future.done()
+    resp = future.result(timeout=90)
+    # It was still running when the server stopped accepting: drained by stop(grace).
+    server.wait_for(r"stopping: 1 RPCs in flight")
+    assert len(resp.results) == 8 and resp.results[0].response_len == 1000
+    assert proc.wait(timeout=60) == 0
+    out = server.output()
+    assert "server stopped" in out and "Traceback" not in out
+    with pytest.raises(grpc.RpcError):
+        stub.Score(slow, timeout=2)
+    channel.close()
