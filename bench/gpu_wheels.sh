@@ -3,7 +3,7 @@
 # run here, on the CPU box, before the device call; the suite installs them there.
 #
 #   bash bench/gpu_wheels.sh        # -> .whl/ (git-ignored through .git/info/exclude)
-#   then: device run, carry [".whl"], command "bash bench/gpu_suite.sh"
+#   then: device runs with carry [".whl"], "bash bench/gpu_suite.sh --part kernel", then --part service
 #
 # The versions are the ones installed here, the ones CI tests with. The generated gRPC
 # stubs need grpcio >= their generator's version and a matching protobuf runtime, so both
