@@ -54,6 +54,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _unexpected_skips.append(f"{report.nodeid}: {report.longrepr}")
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module-level importorskip skips the whole file at collection, before any test report:
+    # a missing dependency of a covered trainer must fail CI too, not vanish from the count.
+    if report.skipped:
+        _unexpected_skips.append(f"{report.nodeid}: {report.longrepr}")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _unexpected_skips and os.environ.get("CI"):
         lines = "\n  ".join(_unexpected_skips)
