@@ -25,6 +25,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from anchorcredit.server.credit_metrics import CreditMetrics
+
 
 def one_two_five(lo_exp: int, hi_exp: int) -> tuple[float, ...]:
     """1, 2, 5 x 10^e for e in [lo_exp, hi_exp]."""
@@ -87,6 +89,11 @@ class ServerMetrics:
         self.queue_size = Gauge(
             "anchorcredit_queue_size", "requests waiting for the device", registry=r
         )
+        self.queue_capacity = Gauge(
+            "anchorcredit_queue_capacity",
+            "requests the queue holds before answering RESOURCE_EXHAUSTED (--max-queue)",
+            registry=r,
+        )
         self.inflight = Gauge("anchorcredit_inflight_requests", "RPCs being handled", registry=r)
         self.failures = Counter(
             "anchorcredit_request_failures",
@@ -126,11 +133,18 @@ class ServerMetrics:
         )
         self.device_memory = Gauge(
             "anchorcredit_device_memory_bytes",
-            "accelerator memory (cuda) and host RSS",
+            "accelerator memory (cuda allocated, reserved, total) and host RSS",
             ["kind"],
             registry=r,
         )
         self._memory_probe: Callable[[], dict[str, float]] | None = None
+        self.credit = CreditMetrics(r)  # credit sanity and policy freshness (own module)
+        # Series that exist from the start read 0 instead of "no data", so rates, panels and
+        # alerts over them work before the first event (the batcher's drop reasons, and the
+        # refusal an overload alert watches).
+        for reason in ("deadline", "cancelled"):
+            self.dropped.labels(reason)
+        self.failures.labels("queue_full")
 
     def set_model_info(self, info: dict[str, Any]) -> None:
         self.model_info.info(
@@ -175,6 +189,8 @@ def memory_probe(device: str) -> Callable[[], dict[str, float]]:
 
             out["cuda_allocated"] = float(torch.cuda.memory_allocated(device))
             out["cuda_reserved"] = float(torch.cuda.memory_reserved(device))
+            # the device's capacity, so an alert can compare reserved against it
+            out["cuda_total"] = float(torch.cuda.get_device_properties(device).total_memory)
         return out
 
     return probe

@@ -67,6 +67,8 @@ class ServerState:
         self.metrics.set_model_info(
             {**asdict(self.info), "max_batch_tokens": self.config.max_batch_tokens}
         )
+        self.metrics.credit.policy_changed(self.info.policy_version)
+        self.metrics.queue_capacity.set(self.config.max_queue)
         return self.info
 
 
@@ -176,6 +178,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
     def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
         assert self.state.info is not None
         results = [convert.encode_result(r, parsed.outputs) for r in outcome.results]
+        self.state.metrics.credit.observe_later(parsed.params.strategy, outcome.results)
         return pb.ScoreResponse(
             results=results,
             # every result carries the version that produced it; the batcher saw they agree

@@ -57,6 +57,9 @@ class WeightChanges:
         # Staging, joins and broadcasts block: their own threads, never the event loop's
         # (health, metrics and scoring stay responsive) nor the device thread.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="weights")
+        for transport in TRANSPORTS:  # every transport's series reads 0 before its first use
+            state.metrics.weight_updates_by_transport.labels(transport)
+            state.metrics.weight_bytes.labels(transport)
 
     # -- helpers ------------------------------------------------------------------------
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
