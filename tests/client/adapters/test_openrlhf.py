@@ -580,3 +580,37 @@ def test_client_from_env_sends_the_tokens(monkeypatch):
         assert ("authorization", "Bearer admin-secret") in client.transport.admin_metadata
     finally:
         client.close()
+
+
+def _adapter_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "anchorcredit.adapters"]
+
+
+def test_install_from_env_says_when_openrlhf_does_not_import(monkeypatch, caplog):
+    """Issue 21: the setup hook swallowed the ImportError and patched nothing, silently."""
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_trainer", None)  # import fails
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    ac_orl.install_from_env()
+    [line] = _adapter_log(caplog)
+    assert "did not patch this process" in line and "OpenRLHF does not import here" in line
+    assert "openrlhf.trainer.ppo_trainer" in line  # the reason, from the ImportError
+    assert caplog.records[-1].levelname == "WARNING"
+    assert not ac_orl._ORIGINALS
+
+
+def test_install_logs_what_it_patched(orl, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ray.ppo_actor", None)  # no deepspeed
+    with CreditClient("127.0.0.1:1") as client:
+        try:
+            ac_orl.install(client)
+        finally:
+            ac_orl.uninstall()
+    lines = _adapter_log(caplog)
+    assert any("patched openrlhf.trainer.ppo_trainer.RemoteExperienceMaker" in x for x in lines)
+    assert any(
+        "patched openrlhf.trainer.ppo_trainer.BasePPOTrainer.broadcast_to_vllm" in x for x in lines
+    )
+    [missing] = [x for x in lines if "did not patch" in x]
+    assert "ActorPPOTrainer" in missing and "the actor ranks must install too" in missing

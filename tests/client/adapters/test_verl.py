@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 import types
 
 import numpy as np
@@ -434,3 +435,19 @@ def test_install_from_env_names_the_variable_for_a_setting_in_params(monkeypatch
     monkeypatch.setenv("ANCHORCREDIT_PARAMS", '{"q": 0.4, "sign": "positive_only"}')
     with pytest.raises(ValueError, match="'sign' with ANCHORCREDIT_SIGN"):
         ac_verl.install_from_env()
+
+
+def test_install_logs_each_patch_when_it_happens(client, caplog):
+    import verl.trainer.ppo.ray_trainer  # noqa: F401  (loaded: patched at once)
+
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    undo = ac_verl.install(client, sync=True)
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.name == "anchorcredit.adapters"]
+        assert any("patched verl.trainer.ppo.ray_trainer (compute_advantage" in x for x in lines)
+        # the others say when they will be patched (verl imports them in other processes)
+        [later] = [x for x in lines if "will patch on import" in x]
+        if "verl.checkpoint_engine.base" not in sys.modules:
+            assert "verl.checkpoint_engine.base" in later
+    finally:
+        undo()

@@ -17,3 +17,7 @@ def patched(trainer: str, target: str, what: str) -> None:
 
 def not_patched(trainer: str, target: str, reason: str) -> None:
     log.warning("anchorcredit[%s]: did not patch %s: %s", trainer, target, reason)
+
+
+def note(trainer: str, message: str) -> None:
+    log.info("anchorcredit[%s]: %s", trainer, message)

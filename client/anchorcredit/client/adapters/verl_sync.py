@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from anchorcredit.client.adapters.versions import note_run, version_name
 from anchorcredit.client.client import CreditClient
 
 log = logging.getLogger("anchorcredit.verl")
@@ -47,10 +48,11 @@ class SyncState:
     def run_id(self) -> str:
         if self._run_id is None:
             self._run_id = os.environ.get("ANCHORCREDIT_RUN_ID") or _ray_job_id()
+            note_run(self._run_id)
         return self._run_id
 
     def version_for(self, global_steps: int) -> str:
-        return f"step-{int(global_steps)}-{self.run_id()}"
+        return version_name(global_steps, self.run_id())
 
 
 STATE = SyncState()
