@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import types
 from concurrent.futures import Future
 
 import numpy as np
@@ -34,6 +35,13 @@ from anchorcredit.client.adapters import areal as ac_areal  # noqa: E402
 from anchorcredit.client.errors import StalePolicyVersionError  # noqa: E402
 
 VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def spmd_mode(monkeypatch):
+    """AReaL's SPMD mode (what its launchers set): install() hooks this process. The
+    single-controller tests delete it."""
+    monkeypatch.setenv("AREAL_SPMD_MODE", "1")
 
 
 def digit_reward(prompt, completion, prompt_ids, completion_ids, **kw):
@@ -292,4 +300,139 @@ def test_weight_sync_follows_areal_update_weights(tmp_path, model_dir, start_ser
         checker.close()
         if own_group:
             dist.destroy_process_group()
+        server.stop()
+
+
+class _RolloutCallbacks:
+    """The controller's callback endpoints AReaL's train workers POST to (pause, load the
+    new weights, continue): the inference side, stubbed; records the endpoints called."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        calls = self.calls = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                calls.append(self.path)
+                body = b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _model_with_tokenizer(path):
+    """The debug model plus the test tokenizer (AReaL's engine loads both)."""
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    model = save_debug_model(path)
+    _tokenizer().save_pretrained(model)
+    return model
+
+
+@pytest.mark.slow
+def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
+    tmp_path, start_server, monkeypatch
+):
+    """Issue 21: with a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
+    PPOActorController and compute_advantages / update_weights are RPCs to worker processes:
+    the hooks ran 0 times. Here AReaL's real LocalScheduler starts a real worker process
+    (its RPC server, a real FSDP2 engine on the CPU), and the controller only calls it."""
+    from areal.api import FinetuneSpec
+    from areal.api.cli_args import SchedulingSpec
+    from areal.api.io_struct import WeightUpdateMeta
+    from areal.engine.fsdp_engine import FSDPPPOActor
+    from areal.infra.rpc.rtensor import RTensor
+    from areal.infra.scheduler.local import LocalScheduler
+
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+    from anchorcredit.runner import Scorer
+
+    monkeypatch.delenv("AREAL_SPMD_MODE", raising=False)
+    # the worker inherits this: any score its weight sync did not pin is refused
+    monkeypatch.setenv("ANCHORCREDIT_STALE_POLICY", "error")
+    model = _model_with_tokenizer(tmp_path / "llama")
+    server = start_server(model)
+    callbacks = _RolloutCallbacks()
+    (tmp_path / "nr").mkdir()
+    scheduler = LocalScheduler(
+        gpu_devices=[0],
+        log_dir=str(tmp_path / "logs"),
+        experiment_name="ac",
+        trial_name="sc",
+        fileroot=str(tmp_path),
+        nfs_record_root=str(tmp_path / "nr"),
+        startup_timeout=180,
+    )
+    spec = SchedulingSpec(gpu=0, cpu=1, mem=1, cmd="python -m areal.infra.rpc.rpc_server")
+    cfg = PPOActorConfig(
+        experiment_name="ac",
+        trial_name="sc",
+        path=str(model),
+        backend="fsdp:d1",
+        attn_impl="sdpa",
+        scheduling_spec=(spec,),
+    )
+    client = CreditClient([server.target], cache=None)
+    checker = CreditClient([server.target], cache=False)
+    undo_credit = ac_areal.install(client, q=0.5)
+    sync, undo_sync = install_weight_sync(client, run_id="sc1")
+    assert sync is None  # it lives in the worker
+    actor = FSDPPPOActor.as_controller(cfg, scheduler)
+    try:
+        actor.create_process_group(parallel_strategy=actor.train_alloc.parallel)
+        actor.initialize(role="actor", addr=None, ft_spec=FinetuneSpec(1, 8, 4))
+        assert spec.cmd == "python -m areal.infra.rpc.rpc_server"  # the config is restored
+        assert "ANCHORCREDIT_AREAL" not in spec.env_vars
+        meta = WeightUpdateMeta(type="disk", path=str(tmp_path / "ckpt" / "weight_update"))
+        actor.connect_engine(types.SimpleNamespace(callback_addr=callbacks.addr), meta)
+        assert checker.model_info(refresh=True).policy_version == "step-0-sc1"
+        alone = areal_actor.PPOActor(cfg, engine=None)  # AReaL's own, in this process
+        for step in range(2):
+            trajs = _rollout(StubRollout(seed=20 + step), n_single=2, n_multi=1, seed=step)
+            out = RTensor.localize(actor.compute_advantages(copy.deepcopy(trajs)))
+            boosted = 0
+            for t, o in zip(trajs, out, strict=True):
+                raw = alone._compute_advantages(copy.deepcopy(t))["advantages"]
+                want, _ = _expected(checker, t, raw, policy_version=f"step-{step}-sc1", q=0.5)
+                torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+                boosted += int((o["advantages"] != raw).sum())
+            assert boosted > 0  # gamma != 1 reached the worker's advantages
+            actor.update_weights(meta.with_version(step + 1))  # AReaL's order, over RPC
+            actor.set_version(step + 1)
+            assert checker.model_info(refresh=True).policy_version == f"step-{step + 1}-sc1"
+        assert callbacks.calls.count("/callback/update_weights_disk") == 2
+        # what the worker pushed (its FSDP2 gather) scores as the checkpoint AReaL wrote
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        ref = Scorer.from_pretrained(tmp_path / "ckpt" / "weight_update_v2").score(
+            list(zip(ids_p, ids_r, strict=True))
+        )
+        got = checker.score(ids_p, ids_r, policy_version="step-2-sc1")
+        np.testing.assert_array_equal(got[0].gamma, ref[0].gamma)
+        # nothing was hooked in this (the controller's) process
+        assert not hasattr(areal_actor.PPOActor._compute_advantages, "__anchorcredit_wrapped__")
+    finally:
+        if actor.workers:
+            actor.destroy()
+        scheduler.delete_workers()
+        undo_credit()
+        undo_sync()
+        client.close()
+        checker.close()
+        callbacks.stop()
         server.stop()
