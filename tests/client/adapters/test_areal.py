@@ -436,3 +436,132 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
         checker.close()
         callbacks.stop()
         server.stop()
+
+
+@pytest.mark.slow
+def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_port):
+    """Issue 21: AReaL's ArchonEngine.update_weights was not wrapped, so with the Archon
+    backend scores came from whatever the service held. A real ArchonPPOActor (AReaL's own
+    initialize: Archon's Qwen2 model, FSDP on a one-process gloo group, the HF checkpoint
+    loaded through its state-dict adapter) pushes under Hugging Face names; the service
+    then scores exactly as the checkpoint AReaL itself writes for its rollout engines."""
+    import torch.distributed as dist
+    from areal.api import FinetuneSpec
+    from areal.api.cli_args import NameResolveConfig
+    from areal.api.io_struct import WeightUpdateMeta
+    from areal.experimental.engine.archon_engine import ArchonEngine, ArchonPPOActor
+    from areal.utils import name_resolve
+
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+    from anchorcredit.offline.debug_model import save_debug_model
+    from anchorcredit.runner import Scorer
+
+    model = save_debug_model(tmp_path / "qwen2", arch="qwen2")
+    _tokenizer().save_pretrained(model)
+    server = start_server(model)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for k, v in (env | {"MASTER_PORT": str(free_port())}).items():
+        monkeypatch.setenv(k, v)
+    name_resolve.reconfigure(NameResolveConfig(type="nfs", nfs_record_root=str(tmp_path / "nr")))
+    client = CreditClient([server.target], cache=None)
+    checker = CreditClient([server.target], cache=False)
+    sync, undo_sync = install_weight_sync(client, run_id="ar1")
+    undo_credit = ac_areal.install(client, q=0.5)
+    own_group = not dist.is_initialized()
+    engine = ArchonPPOActor(
+        PPOActorConfig(
+            experiment_name="ac", trial_name="archon", path=str(model), backend="archon:d1"
+        )
+    )
+    try:
+        assert hasattr(ArchonEngine.update_weights, "__anchorcredit_wrapped__")
+        engine.create_process_group()
+        engine.initialize(addr=None, ft_spec=FinetuneSpec(1, 8, 4))
+        rollout = StubRollout(seed=5)
+        meta = WeightUpdateMeta(type="disk", path=str(tmp_path / "ckpt" / "weight_update"))
+        engine.connect_engine(rollout, meta)
+        assert checker.model_info(refresh=True).policy_version == "step-0-ar1"
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        got0 = checker.score(ids_p, ids_r, policy_version="step-0-ar1")
+
+        trajs = _rollout(rollout, n_single=2, n_multi=1, seed=3)
+        out = engine.compute_advantages(copy.deepcopy(trajs))  # pinned to step-0-ar1
+        raw = areal_actor.PPOActor._compute_advantages.__anchorcredit_wrapped__
+        for t, o in zip(trajs, out, strict=True):
+            want, _ = _expected(
+                checker,
+                t,
+                raw(engine.actor, copy.deepcopy(t))["advantages"],
+                policy_version="step-0-ar1",
+                q=0.5,
+            )
+            torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+
+        with torch.no_grad():  # stand-in for an optimizer step on the sharded parameters
+            for _, p in engine._get_model_name_parameters():
+                p.add_(0.02 * torch.ones_like(p))
+        engine.update_weights(meta.with_version(1))  # AReaL's disk route + our push
+        engine.set_version(1)
+        assert checker.model_info(refresh=True).policy_version == "step-1-ar1"
+        written = tmp_path / "ckpt" / "weight_update_v1"
+        ref1 = Scorer.from_pretrained(written).score(list(zip(ids_p, ids_r, strict=True)))
+        got1 = checker.score(ids_p, ids_r, policy_version="step-1-ar1")
+        np.testing.assert_array_equal(got1[0].waad, ref1[0].waad)
+        np.testing.assert_array_equal(got1[0].gamma, ref1[0].gamma)
+        assert not np.array_equal(got1[0].waad, got0[0].waad)  # the new weights score
+        assert sync.version == "step-1-ar1" and len(sync.seconds) == 2
+    finally:
+        undo_credit()
+        undo_sync()
+        assert not hasattr(ArchonEngine.update_weights, "__anchorcredit_wrapped__")
+        engine.destroy()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        client.close()
+        checker.close()
+        server.stop()
+
+
+def test_megatron_engine_is_refused_not_left_unsynced(caplog):
+    """MegatronEngine (not importable here: no mbridge) is not covered by the weight sync:
+    once its module loads, connect_engine refuses with a reason instead of training with
+    scores from weights the service never got."""
+    from anchorcredit.client.adapters import areal_sync
+
+    assert areal_sync.NOT_COVERED == {"areal.engine.megatron_engine": "MegatronEngine"}
+
+    class MegatronEngine:  # what the refusal wraps: AReaL's class, by name and method
+        __module__ = "areal.engine.megatron_engine"
+
+        def connect_engine(self, engine, meta):
+            return "connected"
+
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    undo = areal_sync._refuse_engine(MegatronEngine)
+    with pytest.raises(RuntimeError, match="does not cover MegatronEngine.*FSDP or Archon"):
+        MegatronEngine().connect_engine(None, None)
+    assert any("did not patch" in r.getMessage() for r in caplog.records)
+    undo()
+    assert MegatronEngine().connect_engine(None, None) == "connected"
+
+
+def test_single_controller_refusals_name_the_way_out(monkeypatch):
+    """Where the workers cannot be started through anchorcredit's entry point, initialize
+    refuses (naming AREAL_SPMD_MODE) rather than train with the hooks missing."""
+    from areal.infra.scheduler.ray import RayScheduler
+
+    from anchorcredit.client.adapters import areal_controller as ctl
+
+    assert ctl._worker_cmd("python -m areal.infra.rpc.rpc_server --x 1") == (
+        "python -m anchorcredit.client.adapters.areal_worker --x 1"
+    )
+    assert ctl._worker_cmd(None) == "python -m anchorcredit.client.adapters.areal_worker"
+    with pytest.raises(RuntimeError, match="my_server.*AREAL_SPMD_MODE=1"):
+        ctl._worker_cmd("python -m my_server")
+    ray_actor = types.SimpleNamespace(scheduler=object.__new__(RayScheduler))
+    with pytest.raises(RuntimeError, match="RayScheduler.*AREAL_SPMD_MODE=1"):
+        ctl._check_supported(ray_actor)
+    settings = {"targets": ["a:1", "b:2"], "credit": {"params": {"q": 0.4, "k": 3}}}
+    encoded = ctl.encode_settings(settings)
+    assert "," not in encoded and "=" not in encoded  # AReaL splits env_vars on both
+    assert ctl.decode_settings(encoded) == settings
