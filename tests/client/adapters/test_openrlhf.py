@@ -614,3 +614,81 @@ def test_install_logs_what_it_patched(orl, monkeypatch, caplog):
     )
     [missing] = [x for x in lines if "did not patch" in x]
     assert "ActorPPOTrainer" in missing and "the actor ranks must install too" in missing
+
+
+def _stub_gpu_packages_then_install() -> None:
+    """The Ray worker setup hook of the Ray test: the GPU packages stubbed as in this module
+    (deepspeed, vllm and flash_attn do not install here), then the real hook."""
+    sys.meta_path.insert(0, _StubFinder())
+    ac_orl.install_from_env()
+
+
+@pytest.mark.slow
+def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(orl, target):
+    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    no dashboard): the worker process runs the setup hook, OpenRLHF's experience maker is
+    the anchorcredit one there, and the advantages it computes in that process are
+    OpenRLHF's x gamma."""
+    import os
+
+    import ray
+    import ray.cloudpickle
+
+    args = cli_args(orl, "group_norm")
+    raw = rollouts(seed=21)
+    exps, strategy, tokenizer = experiences(orl, args, raw)
+    kl = orl.FixedKLController(args.algo.kl.init_coef)
+    ref = orl.experience_maker.RemoteExperienceMaker(
+        None, None, None, None, kl, strategy, tokenizer
+    ).compute_advantages_and_returns(copy.deepcopy(exps))
+    # the hook travels by value: the worker cannot import this test module
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        runtime_env={
+            "worker_process_setup_hook": _stub_gpu_packages_then_install,
+            "env_vars": {
+                "ANCHORCREDIT_TARGETS": target,
+                "ANCHORCREDIT_WEIGHT_SYNC": "off",
+                "ANCHORCREDIT_STALE_POLICY": "frozen",
+            },
+        },
+    )
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Controller:  # stands in for OpenRLHF's PPOTrainer actor
+            def run(self, experiences, args, init_coef):
+                import os
+                import types
+
+                import openrlhf.trainer.ppo_trainer as ppo_trainer
+                from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+                maker = ppo_trainer.RemoteExperienceMaker(  # the name OpenRLHF builds it by
+                    None,
+                    None,
+                    None,
+                    None,
+                    FixedKLController(init_coef),
+                    types.SimpleNamespace(args=args),
+                    types.SimpleNamespace(pad_token_id=0),
+                )
+                out = maker.compute_advantages_and_returns(experiences)
+                return os.getpid(), type(maker).__name__, out
+
+        pid, name, got = ray.get(
+            Controller.remote().run.remote(copy.deepcopy(exps), args, args.algo.kl.init_coef),
+            timeout=300,
+        )
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert pid != os.getpid() and name == "AnchorCreditExperienceMaker"
+    with CreditClient([target]) as client:
+        gammas = expected_gamma(client, raw)
+    assert check_reweighted(ref, got, raw, gammas) > 0
+    assert any(not torch.equal(g.advantages, r.advantages) for g, r in zip(got, ref, strict=True))
+    assert any((g != 1).any() for _, g in gammas)

@@ -451,3 +451,59 @@ def test_install_logs_each_patch_when_it_happens(client, caplog):
             assert "verl.checkpoint_engine.base" in later
     finally:
         undo()
+
+
+@pytest.mark.slow
+def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(client, target):
+    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    no dashboard) with the documented runtime env: the worker process runs our setup hook,
+    verl's compute_advantage is patched there on import, and the advantages it returns from
+    that process are verl's x gamma."""
+    import os
+
+    import ray
+    from verl.trainer.ppo import ray_trainer
+
+    data = legacy_batch()
+    ref = ray_trainer.compute_advantage(copy.deepcopy(data), adv_estimator="grpo")  # verl alone
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        runtime_env={
+            "worker_process_setup_hook": "anchorcredit.client.adapters.verl.install_from_env",
+            "env_vars": {
+                "ANCHORCREDIT_TARGETS": target,
+                "ANCHORCREDIT_PARAMS": '{"q": 0.5}',
+                "ANCHORCREDIT_SYNC": "0",
+                "ANCHORCREDIT_STALE_POLICY": "frozen",
+            },
+        },
+    )
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Trainer:  # stands in for verl's TaskRunner actor: imports verl, runs its step
+            def run(self, batch):
+                import os
+
+                from verl.trainer.ppo import ray_trainer
+
+                hooked = hasattr(ray_trainer.compute_advantage, "__anchorcredit_wrapped__")
+                out = ray_trainer.compute_advantage(batch, adv_estimator="grpo")
+                return os.getpid(), hooked, out
+
+        pid, hooked, out = ray.get(Trainer.remote().run.remote(data), timeout=300)
+    finally:
+        ray.shutdown()
+    assert pid != os.getpid() and hooked  # it ran in the actor's process, hooked there
+    assert not hasattr(ray_trainer.compute_advantage, "__anchorcredit_wrapped__")  # not here
+    b = data.batch
+    real = b["attention_mask"][:, b["prompts"].shape[1] :]
+    gammas = _gammas(client, [(p, r) for p, r, _ in SAMPLES])
+    _check_scaled(
+        out.batch["advantages"], ref.batch["advantages"], gammas, b["response_mask"], real
+    )
+    assert not torch.equal(out.batch["advantages"], ref.batch["advantages"])
+    assert any((g != 1).any() for g in gammas)
+    assert out.meta_info["anchorcredit_metrics"]["anchorcredit/gamma_max"] > 1.0
