@@ -141,7 +141,7 @@ def _expected(checker, padded_in, ref_adv, sign="both", **params):
         padded_in["loss_mask"].bool(),
         padded_in["attention_mask"],
     )
-    holes = 0
+    holes = boosted = 0
     for b in range(ids.shape[0]):
         pos = torch.nonzero(mask[b]).flatten()
         first, last = int(pos[0]), int(pos[-1])
@@ -157,6 +157,8 @@ def _expected(checker, padded_in, ref_adv, sign="both", **params):
             a = ref_adv[b, j - 1]
             if sign == "both" or a >= 0:
                 want[b, j - 1] = a * g[j - first]
+                boosted += int(g[j - first] != 1 and a != 0)
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
     return want, holes
 
 

@@ -266,7 +266,7 @@ def expected_gamma(client: CreditClient, raw: list[dict]) -> list[tuple[int, np.
 def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
     """after == before x gamma exactly at action positions; identical everywhere else
     (prompt, tool tokens, padding). Returns how many action positions were checked."""
-    checked = 0
+    checked = boosted = 0
     for eb, ea in zip(before, after, strict=True):
         assert ea.advantages.shape == eb.advantages.shape
         assert ea.advantages.dtype == eb.advantages.dtype
@@ -277,12 +277,14 @@ def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
                 a = eb.advantages[row, j]
                 if sign == "both" or a >= 0:
                     want[row, j] = a * torch.tensor(g[j + 1 - first])
+                    boosted += int(g[j + 1 - first] != 1 and a != 0)
                 checked += 1
             n_tokens = len(raw[idx]["observation_tokens"])
             assert int(eb.attention_mask[row].sum()) == n_tokens
         torch.testing.assert_close(ea.advantages, want, rtol=0, atol=0)
         assert torch.equal(ea.returns, eb.returns)
         assert ea.info["anchorcredit_gamma_mean"].shape == (len(ea.index),)
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
     return checked
 
 

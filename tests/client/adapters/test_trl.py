@@ -151,6 +151,7 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
             adv = rec["advantages"]
             assert adv.dim() == 2 and adv.shape == rec["completion_ids"].shape
             raw = rec["raw"]
+            boosted = 0
             # Rows are shuffled after generation: find each loss row in TRL's raw batch.
             for i in range(adv.shape[0]):
                 j = next(
@@ -162,10 +163,12 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
                 cm = rec["completion_mask"][i].bool()
                 if not cm.any():
                     continue
-                g = gamma_matrix([rec["gamma"][i]], cm[None].numpy())[0]
-                want = raw["advantages"][j] * torch.from_numpy(g)
+                g = torch.from_numpy(gamma_matrix([rec["gamma"][i]], cm[None].numpy())[0])
+                want = raw["advantages"][j] * g
                 torch.testing.assert_close(adv[i][cm], want[cm], rtol=0, atol=0)
+                boosted += int((cm & (g != 1)).sum()) if raw["advantages"][j] != 0 else 0
             assert (adv != 0).any()
+            assert boosted > 0  # some advantage was scaled by a gamma != 1
             # pushed at train begin (step 0), then after each step
             assert rec["version"] == f"step-{step}-t1"
         logged = [

@@ -113,7 +113,9 @@ def legacy_batch(prompt_length: int = 6, response_length: int = 10):
 
 
 def _check_scaled(out, ref, gammas, response_mask, real_mask, sign="both"):
-    """out == ref * gamma exactly where response_mask is set; == ref everywhere else."""
+    """out == ref * gamma exactly where response_mask is set; == ref everywhere else; and
+    some scaled, non-zero advantage got a gamma != 1 (the adapter did something)."""
+    boosted = 0
     for i, g in enumerate(gammas):
         real = real_mask[i].bool()
         dense = torch.ones_like(ref[i])
@@ -123,6 +125,8 @@ def _check_scaled(out, ref, gammas, response_mask, real_mask, sign="both"):
             scaled = scaled & (ref[i] >= 0)
         expect = torch.where(scaled, ref[i] * dense, ref[i])
         torch.testing.assert_close(out[i], expect, rtol=0, atol=0)
+        boosted += int((scaled & (dense != 1) & (ref[i] != 0)).sum())
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
 
 
 @pytest.mark.parametrize("sign", ["both", "positive_only"])
@@ -321,11 +325,15 @@ def _v1_run(monkeypatch, estimator="grpo", samples=None):
 
 def _v1_check(client, keys, rows, got, ref):
     gammas = _gammas(client, [(r["prompts"].numpy(), r["responses"].numpy()) for r in rows])
+    boosted = 0
     for i, (g, a, r) in enumerate(zip(got, ref, rows, strict=True)):
         mask = r["response_mask"].bool()
-        expect = torch.where(mask, a * torch.from_numpy(gammas[i]).to(a.dtype), a)
+        gamma = torch.from_numpy(gammas[i]).to(a.dtype)
+        expect = torch.where(mask, a * gamma, a)
         torch.testing.assert_close(g, expect, rtol=0, atol=0, msg=keys[i])
         assert (g[~mask] == a[~mask]).all()
+        boosted += int((mask & (gamma != 1) & (a != 0)).sum())
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
 
 
 def test_v1_compute_advantage_grpo_per_token_after_rebroadcast(client, monkeypatch):
@@ -445,10 +453,10 @@ def test_install_logs_each_patch_when_it_happens(client, caplog):
     try:
         lines = [r.getMessage() for r in caplog.records if r.name == "anchorcredit.adapters"]
         assert any("patched verl.trainer.ppo.ray_trainer (compute_advantage" in x for x in lines)
-        # the others say when they will be patched (verl imports them in other processes)
-        [later] = [x for x in lines if "will patch on import" in x]
-        if "verl.checkpoint_engine.base" not in sys.modules:
-            assert "verl.checkpoint_engine.base" in later
+        # every hook point is either patched now or announced for when verl imports it
+        later = " ".join(x for x in lines if "will patch on import" in x)
+        for module in ("verl.checkpoint_engine.base", "verl.workers.engine_workers"):
+            assert any(f"patched {module} (" in x for x in lines) or module in later
     finally:
         undo()
 
