@@ -399,3 +399,39 @@ def test_lora_policy_is_refused(sky, synced):
     worker._is_lora = True
     with pytest.raises(RuntimeError, match="LoRA"):
         asyncio.run(dispatch.save_weights_for_sampler())
+
+
+def test_the_documented_launch(sky, monkeypatch):
+    """docs/trainers/skyrl.md: SkyRL's own config parser takes the overrides; Ray merges the
+    job's runtime env with the one SkyRL's initialize_ray passes; the setup hook it names,
+    run with those variables, configures the adapter."""
+    import importlib
+    import json
+    import shlex
+    from pathlib import Path
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+    from skyrl.train.utils.utils import prepare_runtime_environment
+
+    doc = (Path(__file__).parents[3] / "docs" / "trainers" / "skyrl.md").read_text()
+    block = doc.split("```bash\n", 1)[1].split("```", 1)[0]
+    runtime_env = json.loads(block.split("--runtime-env-json '", 1)[1].split("'", 1)[0])
+    command = block.split("-- python -m skyrl.train.entrypoints.main_base", 1)[1]
+    cfg = sky.Config.from_cli_overrides(shlex.split(command.replace("\\\n", " ")))
+    assert cfg.trainer.algorithm.advantage_estimator == "grpo"
+    assert cfg.generator.n_samples_per_prompt == 8
+    # what SkyRL's initialize_ray passes to ray.init, merged with the job's as Ray does
+    merged = _merge_runtime_env(runtime_env, {"env_vars": prepare_runtime_environment(cfg)})
+    assert merged is not None and merged["worker_process_setup_hook"].endswith("install_from_env")
+    assert merged["env_vars"]["ANCHORCREDIT_TARGETS"] == "credit-svc:50051"
+    module, name = runtime_env["worker_process_setup_hook"].rsplit(".", 1)
+    hook = getattr(importlib.import_module(module), name)
+    assert hook is ac_skyrl.install_from_env
+    for key, value in runtime_env["env_vars"].items():
+        assert f"`{key}`" in doc  # every variable is in the table
+        monkeypatch.setenv(key, value)
+    hook()
+    config = ac_skyrl._CONFIG
+    assert config.sync and config.client is None  # built on first use
+    assert config.kwargs["strategy"] == "coupled_rhythm" and config.kwargs["q"] == 0.4
+    assert config.get_client().targets == ["credit-svc:50051"]
