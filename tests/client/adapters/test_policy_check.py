@@ -24,6 +24,7 @@ def served(target, monkeypatch):
     """A client of the module's service, with the stale-policy settings cleared."""
     monkeypatch.delenv("ANCHORCREDIT_STALE_POLICY", raising=False)
     monkeypatch.delenv("ANCHORCREDIT_RUN_ID", raising=False)
+    monkeypatch.setattr(versions, "_RUNS", set())  # this test's run ids only
     with CreditClient([target], cache=False) as client:
         yield client
 
