@@ -22,3 +22,10 @@ def target(model_dir: Path, start_server) -> Iterator[str]:
     s = start_server(model_dir)
     yield s.target
     s.stop()
+
+
+@pytest.fixture(autouse=True)
+def frozen_scoring_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests score a fixed debug model on purpose: declare it (policy_check.py), so an
+    unpinned score does not warn. The stale-policy tests delete or set it themselves."""
+    monkeypatch.setenv("ANCHORCREDIT_STALE_POLICY", "frozen")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import types
 from concurrent.futures import Future
 
 import numpy as np
@@ -34,6 +35,13 @@ from anchorcredit.client.adapters import areal as ac_areal  # noqa: E402
 from anchorcredit.client.errors import StalePolicyVersionError  # noqa: E402
 
 VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def spmd_mode(monkeypatch):
+    """AReaL's SPMD mode (what its launchers set): install() hooks this process. The
+    single-controller tests delete it."""
+    monkeypatch.setenv("AREAL_SPMD_MODE", "1")
 
 
 def digit_reward(prompt, completion, prompt_ids, completion_ids, **kw):
@@ -133,7 +141,7 @@ def _expected(checker, padded_in, ref_adv, sign="both", **params):
         padded_in["loss_mask"].bool(),
         padded_in["attention_mask"],
     )
-    holes = 0
+    holes = boosted = 0
     for b in range(ids.shape[0]):
         pos = torch.nonzero(mask[b]).flatten()
         first, last = int(pos[0]), int(pos[-1])
@@ -149,6 +157,8 @@ def _expected(checker, padded_in, ref_adv, sign="both", **params):
             a = ref_adv[b, j - 1]
             if sign == "both" or a >= 0:
                 want[b, j - 1] = a * g[j - first]
+                boosted += int(g[j - first] != 1 and a != 0)
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
     return want, holes
 
 
@@ -293,3 +303,267 @@ def test_weight_sync_follows_areal_update_weights(tmp_path, model_dir, start_ser
         if own_group:
             dist.destroy_process_group()
         server.stop()
+
+
+class _RolloutCallbacks:
+    """The controller's callback endpoints AReaL's train workers POST to (pause, load the
+    new weights, continue): the inference side, stubbed; records the endpoints called."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        calls = self.calls = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                calls.append(self.path)
+                body = b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _model_with_tokenizer(path):
+    """The debug model plus the test tokenizer (AReaL's engine loads both)."""
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    model = save_debug_model(path)
+    _tokenizer().save_pretrained(model)
+    return model
+
+
+@pytest.mark.slow
+def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
+    tmp_path, start_server, monkeypatch
+):
+    """Issue 21: with a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
+    PPOActorController and compute_advantages / update_weights are RPCs to worker processes:
+    the hooks ran 0 times. Here AReaL's real LocalScheduler starts a real worker process
+    (its RPC server, a real FSDP2 engine on the CPU), and the controller only calls it."""
+    from areal.api import FinetuneSpec
+    from areal.api.cli_args import SchedulingSpec
+    from areal.api.io_struct import WeightUpdateMeta
+    from areal.engine.fsdp_engine import FSDPPPOActor
+    from areal.infra.rpc.rtensor import RTensor
+    from areal.infra.scheduler.local import LocalScheduler
+
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+    from anchorcredit.runner import Scorer
+
+    monkeypatch.delenv("AREAL_SPMD_MODE", raising=False)
+    # the worker inherits this: any score its weight sync did not pin is refused
+    monkeypatch.setenv("ANCHORCREDIT_STALE_POLICY", "error")
+    model = _model_with_tokenizer(tmp_path / "llama")
+    server = start_server(model)
+    callbacks = _RolloutCallbacks()
+    (tmp_path / "nr").mkdir()
+    scheduler = LocalScheduler(
+        gpu_devices=[0],
+        log_dir=str(tmp_path / "logs"),
+        experiment_name="ac",
+        trial_name="sc",
+        fileroot=str(tmp_path),
+        nfs_record_root=str(tmp_path / "nr"),
+        startup_timeout=180,
+    )
+    spec = SchedulingSpec(gpu=0, cpu=1, mem=1, cmd="python -m areal.infra.rpc.rpc_server")
+    cfg = PPOActorConfig(
+        experiment_name="ac",
+        trial_name="sc",
+        path=str(model),
+        backend="fsdp:d1",
+        attn_impl="sdpa",
+        scheduling_spec=(spec,),
+    )
+    client = CreditClient([server.target], cache=None)
+    checker = CreditClient([server.target], cache=False)
+    undo_credit = ac_areal.install(client, q=0.5)
+    sync, undo_sync = install_weight_sync(client, run_id="sc1")
+    assert sync is None  # it lives in the worker
+    actor = FSDPPPOActor.as_controller(cfg, scheduler)
+    try:
+        actor.create_process_group(parallel_strategy=actor.train_alloc.parallel)
+        actor.initialize(role="actor", addr=None, ft_spec=FinetuneSpec(1, 8, 4))
+        assert spec.cmd == "python -m areal.infra.rpc.rpc_server"  # the config is restored
+        assert "ANCHORCREDIT_AREAL" not in spec.env_vars
+        meta = WeightUpdateMeta(type="disk", path=str(tmp_path / "ckpt" / "weight_update"))
+        actor.connect_engine(types.SimpleNamespace(callback_addr=callbacks.addr), meta)
+        assert checker.model_info(refresh=True).policy_version == "step-0-sc1"
+        alone = areal_actor.PPOActor(cfg, engine=None)  # AReaL's own, in this process
+        for step in range(2):
+            trajs = _rollout(StubRollout(seed=20 + step), n_single=2, n_multi=1, seed=step)
+            out = RTensor.localize(actor.compute_advantages(copy.deepcopy(trajs)))
+            boosted = 0
+            for t, o in zip(trajs, out, strict=True):
+                raw = alone._compute_advantages(copy.deepcopy(t))["advantages"]
+                want, _ = _expected(checker, t, raw, policy_version=f"step-{step}-sc1", q=0.5)
+                torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+                boosted += int((o["advantages"] != raw).sum())
+            assert boosted > 0  # gamma != 1 reached the worker's advantages
+            actor.update_weights(meta.with_version(step + 1))  # AReaL's order, over RPC
+            actor.set_version(step + 1)
+            assert checker.model_info(refresh=True).policy_version == f"step-{step + 1}-sc1"
+        assert callbacks.calls.count("/callback/update_weights_disk") == 2
+        # what the worker pushed (its FSDP2 gather) scores as the checkpoint AReaL wrote
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        ref = Scorer.from_pretrained(tmp_path / "ckpt" / "weight_update_v2").score(
+            list(zip(ids_p, ids_r, strict=True))
+        )
+        got = checker.score(ids_p, ids_r, policy_version="step-2-sc1")
+        np.testing.assert_array_equal(got[0].gamma, ref[0].gamma)
+        # nothing was hooked in this (the controller's) process
+        assert not hasattr(areal_actor.PPOActor._compute_advantages, "__anchorcredit_wrapped__")
+    finally:
+        if actor.workers:
+            actor.destroy()
+        scheduler.delete_workers()
+        undo_credit()
+        undo_sync()
+        client.close()
+        checker.close()
+        callbacks.stop()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_port):
+    """Issue 21: AReaL's ArchonEngine.update_weights was not wrapped, so with the Archon
+    backend scores came from whatever the service held. A real ArchonPPOActor (AReaL's own
+    initialize: Archon's Qwen2 model, FSDP on a one-process gloo group, the HF checkpoint
+    loaded through its state-dict adapter) pushes under Hugging Face names; the service
+    then scores exactly as the checkpoint AReaL itself writes for its rollout engines."""
+    import torch.distributed as dist
+    from areal.api import FinetuneSpec
+    from areal.api.cli_args import NameResolveConfig
+    from areal.api.io_struct import WeightUpdateMeta
+    from areal.experimental.engine.archon_engine import ArchonEngine, ArchonPPOActor
+    from areal.utils import name_resolve
+
+    from anchorcredit.client.adapters.areal_sync import install_weight_sync
+    from anchorcredit.offline.debug_model import save_debug_model
+    from anchorcredit.runner import Scorer
+
+    model = save_debug_model(tmp_path / "qwen2", arch="qwen2")
+    _tokenizer().save_pretrained(model)
+    server = start_server(model)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for k, v in (env | {"MASTER_PORT": str(free_port())}).items():
+        monkeypatch.setenv(k, v)
+    name_resolve.reconfigure(NameResolveConfig(type="nfs", nfs_record_root=str(tmp_path / "nr")))
+    client = CreditClient([server.target], cache=None)
+    checker = CreditClient([server.target], cache=False)
+    sync, undo_sync = install_weight_sync(client, run_id="ar1")
+    undo_credit = ac_areal.install(client, q=0.5)
+    own_group = not dist.is_initialized()
+    engine = ArchonPPOActor(
+        PPOActorConfig(
+            experiment_name="ac", trial_name="archon", path=str(model), backend="archon:d1"
+        )
+    )
+    try:
+        assert hasattr(ArchonEngine.update_weights, "__anchorcredit_wrapped__")
+        engine.create_process_group()
+        engine.initialize(addr=None, ft_spec=FinetuneSpec(1, 8, 4))
+        rollout = StubRollout(seed=5)
+        meta = WeightUpdateMeta(type="disk", path=str(tmp_path / "ckpt" / "weight_update"))
+        engine.connect_engine(rollout, meta)
+        assert checker.model_info(refresh=True).policy_version == "step-0-ar1"
+        ids_p, ids_r = [[3, 4, 5, 6]], [[7, 8, 9, 10, 11, 12]]
+        got0 = checker.score(ids_p, ids_r, policy_version="step-0-ar1")
+
+        trajs = _rollout(rollout, n_single=2, n_multi=1, seed=3)
+        out = engine.compute_advantages(copy.deepcopy(trajs))  # pinned to step-0-ar1
+        raw = areal_actor.PPOActor._compute_advantages.__anchorcredit_wrapped__
+        for t, o in zip(trajs, out, strict=True):
+            want, _ = _expected(
+                checker,
+                t,
+                raw(engine.actor, copy.deepcopy(t))["advantages"],
+                policy_version="step-0-ar1",
+                q=0.5,
+            )
+            torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
+
+        with torch.no_grad():  # stand-in for an optimizer step on the sharded parameters
+            for _, p in engine._get_model_name_parameters():
+                p.add_(0.02 * torch.ones_like(p))
+        engine.update_weights(meta.with_version(1))  # AReaL's disk route + our push
+        engine.set_version(1)
+        assert checker.model_info(refresh=True).policy_version == "step-1-ar1"
+        written = tmp_path / "ckpt" / "weight_update_v1"
+        ref1 = Scorer.from_pretrained(written).score(list(zip(ids_p, ids_r, strict=True)))
+        got1 = checker.score(ids_p, ids_r, policy_version="step-1-ar1")
+        np.testing.assert_array_equal(got1[0].waad, ref1[0].waad)
+        np.testing.assert_array_equal(got1[0].gamma, ref1[0].gamma)
+        assert not np.array_equal(got1[0].waad, got0[0].waad)  # the new weights score
+        assert sync.version == "step-1-ar1" and len(sync.seconds) == 2
+    finally:
+        undo_credit()
+        undo_sync()
+        assert not hasattr(ArchonEngine.update_weights, "__anchorcredit_wrapped__")
+        engine.destroy()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        client.close()
+        checker.close()
+        server.stop()
+
+
+def test_megatron_engine_is_refused_not_left_unsynced(caplog):
+    """MegatronEngine (not importable here: no mbridge) is not covered by the weight sync:
+    once its module loads, connect_engine refuses with a reason instead of training with
+    scores from weights the service never got."""
+    from anchorcredit.client.adapters import areal_sync
+
+    assert areal_sync.NOT_COVERED == {"areal.engine.megatron_engine": "MegatronEngine"}
+
+    class MegatronEngine:  # what the refusal wraps: AReaL's class, by name and method
+        __module__ = "areal.engine.megatron_engine"
+
+        def connect_engine(self, engine, meta):
+            return "connected"
+
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    undo = areal_sync._refuse_engine(MegatronEngine)
+    with pytest.raises(RuntimeError, match="does not cover MegatronEngine.*FSDP or Archon"):
+        MegatronEngine().connect_engine(None, None)
+    assert any("did not patch" in r.getMessage() for r in caplog.records)
+    undo()
+    assert MegatronEngine().connect_engine(None, None) == "connected"
+
+
+def test_single_controller_refusals_name_the_way_out(monkeypatch):
+    """Where the workers cannot be started through anchorcredit's entry point, initialize
+    refuses (naming AREAL_SPMD_MODE) rather than train with the hooks missing."""
+    from areal.infra.scheduler.ray import RayScheduler
+
+    from anchorcredit.client.adapters import areal_controller as ctl
+
+    assert ctl._worker_cmd("python -m areal.infra.rpc.rpc_server --x 1") == (
+        "python -m anchorcredit.client.adapters.areal_worker --x 1"
+    )
+    assert ctl._worker_cmd(None) == "python -m anchorcredit.client.adapters.areal_worker"
+    with pytest.raises(RuntimeError, match="my_server.*AREAL_SPMD_MODE=1"):
+        ctl._worker_cmd("python -m my_server")
+    ray_actor = types.SimpleNamespace(scheduler=object.__new__(RayScheduler))
+    with pytest.raises(RuntimeError, match="RayScheduler.*AREAL_SPMD_MODE=1"):
+        ctl._check_supported(ray_actor)
+    settings = {"targets": ["a:1", "b:2"], "credit": {"params": {"q": 0.4, "k": 3}}}
+    encoded = ctl.encode_settings(settings)
+    assert "," not in encoded and "=" not in encoded  # AReaL splits env_vars on both
+    assert ctl.decode_settings(encoded) == settings

@@ -266,7 +266,7 @@ def expected_gamma(client: CreditClient, raw: list[dict]) -> list[tuple[int, np.
 def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
     """after == before x gamma exactly at action positions; identical everywhere else
     (prompt, tool tokens, padding). Returns how many action positions were checked."""
-    checked = 0
+    checked = boosted = 0
     for eb, ea in zip(before, after, strict=True):
         assert ea.advantages.shape == eb.advantages.shape
         assert ea.advantages.dtype == eb.advantages.dtype
@@ -277,12 +277,14 @@ def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
                 a = eb.advantages[row, j]
                 if sign == "both" or a >= 0:
                     want[row, j] = a * torch.tensor(g[j + 1 - first])
+                    boosted += int(g[j + 1 - first] != 1 and a != 0)
                 checked += 1
             n_tokens = len(raw[idx]["observation_tokens"])
             assert int(eb.attention_mask[row].sum()) == n_tokens
         torch.testing.assert_close(ea.advantages, want, rtol=0, atol=0)
         assert torch.equal(ea.returns, eb.returns)
         assert ea.info["anchorcredit_gamma_mean"].shape == (len(ea.index),)
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
     return checked
 
 
@@ -580,3 +582,115 @@ def test_client_from_env_sends_the_tokens(monkeypatch):
         assert ("authorization", "Bearer admin-secret") in client.transport.admin_metadata
     finally:
         client.close()
+
+
+def _adapter_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "anchorcredit.adapters"]
+
+
+def test_install_from_env_says_when_openrlhf_does_not_import(monkeypatch, caplog):
+    """Issue 21: the setup hook swallowed the ImportError and patched nothing, silently."""
+    monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_trainer", None)  # import fails
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    ac_orl.install_from_env()
+    [line] = _adapter_log(caplog)
+    assert "did not patch this process" in line and "OpenRLHF does not import here" in line
+    assert "openrlhf.trainer.ppo_trainer" in line  # the reason, from the ImportError
+    assert caplog.records[-1].levelname == "WARNING"
+    assert not ac_orl._ORIGINALS
+
+
+def test_install_logs_what_it_patched(orl, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ray.ppo_actor", None)  # no deepspeed
+    with CreditClient("127.0.0.1:1") as client:
+        try:
+            ac_orl.install(client)
+        finally:
+            ac_orl.uninstall()
+    lines = _adapter_log(caplog)
+    assert any("patched openrlhf.trainer.ppo_trainer.RemoteExperienceMaker" in x for x in lines)
+    assert any(
+        "patched openrlhf.trainer.ppo_trainer.BasePPOTrainer.broadcast_to_vllm" in x for x in lines
+    )
+    [missing] = [x for x in lines if "did not patch" in x]
+    assert "ActorPPOTrainer" in missing and "the actor ranks must install too" in missing
+
+
+def _stub_gpu_packages_then_install() -> None:
+    """The Ray worker setup hook of the Ray test: the GPU packages stubbed as in this module
+    (deepspeed, vllm and flash_attn do not install here), then the real hook."""
+    sys.meta_path.insert(0, _StubFinder())
+    ac_orl.install_from_env()
+
+
+@pytest.mark.slow
+def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(orl, target):
+    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    no dashboard): the worker process runs the setup hook, OpenRLHF's experience maker is
+    the anchorcredit one there, and the advantages it computes in that process are
+    OpenRLHF's x gamma."""
+    import os
+
+    import ray
+    import ray.cloudpickle
+
+    args = cli_args(orl, "group_norm")
+    raw = rollouts(seed=21)
+    exps, strategy, tokenizer = experiences(orl, args, raw)
+    kl = orl.FixedKLController(args.algo.kl.init_coef)
+    ref = orl.experience_maker.RemoteExperienceMaker(
+        None, None, None, None, kl, strategy, tokenizer
+    ).compute_advantages_and_returns(copy.deepcopy(exps))
+    # the hook travels by value: the worker cannot import this test module
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        runtime_env={
+            "worker_process_setup_hook": _stub_gpu_packages_then_install,
+            "env_vars": {
+                "ANCHORCREDIT_TARGETS": target,
+                "ANCHORCREDIT_WEIGHT_SYNC": "off",
+                "ANCHORCREDIT_STALE_POLICY": "frozen",
+            },
+        },
+    )
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Controller:  # stands in for OpenRLHF's PPOTrainer actor
+            def run(self, experiences, args, init_coef):
+                import os
+                import types
+
+                import openrlhf.trainer.ppo_trainer as ppo_trainer
+                from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+                maker = ppo_trainer.RemoteExperienceMaker(  # the name OpenRLHF builds it by
+                    None,
+                    None,
+                    None,
+                    None,
+                    FixedKLController(init_coef),
+                    types.SimpleNamespace(args=args),
+                    types.SimpleNamespace(pad_token_id=0),
+                )
+                out = maker.compute_advantages_and_returns(experiences)
+                return os.getpid(), type(maker).__name__, out
+
+        pid, name, got = ray.get(
+            Controller.remote().run.remote(copy.deepcopy(exps), args, args.algo.kl.init_coef),
+            timeout=300,
+        )
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert pid != os.getpid() and name == "AnchorCreditExperienceMaker"
+    with CreditClient([target]) as client:
+        gammas = expected_gamma(client, raw)
+    assert check_reweighted(ref, got, raw, gammas) > 0
+    assert any(not torch.equal(g.advantages, r.advantages) for g, r in zip(got, ref, strict=True))
+    assert any((g != 1).any() for _, g in gammas)

@@ -10,6 +10,8 @@ weights equal the trainer's.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -149,6 +151,7 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
             adv = rec["advantages"]
             assert adv.dim() == 2 and adv.shape == rec["completion_ids"].shape
             raw = rec["raw"]
+            boosted = 0
             # Rows are shuffled after generation: find each loss row in TRL's raw batch.
             for i in range(adv.shape[0]):
                 j = next(
@@ -160,10 +163,12 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
                 cm = rec["completion_mask"][i].bool()
                 if not cm.any():
                     continue
-                g = gamma_matrix([rec["gamma"][i]], cm[None].numpy())[0]
-                want = raw["advantages"][j] * torch.from_numpy(g)
+                g = torch.from_numpy(gamma_matrix([rec["gamma"][i]], cm[None].numpy())[0])
+                want = raw["advantages"][j] * g
                 torch.testing.assert_close(adv[i][cm], want[cm], rtol=0, atol=0)
+                boosted += int((cm & (g != 1)).sum()) if raw["advantages"][j] != 0 else 0
             assert (adv != 0).any()
+            assert boosted > 0  # some advantage was scaled by a gamma != 1
             # pushed at train begin (step 0), then after each step
             assert rec["version"] == f"step-{step}-t1"
         logged = [
@@ -190,5 +195,94 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
         np.testing.assert_array_equal(got[0].gamma, ref[0].gamma)
         client.close()
         checker.close()
+    finally:
+        server.stop()
+
+
+def _one_step_trainer(tmp_path, model_dir, client, **credit):
+    """A real TRL GRPO trainer on the tiny model, one optimizer step, no weight sync."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 5)) for _ in range(4)]
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+    seen = []
+
+    class Probe(make_trainer_class()):
+        def _compute_loss(self, model, inputs):
+            seen.append(inputs["advantages"].detach().clone())
+            return super()._compute_loss(model, inputs)
+
+    trainer = Probe(
+        model=model,
+        reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=_tokenizer(),
+        credit_client=client,
+        **credit,
+    )
+    return trainer, seen
+
+
+@pytest.mark.slow
+def test_a_run_without_weight_sync_is_told_it_scores_another_runs_weights(
+    tmp_path, start_server, monkeypatch, caplog
+):
+    """Issue 21: a second run against the same service, without WeightSyncCallback, scored
+    with the first run's final weights (`step-3-<first run>`) and said nothing."""
+    from safetensors.torch import load_file
+
+    from anchorcredit.client.adapters.policy_check import StalePolicyError, StalePolicyWarning
+    from anchorcredit.offline.debug_model import save_debug_model
+
+    monkeypatch.delenv("ANCHORCREDIT_STALE_POLICY", raising=False)
+    monkeypatch.delenv("ANCHORCREDIT_RUN_ID", raising=False)
+    model_dir = save_debug_model(tmp_path / "policy0", arch="llama")
+    server = start_server(model_dir)
+    try:
+        with CreditClient([server.target], cache=False) as first_run:
+            # what the first run's WeightSyncCallback left on the service
+            weights = load_file(model_dir / "model.safetensors")
+            first_run.push_weights({k: v * 1.01 for k, v in weights.items()}, "step-3-run1")
+
+        client = CreditClient([server.target], cache=None)
+        trainer, seen = _one_step_trainer(tmp_path, model_dir, client)
+        with pytest.warns(StalePolicyWarning, match=r"'step-3-run1' \(pushed by run 'run1'"):
+            trainer.train()
+        assert any("step-3-run1" in r.getMessage() for r in caplog.records)
+        assert len(seen) == 1 and seen[0].dim() == 2  # it still trained, with gamma
+
+        strict, _ = _one_step_trainer(
+            tmp_path, model_dir, CreditClient([server.target]), credit_stale_policy="error"
+        )
+        with pytest.raises(StalePolicyError, match="step-3-run1"):
+            strict.train()
+
+        monkeypatch.setenv("ANCHORCREDIT_STALE_POLICY", "frozen")  # a fixed policy, on purpose
+        frozen, seen = _one_step_trainer(tmp_path, model_dir, CreditClient([server.target]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", StalePolicyWarning)
+            frozen.train()
+        assert len(seen) == 1
+        with pytest.raises(ValueError, match="credit_stale_policy|stale_policy"):
+            _one_step_trainer(tmp_path, model_dir, client, credit_stale_policy="sometimes")
+        client.close()
     finally:
         server.stop()

@@ -112,7 +112,9 @@ def legacy_batch(prompt_length: int = 6, response_length: int = 10):
 
 
 def _check_scaled(out, ref, gammas, response_mask, real_mask, sign="both"):
-    """out == ref * gamma exactly where response_mask is set; == ref everywhere else."""
+    """out == ref * gamma exactly where response_mask is set; == ref everywhere else; and
+    some scaled, non-zero advantage got a gamma != 1 (the adapter did something)."""
+    boosted = 0
     for i, g in enumerate(gammas):
         real = real_mask[i].bool()
         dense = torch.ones_like(ref[i])
@@ -122,6 +124,8 @@ def _check_scaled(out, ref, gammas, response_mask, real_mask, sign="both"):
             scaled = scaled & (ref[i] >= 0)
         expect = torch.where(scaled, ref[i] * dense, ref[i])
         torch.testing.assert_close(out[i], expect, rtol=0, atol=0)
+        boosted += int((scaled & (dense != 1) & (ref[i] != 0)).sum())
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
 
 
 @pytest.mark.parametrize("sign", ["both", "positive_only"])
@@ -320,11 +324,15 @@ def _v1_run(monkeypatch, estimator="grpo", samples=None):
 
 def _v1_check(client, keys, rows, got, ref):
     gammas = _gammas(client, [(r["prompts"].numpy(), r["responses"].numpy()) for r in rows])
+    boosted = 0
     for i, (g, a, r) in enumerate(zip(got, ref, rows, strict=True)):
         mask = r["response_mask"].bool()
-        expect = torch.where(mask, a * torch.from_numpy(gammas[i]).to(a.dtype), a)
+        gamma = torch.from_numpy(gammas[i]).to(a.dtype)
+        expect = torch.where(mask, a * gamma, a)
         torch.testing.assert_close(g, expect, rtol=0, atol=0, msg=keys[i])
         assert (g[~mask] == a[~mask]).all()
+        boosted += int((mask & (gamma != 1) & (a != 0)).sum())
+    assert boosted > 0, "no advantage was scaled by a gamma != 1"
 
 
 def test_v1_compute_advantage_grpo_per_token_after_rebroadcast(client, monkeypatch):
@@ -434,3 +442,75 @@ def test_install_from_env_names_the_variable_for_a_setting_in_params(monkeypatch
     monkeypatch.setenv("ANCHORCREDIT_PARAMS", '{"q": 0.4, "sign": "positive_only"}')
     with pytest.raises(ValueError, match="'sign' with ANCHORCREDIT_SIGN"):
         ac_verl.install_from_env()
+
+
+def test_install_logs_each_patch_when_it_happens(client, caplog):
+    import verl.trainer.ppo.ray_trainer  # noqa: F401  (loaded: patched at once)
+
+    caplog.set_level("INFO", logger="anchorcredit.adapters")
+    undo = ac_verl.install(client, sync=True)
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.name == "anchorcredit.adapters"]
+        assert any("patched verl.trainer.ppo.ray_trainer (compute_advantage" in x for x in lines)
+        # every hook point is either patched now or announced for when verl imports it
+        later = " ".join(x for x in lines if "will patch on import" in x)
+        for module in ("verl.checkpoint_engine.base", "verl.workers.engine_workers"):
+            assert any(f"patched {module} (" in x for x in lines) or module in later
+    finally:
+        undo()
+
+
+@pytest.mark.slow
+def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(client, target):
+    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    no dashboard) with the documented runtime env: the worker process runs our setup hook,
+    verl's compute_advantage is patched there on import, and the advantages it returns from
+    that process are verl's x gamma."""
+    import os
+
+    import ray
+    from verl.trainer.ppo import ray_trainer
+
+    data = legacy_batch()
+    ref = ray_trainer.compute_advantage(copy.deepcopy(data), adv_estimator="grpo")  # verl alone
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        runtime_env={
+            "worker_process_setup_hook": "anchorcredit.client.adapters.verl.install_from_env",
+            "env_vars": {
+                "ANCHORCREDIT_TARGETS": target,
+                "ANCHORCREDIT_PARAMS": '{"q": 0.5}',
+                "ANCHORCREDIT_SYNC": "0",
+                "ANCHORCREDIT_STALE_POLICY": "frozen",
+            },
+        },
+    )
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Trainer:  # stands in for verl's TaskRunner actor: imports verl, runs its step
+            def run(self, batch):
+                import os
+
+                from verl.trainer.ppo import ray_trainer
+
+                hooked = hasattr(ray_trainer.compute_advantage, "__anchorcredit_wrapped__")
+                out = ray_trainer.compute_advantage(batch, adv_estimator="grpo")
+                return os.getpid(), hooked, out
+
+        pid, hooked, out = ray.get(Trainer.remote().run.remote(data), timeout=300)
+    finally:
+        ray.shutdown()
+    assert pid != os.getpid() and hooked  # it ran in the actor's process, hooked there
+    assert not hasattr(ray_trainer.compute_advantage, "__anchorcredit_wrapped__")  # not here
+    b = data.batch
+    real = b["attention_mask"][:, b["prompts"].shape[1] :]
+    gammas = _gammas(client, [(p, r) for p, r, _ in SAMPLES])
+    _check_scaled(
+        out.batch["advantages"], ref.batch["advantages"], gammas, b["response_mask"], real
+    )
+    assert not torch.equal(out.batch["advantages"], ref.batch["advantages"])
+    assert any((g != 1).any() for g in gammas)
+    assert out.meta_info["anchorcredit_metrics"]["anchorcredit/gamma_max"] > 1.0

@@ -26,8 +26,10 @@ service is the span from the first to the last response token: in multi-turn rol
 observation / user tokens inside it stay in place (their loss_mask is 0, so their advantages
 are left as AReaL made them); the prompt is every attended token before it.
 
-AReaL's default single-controller mode runs the engines in worker processes that this
-script does not reach: use the SPMD launcher (above), or call `install` in those workers.
+AReaL's default single-controller mode (a plain `python train.py`; AREAL_SPMD_MODE unset)
+runs the engines in worker processes the script does not reach: there `install` (and
+`install_weight_sync`) make AReaL start the actor workers through anchorcredit's worker
+entry point, which installs the same hooks in them (areal_controller.py, areal_worker.py).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_shifted_batch
+from anchorcredit.client.adapters.policy_check import stale_policy_mode
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy
 from anchorcredit.contract import DEFAULT_STRATEGY
 
-__all__ = ["apply_credit", "install"]
+__all__ = ["apply_credit", "install", "install_in_process"]
 
 # The attribute a weight sync (areal_sync.py) sets on the train engine: the version the
 # service serves for this engine's current weights.
@@ -55,13 +59,15 @@ def apply_credit(
     strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
+    stale_policy: str | None = None,
     **credit_params: Any,
 ) -> dict[str, Any]:
     """Replace data["advantages"] with gamma * advantages on the response actions; returns
     `data` (the batch dict `PPOActor._compute_advantages` returned).
 
     Positions where the rolled loss mask is 0 (prompt, padding, tool/user tokens) keep their
-    values exactly. policy_version: the version the scores must come from (else refused).
+    values exactly. policy_version: the version the scores must come from (else refused);
+    None: the served version is checked first (stale_policy, policy_check.py).
     """
     action = data["loss_mask"]
     data["advantages"], dense = credit_for_shifted_batch(
@@ -74,6 +80,7 @@ def apply_credit(
         policy_version=policy_version,
         sign=sign,
         credit_params=credit_params,
+        stale_policy=stale_policy,
     )
     mask = _to_numpy(action).astype(bool)
     if mask.any():
@@ -96,13 +103,47 @@ def install(
     actor_class: type | None = None,
     **kwargs: Any,
 ) -> Callable[[], None]:
-    """Wrap `PPOActor._compute_advantages` (or `actor_class`'s) in this process; returns an
-    undo function. Installing again replaces the previous settings (never wraps twice).
+    """Hook AReaL's advantages; returns an undo function. Installing again replaces the
+    previous settings (never wraps twice).
 
-    kwargs: strategy, sign and credit parameters (see apply_credit). policy_version: pin
-    every score to this version; None: the version the weight sync of the actor's engine
-    put on the service (areal_sync.py), else whatever the service holds.
+    SPMD mode (AREAL_SPMD_MODE=1, AReaL's launchers): wraps `PPOActor._compute_advantages`
+    (or `actor_class`'s) in this process, where the engines run. AReaL's default
+    single-controller mode runs the engines in worker processes: the actor workers are then
+    started through anchorcredit's worker entry point, which installs the same hook there
+    (areal_controller.py; the workers build their own client from `client.targets` and
+    their ANCHORCREDIT_* environment).
+
+    kwargs: strategy, sign, stale_policy and credit parameters (see apply_credit).
+    policy_version: pin every score to this version; None: the version the weight sync of
+    the actor's engine put on the service (areal_sync.py), else whatever the service holds
+    (checked first: policy_check.py).
     """
+    if actor_class is None and _single_controller():
+        from anchorcredit.client.adapters import areal_controller
+
+        return areal_controller.install_credit(client, policy_version=policy_version, **kwargs)
+    return install_in_process(
+        client, policy_version=policy_version, actor_class=actor_class, **kwargs
+    )
+
+
+def _single_controller() -> bool:
+    from areal.utils.environ import is_single_controller
+
+    return bool(is_single_controller())
+
+
+def install_in_process(
+    client: CreditClient,
+    *,
+    policy_version: str | None = None,
+    actor_class: type | None = None,
+    **kwargs: Any,
+) -> Callable[[], None]:
+    """Wrap `PPOActor._compute_advantages` (or `actor_class`'s) in this process; returns an
+    undo function. See install()."""
+    if "stale_policy" in kwargs and kwargs["stale_policy"] is not None:
+        stale_policy_mode(kwargs["stale_policy"])
     if actor_class is None:
         from areal.trainer.ppo.actor import PPOActor
 
@@ -121,6 +162,11 @@ def install(
 
     _compute_advantages.__anchorcredit_wrapped__ = original  # type: ignore[attr-defined]
     actor_class._compute_advantages = _compute_advantages
+    install_log.patched(
+        "areal",
+        f"{actor_class.__module__}.{actor_class.__qualname__}._compute_advantages",
+        "advantages x gamma",
+    )
 
     def undo() -> None:
         actor_class._compute_advantages = original

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from anchorcredit.client.adapters.policy_check import check_served_policy
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
@@ -32,12 +33,19 @@ def gammas_for_rows(
     strategy: str,
     policy_version: str | None,
     credit_params: dict[str, Any],
+    stale_policy: str | None = None,
 ) -> list[np.ndarray]:
     """gamma for each (prompt, response) row; rows with an empty side get ones (not sent:
-    the service needs at least one token on each side)."""
+    the service needs at least one token on each side).
+
+    policy_version None (no weight sync of this run pins the scores): the served version is
+    checked first (policy_check.py; stale_policy "warn" | "error" | "frozen", None: the
+    ANCHORCREDIT_STALE_POLICY setting)."""
     live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
     gammas = [np.ones(len(r), np.float32) for r in responses]
     if live:
+        if policy_version is None:
+            check_served_policy(client, stale_policy)
         results = client.score(
             [prompts[i] for i in live],
             [responses[i] for i in live],
@@ -62,6 +70,7 @@ def credit_for_batch(
     policy_version: str | None = None,
     sign: str = "both",
     credit_params: dict[str, Any] | None = None,
+    stale_policy: str | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Score the batch and return (gamma * advantages as [B, T], dense float32 gamma [B, T]).
 
@@ -78,6 +87,7 @@ def credit_for_batch(
         strategy=strategy,
         policy_version=policy_version,
         credit_params=credit_params or {},
+        stale_policy=stale_policy,
     )
     dense = gamma_matrix(gammas, response_mask)
     return reweight(advantages, dense, response_mask, sign=sign), dense
@@ -121,6 +131,7 @@ def credit_for_shifted_batch(
     policy_version: str | None = None,
     sign: str = "both",
     credit_params: dict[str, Any] | None = None,
+    stale_policy: str | None = None,
 ) -> tuple[Any, np.ndarray]:
     """(gamma * advantages, dense float32 gamma) for the shifted layout of
     `shifted_response_spans`; positions where action_mask is 0 keep their values exactly."""
@@ -132,6 +143,7 @@ def credit_for_shifted_batch(
         strategy=strategy,
         policy_version=policy_version,
         credit_params=credit_params or {},
+        stale_policy=stale_policy,
     )
     dense = np.ones(tuple(action_mask.shape), np.float32)
     for (b, _, _, lo, hi), gamma in zip(spans, gammas, strict=True):

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_shifted_batch
 from anchorcredit.client.adapters.openrlhf_sync import (
     SYNC_TRANSPORTS,
@@ -71,9 +72,14 @@ def apply_credit(
     strategy: str = DEFAULT_STRATEGY,
     policy_version: str | None = None,
     sign: str = "both",
+    stale_policy: str | None = None,
     **credit_params: Any,
 ) -> Any:
-    """Replace experience.advantages with gamma * advantages; returns `experience`."""
+    """Replace experience.advantages with gamma * advantages; returns `experience`.
+
+    stale_policy: what an unpinned score does when the service holds weights this run did
+    not push ("warn" | "error" | "frozen"; None: ANCHORCREDIT_STALE_POLICY, policy_check.py).
+    """
     action = _to_numpy(experience.action_mask).astype(bool)
     experience.advantages, dense = credit_for_shifted_batch(
         client,
@@ -85,6 +91,7 @@ def apply_credit(
         policy_version=policy_version,
         sign=sign,
         credit_params=credit_params,
+        stale_policy=stale_policy,
     )
     info = getattr(experience, "info", None)
     if isinstance(info, dict) and action.any():
@@ -193,21 +200,47 @@ def install(
         **kwargs,
     )
     ppo_trainer.RemoteExperienceMaker = maker
+    install_log.patched(
+        "openrlhf", "openrlhf.trainer.ppo_trainer.RemoteExperienceMaker", "advantages x gamma"
+    )
     try:
         import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
-    except ImportError:
-        ppo_trainer_async = None
-    if ppo_trainer_async is not None and hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
-        key = (ppo_trainer_async, "RemoteExperienceMaker")
-        _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
-        ppo_trainer_async.RemoteExperienceMaker = maker
+    except ImportError as e:
+        install_log.not_patched(
+            "openrlhf", "openrlhf.trainer.ppo_trainer_async", f"it does not import here ({e})"
+        )
+    else:
+        if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
+            key = (ppo_trainer_async, "RemoteExperienceMaker")
+            _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
+            ppo_trainer_async.RemoteExperienceMaker = maker
+            install_log.patched(
+                "openrlhf",
+                "openrlhf.trainer.ppo_trainer_async.RemoteExperienceMaker",
+                "advantages x gamma",
+            )
     if weight_sync is None:
+        install_log.note(
+            "openrlhf",
+            "no weight sync (weight_sync=None): the served version is checked before "
+            "scoring (policy_check.py)",
+        )
         return
     wrap_controller_broadcast(ppo_trainer.BasePPOTrainer)
+    install_log.patched(
+        "openrlhf",
+        "openrlhf.trainer.ppo_trainer.BasePPOTrainer.broadcast_to_vllm",
+        "counts weight syncs, pins scoring to step-<n>-<run>",
+    )
     try:
         # imports deepspeed; a controller-only process without it still gets its half
         import openrlhf.trainer.ray.ppo_actor as ppo_actor
-    except ImportError:
+    except ImportError as e:
+        install_log.not_patched(
+            "openrlhf",
+            "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer",
+            f"it does not import in this process ({e}); the actor ranks must install too",
+        )
         return
 
     def new_sync() -> ActorWeightSync:
@@ -218,6 +251,11 @@ def install(
     _ORIGINALS.setdefault(key, ppo_actor.ActorPPOTrainer)
     # PolicyModelActor.init_model_from_pretrained builds the trainer by this global name.
     ppo_actor.ActorPPOTrainer = actor_trainer_class(new_sync, _ORIGINALS[key])
+    install_log.patched(
+        "openrlhf",
+        "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer",
+        f"pushes the weights after each vLLM broadcast ({weight_sync})",
+    )
 
 
 def uninstall() -> None:
@@ -275,10 +313,15 @@ def _sync_from_env() -> tuple[str | None, str | None, str | None]:
 def install_from_env() -> None:
     """Ray `worker_process_setup_hook`: install with settings from ANCHORCREDIT_* env vars.
 
-    Does nothing in workers without OpenRLHF; the client is created lazily on first use.
+    A worker without OpenRLHF gets nothing patched, and says so in its log (with the
+    import error); the client is created lazily on first use.
     """
     transport, dtype, run_id = _sync_from_env()
     try:
-        install(None, weight_sync=transport, dtype=dtype, run_id=run_id)
-    except ImportError:
-        pass
+        import openrlhf.trainer.ppo_trainer  # noqa: F401
+    except ImportError as e:
+        install_log.not_patched(
+            "openrlhf", "this process", f"OpenRLHF does not import here ({e}): nothing patched"
+        )
+        return
+    install(None, weight_sync=transport, dtype=dtype, run_id=run_id)

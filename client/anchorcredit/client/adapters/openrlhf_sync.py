@@ -24,13 +24,13 @@ weights.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from anchorcredit.client.adapters.versions import note_run, parse_version, version_name
 from anchorcredit.client.client import CreditClient
 
 __all__ = [
@@ -45,21 +45,10 @@ __all__ = [
 ]
 
 SYNC_TRANSPORTS = ("grpc", "collective")
-_VERSION = re.compile(r"step-(\d+)-(.+)")
 
 
 class WeightSyncError(RuntimeError):
     """The service does not serve the version the weight sync should have put there."""
-
-
-def version_name(step: int, run_id: str) -> str:
-    return f"step-{step}-{run_id}"
-
-
-def parse_version(version: str) -> tuple[int, str] | None:
-    """(step, run) of a `step-<n>-<run>` version, None for any other name."""
-    m = _VERSION.fullmatch(version)
-    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def _rank() -> int:
@@ -89,6 +78,7 @@ class ActorWeightSync:
         self.transport = transport
         self.dtype = dtype
         self.run_id = run_id or uuid.uuid4().hex[:8]
+        note_run(self.run_id)
         self.step = 0  # the step the next push names
         self.version: str | None = None  # the version the service serves (rank 0)
         self.seconds: list[float] = []  # wall time of each push
@@ -162,6 +152,7 @@ class VersionPin:
                 "worker_process_setup_hook of every worker) and did their push succeed?"
             )
         self.run_id = parsed[1]
+        note_run(self.run_id)
         self.version = served
         return served
 

@@ -37,7 +37,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_batch
+from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.versions import note_run, version_name
 from anchorcredit.client.client import CreditClient
 from anchorcredit.contract import DEFAULT_STRATEGY
 
@@ -52,7 +55,9 @@ def make_trainer_class(base: type | None = None) -> type:
 
     Extra constructor keywords: credit_client (required), credit_strategy, credit_params,
     credit_sign ("both" | "positive_only"), credit_policy_version (None: the version a
-    WeightSyncCallback of this trainer synced last, else whatever the service holds).
+    WeightSyncCallback of this trainer synced last, else whatever the service holds, checked
+    first: policy_check.py), credit_stale_policy ("warn" | "error" | "frozen"; None: the
+    ANCHORCREDIT_STALE_POLICY setting, default "warn").
     """
     if base is None:
         from trl import GRPOTrainer
@@ -72,14 +77,34 @@ def make_trainer_class(base: type | None = None) -> type:
             credit_params: dict[str, Any] | None = None,
             credit_sign: str = "both",
             credit_policy_version: str | None = None,
+            credit_stale_policy: str | None = None,
             **kwargs: Any,
         ) -> None:
+            if credit_stale_policy is not None:
+                stale_policy_mode(credit_stale_policy)  # a bad value fails here, not mid-run
             super().__init__(*args, **kwargs)
             self.credit_client = credit_client
             self.credit_strategy = credit_strategy
             self.credit_params = dict(credit_params or {})
             self.credit_sign = credit_sign
             self.credit_policy_version = credit_policy_version
+            self.credit_stale_policy = credit_stale_policy
+            install_log.patched(
+                "trl",
+                f"{base.__name__}._generate_and_score_completions",
+                f"advantages x gamma; weight sync: {self._credit_pin_source()}",
+            )
+
+        def _credit_pin_source(self) -> str:
+            handler = getattr(self, "callback_handler", None)
+            if any(
+                getattr(cb, "is_anchorcredit_weight_sync", False)
+                for cb in getattr(handler, "callbacks", ())
+            ):
+                return "WeightSyncCallback (scores pinned to each pushed version)"
+            if self.credit_policy_version is not None:
+                return f"none, {self.credit_policy_version!r} pinned by hand"
+            return "none (the served version is checked before scoring: policy_check.py)"
 
         def _credit_version(self) -> str | None:
             """credit_policy_version if given, else the version a WeightSyncCallback of
@@ -106,6 +131,7 @@ def make_trainer_class(base: type | None = None) -> type:
                 policy_version=self._credit_version(),
                 sign=self.credit_sign,
                 credit_params=self.credit_params,
+                stale_policy=self.credit_stale_policy,
             )
             out["advantages"] = new_adv
             metrics = getattr(self, "_metrics", None)
@@ -160,12 +186,13 @@ def _weight_sync_callback_class() -> type:
             self.seconds: list[float] = []  # wall time of each sync
 
         def version_for(self, step: int) -> str:
-            return f"step-{step}-{self.run_id}"
+            return version_name(step, self.run_id)
 
         def on_train_begin(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
             self.run_id = _same_on_every_rank(self.run_id)
+            note_run(self.run_id)
             if self.sync_on_train_begin and model is not None:
                 self._sync(state, model)
 

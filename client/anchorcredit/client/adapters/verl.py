@@ -36,11 +36,13 @@ import contextvars
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from anchorcredit.client.adapters import verl_sync
+from anchorcredit.client.adapters import install_log, verl_sync
+from anchorcredit.client.adapters.policy_check import stale_policy_mode
 from anchorcredit.client.adapters.verl_credit import credit_padded, credit_transfer_queue
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
@@ -71,6 +73,7 @@ def apply_credit(
     policy_version: str | None = None,
     sign: str = "both",
     metrics: dict | None = None,
+    stale_policy: str | None = None,
     **credit_params: Any,
 ) -> Any:
     """Replace data.batch["advantages"] with gamma * advantages (response_mask positions
@@ -84,6 +87,7 @@ def apply_credit(
         policy_version=policy_version,
         sign=sign,
         credit_params=credit_params,
+        stale_policy=stale_policy,
     )
     _publish(data, stats, metrics)
     return data
@@ -98,6 +102,7 @@ class _Config:
     params: dict[str, Any] = field(default_factory=dict)
     sync: bool = True
     sync_transport: str = "grpc"
+    stale_policy: str | None = None  # unpinned scores: policy_check.py (None: the env's)
     built_client: bool = False  # the client came from the environment: ours to close
 
     def get_client(self) -> CreditClient:
@@ -121,6 +126,7 @@ class _Config:
             "policy_version": version,
             "sign": self.sign,
             "credit_params": self.params,
+            "stale_policy": self.stale_policy,
         }
 
 
@@ -236,20 +242,48 @@ def _hooks(sync: bool) -> dict[str, Callable[[Any], Callable[[], None]]]:
         return lambda: (undo_cls(), undo_fn())
 
     hooks = {
-        "verl.trainer.ppo.ray_trainer": legacy,
-        "verl.experimental.separation.ray_trainer": global_compute_advantage,
-        "verl.trainer.ppo.v1.trainer_base": lambda m: _patch_attr(
-            m.PPOTrainer, "_compute_advantage", _v1_compute_advantage
+        "verl.trainer.ppo.ray_trainer": (
+            legacy,
+            "compute_advantage x gamma; RayPPOTrainer._update_actor logs gamma",
+        ),
+        "verl.experimental.separation.ray_trainer": (
+            global_compute_advantage,
+            "compute_advantage x gamma (one-step-off / fully-async)",
+        ),
+        "verl.trainer.ppo.v1.trainer_base": (
+            lambda m: _patch_attr(m.PPOTrainer, "_compute_advantage", _v1_compute_advantage),
+            "PPOTrainer._compute_advantage x gamma (v1)",
         ),
     }
     if sync:
-        hooks["verl.workers.engine_workers"] = lambda m: _patch_attr(
-            m.ActorRolloutRefWorker, "update_weights", _actor_update_weights
+        hooks["verl.workers.engine_workers"] = (
+            lambda m: _patch_attr(m.ActorRolloutRefWorker, "update_weights", _actor_update_weights),
+            "ActorRolloutRefWorker.update_weights pushes the actor's weights",
         )
-        hooks["verl.checkpoint_engine.base"] = lambda m: _patch_attr(
-            m.CheckpointEngineManager, "update_weights", _manager_update_weights
+        hooks["verl.checkpoint_engine.base"] = (
+            lambda m: _patch_attr(
+                m.CheckpointEngineManager, "update_weights", _manager_update_weights
+            ),
+            "CheckpointEngineManager.update_weights pins scoring to the pushed version",
         )
-    return hooks
+    return {name: _logged(name, patch, what) for name, (patch, what) in hooks.items()}
+
+
+def _logged(
+    name: str, patch: Callable[[Any], Callable[[], None]], what: str
+) -> Callable[[Any], Callable[[], None]]:
+    """`patch`, with a log line saying it ran (or why it could not)."""
+
+    def apply(module: Any) -> Callable[[], None]:
+        try:
+            undo = patch(module)
+        except Exception as e:  # a verl that moved the hook point: say so, loudly
+            install_log.not_patched("verl", name, f"{type(e).__name__}: {e}")
+            raise
+        install_log.patched("verl", name, what)
+        return undo
+
+    return apply
 
 
 def install(
@@ -260,6 +294,7 @@ def install(
     policy_version: str | None = None,
     sync: bool = True,
     sync_transport: str = "grpc",
+    stale_policy: str | None = None,
     **credit_params: Any,
 ) -> Callable[[], None]:
     """Hook verl in this process (now for loaded modules, on import for the others),
@@ -267,18 +302,33 @@ def install(
     ANCHORCREDIT_* env vars on first use (see install_from_env); a client built so is
     closed by the next install or the undo (one you pass stays yours to close).
     sync: push the actor weights at each verl weight sync and pin scoring to that version
-    (policy_version, if given, pins a fixed version instead)."""
+    (policy_version, if given, pins a fixed version instead). stale_policy: what an
+    unpinned score does when the service holds weights this run did not push ("warn" |
+    "error" | "frozen"; None: ANCHORCREDIT_STALE_POLICY, policy_check.py)."""
     global _CONFIG, _HOOKS
     if sync_transport not in verl_sync.SYNC_TRANSPORTS:
         raise ValueError(f"sync_transport must be one of {verl_sync.SYNC_TRANSPORTS}")
+    if stale_policy is not None:
+        stale_policy_mode(stale_policy)
     if _HOOKS is not None:
         _HOOKS.remove()
     _CONFIG.close_built_client()  # the replaced install's own client: its channels, pool
     _CONFIG = _Config(
-        client, strategy, sign, policy_version, dict(credit_params), sync, sync_transport
+        client,
+        strategy,
+        sign,
+        policy_version,
+        dict(credit_params),
+        sync,
+        sync_transport,
+        stale_policy=stale_policy,
     )
-    _HOOKS = PostImportHooks(_hooks(sync))
-    _HOOKS.install()
+    hooks = _hooks(sync)
+    later = sorted(name for name in hooks if name not in sys.modules)
+    _HOOKS = PostImportHooks(hooks)
+    _HOOKS.install()  # logs each module it patches now, the others when they are imported
+    if later:
+        install_log.note("verl", f"will patch on import: {', '.join(later)}")
 
     def undo() -> None:  # removes whichever install is current (a later one replaced this)
         global _HOOKS

@@ -40,6 +40,7 @@ def credit_padded(
     policy_version: str | None,
     sign: str,
     credit_params: dict[str, Any],
+    stale_policy: str | None = None,
 ) -> dict[str, float]:
     """Reweight `batch["advantages"]` in place on verl's padded layout; returns gamma stats.
 
@@ -65,6 +66,7 @@ def credit_padded(
         strategy=strategy,
         policy_version=policy_version,
         credit_params=credit_params,
+        stale_policy=stale_policy,
     )
     dense = gamma_matrix(gammas, real)
     scaled = batch["response_mask"] if "response_mask" in keys else real
@@ -86,6 +88,7 @@ def credit_transfer_queue(
     policy_version: str | None,
     sign: str,
     credit_params: dict[str, Any],
+    stale_policy: str | None = None,
 ) -> dict[str, float]:
     """Reweight the `advantages` verl's v1 trainer just wrote to TransferQueue (written back
     in place, same keys); returns gamma stats.
@@ -110,6 +113,7 @@ def credit_transfer_queue(
         strategy=strategy,
         policy_version=policy_version,
         credit_params=credit_params,
+        stale_policy=stale_policy,
     )
     width = max(len(r) for r in responses)
     real = np.zeros((len(responses), width), bool)

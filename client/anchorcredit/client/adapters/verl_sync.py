@@ -19,15 +19,14 @@ process of one job shares; job ids alone restart at 01000000 on each fresh clust
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from anchorcredit.client.adapters.versions import note_run, ray_job_run_id, version_name
 from anchorcredit.client.client import CreditClient
 
 log = logging.getLogger("anchorcredit.verl")
@@ -46,34 +45,15 @@ class SyncState:
 
     def run_id(self) -> str:
         if self._run_id is None:
-            self._run_id = os.environ.get("ANCHORCREDIT_RUN_ID") or _ray_job_id()
+            self._run_id = os.environ.get("ANCHORCREDIT_RUN_ID") or ray_job_run_id()
+            note_run(self._run_id)
         return self._run_id
 
     def version_for(self, global_steps: int) -> str:
-        return f"step-{int(global_steps)}-{self.run_id()}"
+        return version_name(global_steps, self.run_id())
 
 
 STATE = SyncState()
-
-
-def _ray_job_id() -> str:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        context = ray.get_runtime_context()
-        job = str(context.get_job_id())
-        # Job ids restart at 01000000 on every fresh cluster (verl's own ray.init()): the
-        # cluster's session name, shared by its processes, tells two runs apart.
-        getter = getattr(context, "get_session_name", None)
-        try:  # older Ray: what get_session_name() reads
-            session = getter() if getter else context.worker.node.session_name
-        except AttributeError:
-            raise RuntimeError(
-                "this Ray does not tell its session name, so the Ray job id alone would "
-                "repeat across runs: set ANCHORCREDIT_RUN_ID to a label unique to this run"
-            ) from None
-        digest = hashlib.sha256(str(session).encode()).hexdigest()[:8]
-        return f"{job}-{digest}"
-    return uuid.uuid4().hex[:8]  # one process (no Ray): trainer and actor are the same
 
 
 def _rank() -> int:
