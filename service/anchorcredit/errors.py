@@ -42,3 +42,9 @@ def is_oom(exc: BaseException) -> bool:
 class WeightVersionConflict(RuntimeError):
     """A weight change's version rules are not met (its `replaces` is not served, or it
     reuses the served label) -> FAILED_PRECONDITION; nothing was changed."""
+
+
+class StartupError(RuntimeError):
+    """A server configuration that cannot start (a busy port, an unreadable TLS file); the
+    message names the flag and its environment variable. `anchorcredit serve` prints it as
+    one line and exits 2."""

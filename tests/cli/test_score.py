@@ -262,7 +262,7 @@ def test_resume_with_other_settings_refuses_and_overwrite_starts_over(
     assert all(set(r["gamma"]) == {1.0} for r in recs)  # uniform: plain GRPO, no boost
     # the same settings again: a plain resume with nothing left to do
     assert score(inp, out, debug_model, "--strategy", "uniform", "--gamma-amp", "2") == 0
-    assert "resuming, 3 of 3" in capsys.readouterr().err
+    assert "nothing to do: all 3 lines" in capsys.readouterr().err
     assert read_jsonl(out) == recs
     # another model is another setting too
     other = save_debug_model(tmp_path / "other", arch="llama", seed=1)

@@ -18,25 +18,37 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from anchorcredit import contract
 from anchorcredit.budget import greedy_chunks
+from anchorcredit.cli import extras
+from anchorcredit.cli.interrupts import EXIT_CODE as INTERRUPTED
+from anchorcredit.cli.interrupts import Interrupted, Interrupts
 from anchorcredit.cli.score_backends import LocalBackend, RemoteBackend, RemoteServiceError
-from anchorcredit.cli.score_input import choose_tokenizer, read_input, tokenizer_name
+from anchorcredit.cli.score_input import choose_tokenizer, input_ids, read_input, tokenizer_name
 from anchorcredit.cli.score_output import ExistingOutput, check_resume, make_record, read_output
-from anchorcredit.contract import DEFAULT_STRATEGY, DEFAULTS, STRATEGIES, CreditParams
+from anchorcredit.contract import (
+    DEFAULT_STRATEGY,
+    DEFAULTS,
+    STAT_VERSION,
+    STRATEGIES,
+    CreditParams,
+)
 from anchorcredit.errors import InputError
+from anchorcredit.model_source import ModelNotFound, local_model_dir
 
 HELP = "score a JSONL file of (prompt, response) pairs: per-token WAAD, FAI, gamma (+entropy)"
 
 # The SPEC.md parameters, as CreditParams names them (flags: --gamma-amp for gamma_amp).
 SPEC_PARAMS = tuple(f.name for f in fields(CreditParams) if f.name != "strategy")
 DEFAULT_MAX_BATCH_TOKENS = 16384
+CPU_GROUP_TOKENS = 1024  # a few seconds of the embedded model on two CPU cores
 
 
 def _flag(name: str) -> str:
@@ -157,9 +169,9 @@ def build_params(args: argparse.Namespace) -> CreditParams:
 
 def _flag_message(e: InputError) -> str:
     """`--q: must be in [0, 1], got 2` from the contract's `params.q: ...`."""
-    field = e.field or ""
-    message = str(e).removeprefix(f"{field}: ")
-    name = field.removeprefix("params.")
+    where = e.field or ""
+    message = str(e).removeprefix(f"{where}: ")
+    name = where.removeprefix("params.")
     return f"{_flag(name)}: {message}" if name in SPEC_PARAMS or name == "strategy" else str(e)
 
 
@@ -167,23 +179,138 @@ def _say(message: str) -> None:
     print(f"anchorcredit score: {message}", file=sys.stderr)
 
 
+def group_tokens(args: argparse.Namespace) -> int:
+    """Tokens per group (scored, then written and flushed): --max-batch-tokens, but at most
+    CPU_GROUP_TOKENS on a CPU, so an interrupt there loses seconds of work, not minutes.
+    A pure function of the options: the same input is cut the same way on every run, so
+    results (whose float rounding depends on their batch mates) are reproducible."""
+    if args.target or not str(args.device).startswith("cpu"):
+        return args.max_batch_tokens
+    return min(args.max_batch_tokens, CPU_GROUP_TOKENS)
+
+
+@dataclass
+class _Progress:
+    """What an interrupt leaves behind: the lines written so far."""
+
+    output: Path
+    done: int = 0
+    todo: int = 0
+    opened: bool = False
+    bar: Any = None
+    signals: Interrupts = field(default_factory=Interrupts)
+
+    def interrupted(self, signum: int) -> str:
+        if self.bar is not None:
+            self.bar.close()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if not self.opened:
+            return f"{name}: stopped before the first group was written; {self.output} is unchanged"
+        return (
+            f"{name}: stopped; {self.done} lines are saved in {self.output} "
+            f"({self.todo - self.done} not scored yet): re-run the same command to resume"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Score the input file into the output file; 0 on success, 2 on bad input or options,
-    1 when a server cannot be used."""
-    from anchorcredit.offline.models import EmbeddedModelUnavailable
+    1 when a server cannot be used, 130 when interrupted (SIGINT/SIGTERM: every line
+    written so far is complete and kept)."""
+    progress = _Progress(args.output)
+    with progress.signals:
+        try:
+            return _run(args, progress)
+        except Interrupted as stop:
+            _say(progress.interrupted(stop.signum))
+            return INTERRUPTED
 
+
+def _settings(args: argparse.Namespace, params: CreditParams) -> dict[str, Any]:
+    """The settings the command line decides (every output record carries them)."""
+    spec = params.record()
+    return {
+        "strategy": spec.pop("strategy"),
+        "params": spec,
+        "with_entropy": bool(args.entropy) or params.needs_entropy,
+    }
+
+
+def _check_options(args: argparse.Namespace) -> CreditParams | None:
+    """The run's parameters, or None after saying what is wrong with the options."""
     try:
         params = build_params(args)
     except InputError as e:
         _say(_flag_message(e))
-        return 2
+        return None
     if not args.input.is_file():
         _say(f"input not found: {args.input}")
-        return 2
+        return None
     if args.target and args.layers is not None:
         _say("--layers is the server's setting; it cannot be set with --target")
+        return None
+    try:  # a local folder or the local Hugging Face cache, never a download
+        if args.model:
+            local_model_dir(args.model, "--model")
+        if args.tokenizer:
+            local_model_dir(args.tokenizer, "--tokenizer")
+    except ModelNotFound as e:
+        _say(str(e))
+        return None
+    return params
+
+
+def _answer_early(
+    args: argparse.Namespace, existing: ExistingOutput, settings: dict[str, Any]
+) -> int | None:
+    """Refusals and no-op re-runs, decided from the options and the files alone (no torch,
+    no model): an exit code, or None to go on."""
+    known = dict(settings)
+    if not args.target:  # what the local model will record, known without loading it
+        from anchorcredit.offline.models import EMBEDDED_MODEL_ID
+
+        known |= {
+            "model": args.model or EMBEDDED_MODEL_ID,
+            "policy_version": "0",
+            "stat_version": STAT_VERSION,
+        }
+    refusal = check_resume(args.output, existing, known)
+    if refusal is not None:
+        _say(refusal)
         return 2
-    with_entropy = bool(args.entropy) or params.needs_entropy
+    ids = input_ids(args.input)
+    if args.overwrite or ids is None or not ids or not ids <= existing.ids:
+        return None
+    if args.layers is not None or args.tokenizer:  # the model's settings decide: load it
+        return None
+    recorded = existing.settings[0][1]
+    _say(
+        f"nothing to do: all {len(ids)} lines of {args.input} are already in {args.output} "
+        f"(model {recorded.get('model')}, layers {recorded.get('layers')}); pass "
+        "--overwrite to score them again"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace, progress: _Progress) -> int:
+    from anchorcredit.offline.models import EmbeddedModelUnavailable
+
+    params = _check_options(args)
+    if params is None:
+        return 2
+    settings = _settings(args, params)
+    try:
+        existing = ExistingOutput() if args.overwrite else read_output(args.output)
+    except ValueError as e:
+        _say(str(e))
+        return 2
+    early = _answer_early(args, existing, settings)
+    if early is not None:
+        return early
+    if not args.target:  # a local model: torch and transformers (a server needs neither)
+        problem = extras.needs("score", extras.MODEL, "without --target")
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     remote = None
     if args.target:
         try:
@@ -201,37 +328,17 @@ def run(args: argparse.Namespace) -> int:
         items, bad = read_input(
             args.input, tokenizer, args.skip_bad, no_tokenizer, getattr(args, "prefer", None)
         )
-        existing = ExistingOutput() if args.overwrite else read_output(args.output)
     except (ValueError, EmbeddedModelUnavailable) as e:
         _say(str(e))
         return 2
     for msg in bad:
         _say(f"skipped {msg}")
-    spec = params.record()
-    settings: dict[str, Any] = {
-        "strategy": spec.pop("strategy"),
-        "params": spec,
-        "with_entropy": with_entropy,
-    }
-    # What the command line decides is checked before loading a model; what the model
-    # decides (id, layers, versions) right after.
-    refusal = check_resume(args.output, existing, settings)
-    if refusal is None:
-        from anchorcredit.runner.layers import LayerChoiceError
-
-        try:
-            backend = remote or LocalBackend(
-                args.model, args.device, args.dtype, args.layers, entropy=with_entropy
-            )
-        except LayerChoiceError as e:  # nothing written: the output is untouched
-            _say(f"--layers: {e}")
-            return 2
-        except (ValueError, OSError, RuntimeError) as e:
-            _say(str(e))
-            return 2
-        settings |= backend.settings()
-        settings["tokenizer"] = tokenizer_name(tokenizer)
-        refusal = check_resume(args.output, existing, settings)
+    backend = remote or _local_backend(args, settings["with_entropy"])
+    if isinstance(backend, int):
+        return backend
+    settings |= backend.settings()
+    settings["tokenizer"] = tokenizer_name(tokenizer)
+    refusal = check_resume(args.output, existing, settings)  # what the model decides
     if refusal is not None:
         _say(refusal)
         return 2
@@ -240,7 +347,21 @@ def run(args: argparse.Namespace) -> int:
         _say(f"resuming, {len(items) - len(todo)} of {len(items)} lines already in {args.output}")
     if not todo and not args.overwrite:
         return 0
-    return _score_all(args, backend, params, settings, todo, tokenizer)
+    progress.todo = len(todo)
+    return _score_all(args, backend, params, settings, todo, tokenizer, progress)
+
+
+def _local_backend(args: argparse.Namespace, with_entropy: bool) -> Any:
+    """The in-process backend, or exit code 2 after saying why it cannot load."""
+    from anchorcredit.runner.layers import LayerChoiceError
+
+    try:
+        return LocalBackend(args.model, args.device, args.dtype, args.layers, entropy=with_entropy)
+    except LayerChoiceError as e:  # nothing written: the output is untouched
+        _say(f"--layers: {e}")
+    except (ValueError, OSError, RuntimeError) as e:
+        _say(str(e))
+    return 2
 
 
 def _score_all(
@@ -250,12 +371,12 @@ def _score_all(
     settings: dict[str, Any],
     todo: list[Any],
     tokenizer: Any,
+    progress: _Progress,
 ) -> int:
-    """Score `todo` in budget-sized groups, appending and flushing each group's records."""
-    from tqdm import tqdm
-
+    """Score `todo` in groups (group_tokens), appending and flushing each group's records;
+    a signal waits until the group being written is complete."""
     total = sum(it.n_tokens for it in todo)
-    bar = tqdm(
+    progress.bar = bar = _progress_bar(
         total=total,
         unit="tok",
         unit_scale=True,
@@ -265,8 +386,7 @@ def _score_all(
         mininterval=1.0,
     )
     t0 = time.perf_counter()
-    n_done = 0
-    groups = greedy_chunks([it.n_tokens for it in todo], args.max_batch_tokens)
+    groups = greedy_chunks([it.n_tokens for it in todo], group_tokens(args))
     # The output is opened (created, or emptied by --overwrite) only once the first group
     # has scored: a run that fails before that leaves the file as it was.
     if not groups and args.overwrite:
@@ -275,38 +395,68 @@ def _score_all(
         out = None
         for idx in groups:
             group = [todo[i] for i in idx]
-            kept = f"{n_done} lines written to {args.output} are kept"
-            if out is None:
-                kept = f"nothing written; {args.output} is unchanged"
             try:
                 results = backend.score(group, params, settings["with_entropy"])
-            except ValueError as e:  # InputError and friends: name the input line
-                i = getattr(e, "index", None)
-                where = f"{args.input}:{group[i].line}: " if i is not None else ""
+            except Exception as e:  # one line, never a traceback
                 bar.close()
-                _say(f"{where}{e}\n({kept}; fix the line and re-run to resume)")
-                return 2
-            except RemoteServiceError as e:
-                bar.close()
-                _say(f"{e}\n({kept}; re-run to resume)")
-                return 1
-            except (RuntimeError, NotImplementedError) as e:  # one line, never a traceback
-                bar.close()
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                _say(f"scoring failed: {first}\n({kept})")
-                return 1
-            if out is None:
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                mode = "w" if args.overwrite else "a"
-                out = stack.enter_context(args.output.open(mode, encoding="utf-8"))
-            for it, res in zip(group, results, strict=True):
-                rec = make_record(it, res, tokenizer, settings)
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()  # a crash later loses at most the group in flight
-            n_done += len(group)
+                return _scoring_failed(args, e, group, progress)
+            with progress.signals.deferred():
+                if out is None:
+                    args.output.parent.mkdir(parents=True, exist_ok=True)
+                    mode = "w" if args.overwrite else "a"
+                    out = stack.enter_context(args.output.open(mode, encoding="utf-8"))
+                    progress.opened = True
+                for it, res in zip(group, results, strict=True):
+                    rec = make_record(it, res, tokenizer, settings)
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.flush()  # a crash later loses at most the group in flight
+                progress.done += len(group)
             bar.update(sum(it.n_tokens for it in group))
     bar.close()
     dt = time.perf_counter() - t0
     rate = total / dt if dt > 0 else math.inf
-    _say(f"{n_done} lines, {total} tokens in {dt:.1f} s ({rate:.0f} tok/s) -> {args.output}")
+    _say(f"{progress.done} lines, {total} tokens in {dt:.1f} s ({rate:.0f} tok/s) -> {args.output}")
     return 0
+
+
+def _progress_bar(**kw: Any) -> Any:
+    """tqdm's bar, or a silent stand-in where tqdm is not installed (the light client)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(**kw)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _scoring_failed(
+    args: argparse.Namespace, e: Exception, group: list[Any], progress: _Progress
+) -> int:
+    """Say why a group failed, what was kept and what to do; the exit code."""
+    kept = (
+        f"{progress.done} lines written to {args.output} are kept"
+        if progress.opened
+        else f"nothing written; {args.output} is unchanged"
+    )
+    if isinstance(e, ValueError):  # InputError and friends: name the input line
+        i = getattr(e, "index", None)
+        if i is not None:
+            _say(f"{args.input}:{group[i].line}: {e}\n({kept}; fix the line and re-run to resume)")
+        else:  # not a line's fault (e.g. entropy asked of a server without it)
+            _say(f"{e}\n({kept}; re-run to resume)")
+        return 2
+    if isinstance(e, RemoteServiceError):
+        _say(f"{e}\n({kept}; re-run to resume)")
+        return 1
+    if isinstance(e, RuntimeError | NotImplementedError):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _say(f"scoring failed: {first}\n({kept})")
+        return 1
+    raise e

@@ -96,7 +96,11 @@ def parse_line(
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        # json's msg may end in "at" already ("Invalid control character at"): no doubled word
+        raise ValueError(
+            f"not valid JSON ({e.msg.removesuffix(' at')}, column {e.colno}); fix the line, "
+            "or pass --skip-bad to score the other lines"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", line)
@@ -143,6 +147,24 @@ def parse_line(
         if k not in _RESERVED and (isinstance(v, (str, int, float, bool)) or v is None)
     }
     return Item(line, rid, p, r, prompt_text, meta)
+
+
+def input_ids(path: Path) -> set[str] | None:
+    """The ids of the input's lines (as resuming compares them), read without a tokenizer;
+    None when a line is not a JSON object (read_input reports it properly)."""
+    ids: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for n, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                return None
+            if not isinstance(obj, dict):
+                return None
+            ids.add(str(obj.get("id", n)))
+    return ids
 
 
 def read_input(
@@ -193,6 +215,7 @@ def choose_tokenizer(
     embedded model's. With --target the embedded tokenizer when the server serves the
     embedded model; for any other model the message names the model to fetch it for.
     """
+    from anchorcredit.cli import extras
     from anchorcredit.offline.models import (
         EMBEDDED_MODEL_ID,
         EmbeddedModelUnavailable,
@@ -200,6 +223,11 @@ def choose_tokenizer(
         load_tokenizer,
     )
 
+    if extras.missing(["transformers"]):  # the light client: token ids work, text does not
+        return None, (
+            f"text input needs a tokenizer, and transformers is not installed "
+            f"({extras.SERVICE}); or give prompt_ids/response_ids"
+        )
     if tokenizer:
         return load_tokenizer(tokenizer), NO_TOKENIZER
     if served_model_id is not None:  # --target

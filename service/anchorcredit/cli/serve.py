@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
+from anchorcredit.cli import extras
+from anchorcredit.errors import StartupError
+from anchorcredit.model_source import ModelNotFound, local_model_dir
 from anchorcredit.server import config as server_config
 
 HELP = "serve per-token credit over gRPC (health, reflection, Prometheus /metrics)"
@@ -35,11 +39,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 after a clean drain; 1 when the model fails to load; 2 for a configuration that
+    cannot start (one line naming the flag; the traceback only with --log-level debug)."""
+    problem = extras.needs("serve", extras.SERVING)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     cfg = server_config.from_args(args)
     logging.basicConfig(
         level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        if cfg.model:  # a local folder or the local Hugging Face cache: checked before loading
+            local_model_dir(cfg.model, "--model / ANCHORCREDIT_MODEL")
+        return _serve(cfg)
+    except (ModelNotFound, StartupError) as e:
+        if str(cfg.log_level).lower() == "debug":
+            raise
+        print(f"anchorcredit serve: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(cfg: server_config.ServeConfig) -> int:
     if cfg.tensor_parallel > 1:
         from anchorcredit.runner.tp_serve import serve_tensor_parallel
 

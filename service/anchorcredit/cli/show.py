@@ -48,7 +48,16 @@ def load_record(path: Path, index: int = 0, record_id: str | None = None) -> dic
 
 def run(args: argparse.Namespace) -> int:
     """Write the HTML (and PNG) of one record; 0 on success, 2 on bad input."""
+    from anchorcredit.cli import extras
     from anchorcredit.offline import viz
+
+    if not args.no_png and extras.missing(["matplotlib"]):  # before writing anything
+        print(
+            f"anchorcredit show: the PNG plot needs matplotlib ({extras.SERVICE}, or pip "
+            "install matplotlib); pass --no-png for the HTML page alone",
+            file=sys.stderr,
+        )
+        return 2
 
     try:
         if args.index < 0:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from anchorcredit.model_source import local_model_dir
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,8 @@ def resolve_source(
         return embedded_default_path(), str(EMBEDDED_MODEL_ID)
     if isinstance(path_or_model, torch.nn.Module):
         return path_or_model, None
-    path = Path(path_or_model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    return path, str(path_or_model)
+    # a local folder, or a Hugging Face id already in the local cache; never a download
+    return local_model_dir(path_or_model), str(path_or_model)
 
 
 def model_config(source: Path | torch.nn.Module) -> Any:

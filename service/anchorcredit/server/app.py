@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from anchorcredit.backend import ScoringBackend
+from anchorcredit.errors import StartupError
 from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
@@ -177,6 +179,78 @@ def _warn_security(cfg: ServeConfig) -> None:
         )
 
 
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise StartupError(f"{flag}: cannot read {path} ({e.strerror or e})") from None
+
+
+def _server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured files, or None for plaintext."""
+    if not (cfg.tls_cert and cfg.tls_key):
+        return None
+    key = _read(cfg.tls_key, "--tls-key / ANCHORCREDIT_TLS_KEY")
+    cert = _read(cfg.tls_cert, "--tls-cert / ANCHORCREDIT_TLS_CERT")
+    ca = None
+    if cfg.tls_client_ca:
+        ca = _read(cfg.tls_client_ca, "--tls-client-ca / ANCHORCREDIT_TLS_CLIENT_CA")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def port_in_use(host: str, port: int) -> OSError | None:
+    """The error of binding a plain socket to (host, port), None when it binds: asked before
+    gRPC binds, so a taken port is reported by us alone (gRPC's own bind failure logs a
+    C-core error line first). Port 0 (pick one) is never in use."""
+    if port == 0:
+        return None
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(addr)
+    except OSError as e:
+        return e
+    return None
+
+
+def _bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
+    """Listen on `address`; StartupError naming --port when the address is taken (or the TLS
+    files are not a certificate and its key)."""
+    host, _, port_text = address.rpartition(":")
+    port = 0
+    if port_in_use(host, int(port_text)) is None:
+        try:
+            port = (
+                server.add_insecure_port(address)
+                if creds is None
+                else server.add_secure_port(address, creds)
+            )
+        except RuntimeError:  # grpcio raises "Failed to bind to address ..."
+            port = 0
+    if port == 0:
+        tls = " or the TLS certificate and key do not match" if creds is not None else ""
+        raise StartupError(
+            f"--port / ANCHORCREDIT_PORT: cannot listen on {address}: the port is in use "
+            f"(another anchorcredit serve?) or the address is not this machine's{tls}; pick "
+            "another --port (0 picks a free one) or --host"
+        )
+    return port
+
+
+def _metrics_port_error(cfg: ServeConfig, e: OSError) -> StartupError:
+    return StartupError(
+        f"--metrics-port / ANCHORCREDIT_METRICS_PORT: cannot listen on "
+        f"{cfg.metrics_host}:{cfg.metrics_port} ({e.strerror or e}); pick a free port (0 picks "
+        "one, -1 turns /metrics off)"
+    )
+
+
 class CreditServer:
     """One server instance. `backend` (already built) or `backend_factory` (built in load());
     the default factory builds the runner's Scorer from the config."""
@@ -205,6 +279,10 @@ class CreditServer:
     async def start(self) -> int:
         """Bind and start serving; returns the bound gRPC port."""
         cfg = self.config
+        if cfg.metrics_port > 0:  # checked before anything starts or logs: one line
+            taken = port_in_use(cfg.metrics_host, cfg.metrics_port)
+            if taken is not None:
+                raise _metrics_port_error(cfg, taken)
         server = grpc.aio.server(
             # Outermost first: metrics time every RPC, denied ones included.
             interceptors=[
@@ -233,27 +311,18 @@ class CreditServer:
         )
         reflection.enable_server_reflection(names, server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert and cfg.tls_key:
-            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                pair = (k.read(), c.read())
-            ca = None
-            if cfg.tls_client_ca:
-                with open(cfg.tls_client_ca, "rb") as f:
-                    ca = f.read()
-            creds = grpc.ssl_server_credentials(
-                [pair], root_certificates=ca, require_client_auth=ca is not None
-            )
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {address}")
+        self.port = _bind(server, address, _server_credentials(cfg))
         _warn_security(cfg)
         MalformedFrameLog.install()
         await server.start()
         self._server = server
         if cfg.metrics_port >= 0:
-            self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+            try:
+                self._http = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+            except OSError as e:  # taken meanwhile: stop the started gRPC server first
+                await server.stop(0)
+                self._server = None
+                raise _metrics_port_error(cfg, e) from None
             self.metrics_port = int(self._http[0].server_port)
         log.info(
             "gRPC on %s:%d (%s), metrics %s",
