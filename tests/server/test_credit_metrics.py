@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
+from anchorcredit.offline.analysis import find_peaks
 from anchorcredit.server.credit_metrics import (
     GAMMA,
     RECENT_WINDOW_S,
@@ -16,16 +17,6 @@ from anchorcredit.server.credit_metrics import (
     CreditMetrics,
     credit_fractions,
 )
-
-
-def _peaks_by_hand(x: list[float]) -> list[bool]:
-    med = float(np.mean(x))
-    out = []
-    for t, v in enumerate(x):
-        left = x[t - 1] if t > 0 else -np.inf
-        right = x[t + 1] if t + 1 < len(x) else -np.inf
-        out.append(v > left and v >= right and v > med)
-    return out
 
 
 def _response(waad, fai, gamma, version="v1"):
@@ -41,8 +32,8 @@ def _response(waad, fai, gamma, version="v1"):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_a_request_at_once_equals_each_response_by_hand(seed):
-    """Segment-wise means and peaks over a whole request (unequal lengths, length 1,
-    plateaus and ties) equal a plain per-response scan."""
+    """Peaks over a whole request (unequal lengths, length 1, plateaus and ties) are the ones
+    `anchorcredit analyze` finds in each response."""
     rng = np.random.default_rng(seed)
     lengths = [1, *rng.integers(1, 30, 6).tolist(), 2]
     responses = [
@@ -54,18 +45,18 @@ def test_a_request_at_once_equals_each_response_by_hand(seed):
         for n in lengths
     ]
     got = credit_fractions(responses)
-    for i, r in enumerate(responses):
-        assert got["onset"][i] == np.mean(_peaks_by_hand(r.waad.tolist()))
-        assert got["anchor"][i] == np.mean(_peaks_by_hand(r.fai.tolist()))
+    for i, r in enumerate(responses):  # analyze's find_peaks, one response at a time
+        assert got["onset"][i] == len(find_peaks(r.waad)) / len(r.waad)
+        assert got["anchor"][i] == len(find_peaks(r.fai)) / len(r.fai)
         assert got["amplified"][i] == np.mean(r.gamma > 1)
 
 
 def test_fractions_count_onsets_anchors_and_amplified():
     flat = _response(np.ones(4), np.ones(4), np.ones(4))  # no peak in a flat response
-    one = _response([3.0], [1.0], [1.5])  # a single token equals its own mean
+    one = _response([3.0], [1.0], [1.5])  # a single token has no neighbours
     shaped = _response(
         [0.0, 5.0, 1.0, 1.0, 6.0, 2.0],  # WAAD peaks at 1 and 4
-        [0.9, 0.1, 0.1, 0.1, 0.1, 0.1],  # one FAI peak, at 0
+        [0.1, 0.9, 0.1, 0.1, 0.1, 0.1],  # one FAI peak, at 1
         [1.5, 1.0, 1.25, 1.0, 1.0, 1.0],
     )
     got = credit_fractions([flat, one, shaped])

@@ -7,15 +7,10 @@ SPEC.md "Paper figures to reproduce" (Qwen3-4B-Base, GSM8K, 70 problems):
 The paper does not spell out "peak" or "chance"; the definitions below are ours [ours] and
 are parameters.
 
-Peak (`find_peaks`)
-    Position t of a response series x[0..R-1] is a peak iff
-      (1) x[t] > thr, thr = the `quantile` of x over the response (default 0.5: the median,
-          numpy's linear interpolation, i.e. the mean of the two middle values for even R), and
-      (2) x[t] starts a local maximum with neighbours on both sides: t > 0, x[t] > x[t-1],
-          and after the run of values equal to x[t] that starts at t the series drops. A
-          plateau counts once, at its first position; a step that keeps rising, or a run
-          that reaches either end, never counts (as in scipy.signal.find_peaks), so a
-          monotone series has no peaks rather than one at its edge.
+Peak (`find_peaks`): anchorcredit.peaks, the one definition (also the server's credit
+    metrics'): above the response's `quantile` (default the median) and the first position
+    of a local maximum with neighbours on both sides (a plateau counts once; a run that
+    reaches either end never counts).
 
 Statistic 1: entropy at WAAD peaks
     observed = mean entropy over all WAAD-peak tokens, pooled over responses (token-weighted);
@@ -48,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from anchorcredit.peaks import segment_peaks
+
 # (observed, random, lift) from the paper, for the table printed next to ours.
 PAPER = {
     "entropy_at_waad_peaks": (0.3608, 0.2386, 0.3608 / 0.2386 - 1.0),
@@ -60,27 +57,15 @@ STAT_LABELS = {
 
 
 def find_peaks(x: np.ndarray, quantile: float = 0.5) -> np.ndarray:
-    """Positions of the peaks of a 1-D series (module docstring), sorted ascending."""
+    """Positions of the peaks of a 1-D series (anchorcredit.peaks), sorted ascending."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"expected a 1-D series, got shape {x.shape}")
-    if x.size == 0:
-        return np.zeros(0, dtype=np.int64)
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    thr = float(np.quantile(x, quantile))
-    if x.size < 3:
+    if x.size == 0:
         return np.zeros(0, dtype=np.int64)
-    # Each position's run of equal values ends at run_end[i]; a peak rises into its run and
-    # drops right after it. Runs are found with one vectorised pass over value changes.
-    change = np.flatnonzero(x[1:] != x[:-1])  # i where x[i+1] differs from x[i]
-    run_end = np.full(x.size, x.size - 1)
-    starts = np.concatenate(([0], change + 1))
-    ends = np.concatenate((change, [x.size - 1]))
-    run_end[starts] = ends
-    cand = starts[(starts > 0) & (ends < x.size - 1)]
-    cand = cand[(x[cand] > x[cand - 1]) & (x[run_end[cand] + 1] < x[cand]) & (x[cand] > thr)]
-    return cand.astype(np.int64)
+    return np.flatnonzero(segment_peaks(x, [x.size], quantile)).astype(np.int64)
 
 
 def eligible_positions(fai: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ version, seconds since the weights last changed and how many versions were score
 last minute.
 
 Cheap enough to leave on: `observe` handles a whole request at once, with numpy over all its
-tokens (per-response means by one reduceat, bucket counts by one search), and feeds histograms
+tokens (per-response medians by one sort, bucket counts by one search), and feeds histograms
 that take a bucket-count array per call instead of one locked observe() per value
 (bench/credit_metrics.py measures it against scoring).
 """
@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from anchorcredit.peaks import segment_peaks
 
 GAMMA = (1.0, 1.05, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0, 5.0)
 FRACTION = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 0.95, 0.99, 1.0)
@@ -86,21 +88,10 @@ class BulkHistogram(Collector):
         yield family
 
 
-def peak_mask(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Local peaks above their response's mean: x[t] > x[t-1] and x[t] >= x[t+1] within the
-    response (a missing neighbour counts as lower) and x[t] > mean. A flat response has none.
-    (The mean, not the median: O(tokens) by one reduceat instead of a sort.)"""
-    left = np.empty_like(x)
-    left[1:], left[starts] = x[:-1], -np.inf
-    right = np.empty_like(x)
-    right[:-1], right[starts + lengths - 1] = x[1:], -np.inf
-    mean = np.repeat(np.add.reduceat(x, starts, dtype=np.float64) / lengths, lengths)
-    return (x > left) & (x >= right) & (x > mean)
-
-
 def credit_fractions(results: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Per response: the share of its tokens that are WAAD onsets (WAAD peaks, the chunk onsets
-    local heads mark), FAI anchors (FAI peaks) and amplified (gamma > 1)."""
+    """Per response: the share of its tokens that are WAAD onsets (WAAD peaks, the chunk
+    onsets local heads mark), FAI anchors (FAI peaks) and amplified (gamma > 1). Peaks are
+    anchorcredit.peaks' (the definition `anchorcredit analyze` uses), all responses at once."""
     lengths = np.fromiter((len(r.gamma) for r in results), dtype=np.int64, count=len(results))
     starts = np.zeros_like(lengths)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -112,8 +103,8 @@ def credit_fractions(results: Sequence[Any]) -> dict[str, np.ndarray]:
         return np.concatenate([getattr(r, name) for r in results])
 
     return {
-        "onset": share(peak_mask(joined("waad"), starts, lengths)),
-        "anchor": share(peak_mask(joined("fai"), starts, lengths)),
+        "onset": share(segment_peaks(joined("waad"), lengths)),
+        "anchor": share(segment_peaks(joined("fai"), lengths)),
         "amplified": share(joined("gamma") > 1.0),
     }
 
