@@ -34,7 +34,8 @@ class Layout:
     sequences (the one-pass LSE path), longest first; resp_start [B] each sequence's first
     response position, out_shift [B] its response slot minus that position; resp [n_resp]
     the response positions, resp_end [n_resp] the end of each one's sequence (FAI's |T(s)|
-    when the band is folded into the row pass); seq_lens / resp_counts [B].
+    when the band is folded into the row pass); resp_bounds [B+1] where each sequence's
+    response starts among them, resp_counts [B] its length.
     """
 
     cu: torch.Tensor
@@ -49,7 +50,7 @@ class Layout:
     out_shift: torch.Tensor
     resp: torch.Tensor
     resp_end: torch.Tensor
-    seq_lens: torch.Tensor
+    resp_bounds: torch.Tensor
     resp_counts: torch.Tensor
     offsets: tuple[int, ...]  # B + 1 response offsets (host ints)
     total: int  # tokens in the batch
@@ -89,7 +90,7 @@ def build_layout(
         starts, np.asarray(offsets[:-1]) - starts,
         np.concatenate([np.arange(s, e) for s, e in zip(starts, cu[1:], strict=True)]),
         np.repeat(np.asarray(cu[1:]), counts),
-        np.diff(cu), np.asarray(counts),
+        np.asarray(offsets), np.asarray(counts),
     ]  # fmt: skip
     host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":  # pinned, so the copy is asynchronous (no host stall)
@@ -168,12 +169,14 @@ class Plan:
         lay = self.layout
         n_resp = lay.n_resp
         if self.one_pass:  # sum over every column of the sequence / |R|
-            cols = self.span[:, : lay.total].double().t()
-            sums = torch.segment_reduce(cols, "sum", lengths=lay.seq_lens, axis=0)
-            spans = sums / lay.resp_counts[:, None]
+            bounds, values = lay.cu, self.span[:, : lay.total]
         else:  # the mean of the row distances over each response
-            rows = self.span[:, :n_resp].double().t()
-            spans = torch.segment_reduce(rows, "mean", lengths=lay.resp_counts, axis=0)
+            bounds, values = lay.resp_bounds, self.span[:, :n_resp]
+        # Segment sums as differences of a float64 prefix sum: parallel on the GPU (a
+        # per-segment loop would run a 32K-token sequence through one thread per head).
+        prefix = torch.nn.functional.pad(values.double().cumsum(1), (1, 0))
+        sums = prefix.index_select(1, bounds[1:]) - prefix.index_select(1, bounds[:-1])
+        spans = (sums / lay.resp_counts).t()
         return PackedStats(spans.float(), self.waad[:, :n_resp], self.fai[:, :n_resp], lay.offsets)
 
 
