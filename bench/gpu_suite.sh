@@ -137,7 +137,7 @@ PY
 
 # part|seconds|title|command; the kernel part ends with the verdict read from its own report.
 all_steps=(
-  "kernel|90|kernel GPU tests: bf16 vs float64 (1K..32K), one pass, no host sync, fallback|$py -m pytest -q -m gpu tests/engine/span tests/runner/test_credit_batch.py"
+  "kernel|90|kernel GPU tests: bf16 vs float64 (1K..32K), one pass, no host sync, fallback|$py -m pytest -q -m gpu tests/engine/span tests/runner/test_credit_batch.py tests/runner/test_capture_lse.py"
   "kernel|130|span kernel, Qwen3-8B heads, N=32K..1K, h_hi=100 and end, 3 repeats|$py bench/span_benchmark.py --device cuda --n 32768 16384 8192 4096 1024 --h-hi 100 end --lse --repeats 3 --budget-s 95 --backends sdpa_flash sdpa_cudnn fa2 triton triton_kernel triton_lse triton_kernel_lse"
   "kernel|50|span kernel, the packed RL batch 512 x 1K (the runner's layout), 3 repeats|$py bench/span_benchmark.py --device cuda --batch 512 --n 1024 --prompt-frac 0.25 --h-hi 100 end --lse --repeats 3 --budget-s 35"
   "kernel|5|the verdict: kernel-only and whole-call rows against the targets|$py bench/gpu_targets.py $report"

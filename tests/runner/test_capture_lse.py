@@ -120,3 +120,21 @@ def test_runner_scores_h_hi_end_in_one_pass_where_the_lse_is(monkeypatch):
     paths.clear()
     scorer.score(pairs())  # h_hi=100: the two-pass path everywhere (no LSE asked for)
     assert paths == [False, False, False]
+
+
+@pytest.mark.gpu
+def test_gpu_runner_one_pass_equals_chunked():
+    """bf16 on the GPU, h_hi=end: the triton scorer (one pass where the flash LSE is, two at
+    the stop layer) against the chunked scorer on the same model."""
+    from anchorcredit.engine.span import fallback
+    from anchorcredit.offline.debug_model import build_debug_model
+
+    model = build_debug_model("qwen3", seed=0, head_dim=64)
+    kw = dict(device="cuda", dtype="bfloat16")
+    want = Scorer.from_pretrained(model, backend="chunked", **kw).score(pairs(), h_hi="end")
+    before = fallback.total()
+    got = Scorer.from_pretrained(model, backend="triton", **kw).score(pairs(), h_hi="end")
+    assert fallback.total() == before
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.waad, w.waad, rtol=2e-3, atol=2e-3 * np.abs(w.waad).max())
+        np.testing.assert_allclose(g.fai, w.fai, rtol=2e-3, atol=2e-3 * np.abs(w.fai).max())

@@ -178,15 +178,17 @@ def test_gpu_scoring_syncs_do_not_grow_with_the_batch(sync_debug):
     scorer = Scorer.from_pretrained(build_debug_model("llama", head_dim=64), device="cuda",
                                     dtype="bfloat16", backend="triton")  # fmt: skip
     rng = np.random.default_rng(0)
-    counts = {}
-    for batch in (2, 64):
-        raw = [(rng.integers(0, 200, 30), rng.integers(0, 200, 300)) for _ in range(batch)]
-        pairs = scorer.validate([(p.tolist(), r.tolist()) for p, r in raw])
-        scorer.score_batch(pairs, CreditParams.build("coupled_rhythm"))  # compiles
-        sync_debug("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scorer.score_batch(pairs, CreditParams.build("coupled_rhythm"))
-        sync_debug("default")
-        counts[batch] = sum("synchroniz" in str(w.message) for w in caught)
-    assert counts[2] == counts[64], counts
+    for h_hi in (100, None):  # the two-pass path, and the one-pass path at h_hi=end
+        params = CreditParams.build("coupled_rhythm", h_hi=h_hi)
+        counts = {}
+        for batch in (2, 64):
+            raw = [(rng.integers(0, 200, 30), rng.integers(0, 200, 300)) for _ in range(batch)]
+            pairs = scorer.validate([(p.tolist(), r.tolist()) for p, r in raw])
+            scorer.score_batch(pairs, params)  # compiles
+            sync_debug("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scorer.score_batch(pairs, params)
+            sync_debug("default")
+            counts[batch] = sum("synchroniz" in str(w.message) for w in caught)
+        assert counts[2] == counts[64], (h_hi, counts)

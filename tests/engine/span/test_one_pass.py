@@ -180,3 +180,30 @@ def test_which_path_runs(interpret):
     with pytest.raises(ValueError, match="lse_base"):
         triton_kernel.plan_packed(*args, h_hi=None, lse=lse, lse_base="10")
     assert kernel_lse.lse_pass.__name__ == "lse_pass"
+
+
+# ---- GPU: bf16 with the LSE of torch's flash attention, as the runner captures it ---------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1024, 8192, 32768])
+def test_gpu_one_pass_with_the_flash_lse_matches_float64(n):
+    """The LSE from torch's varlen flash kernel (capture.packed_causal_attention, the
+    runner's call; its layout [Hq, T] checked here) drives the one-pass path: bf16 against
+    the float64 oracle, and against the two-pass kernel."""
+    from anchorcredit.runner.capture import CaptureState, packed_causal_attention
+
+    from .test_triton_kernel import oracle_float64
+
+    hq, hkv, d, prompt = 4, 2, 128, n // 4
+    q, k = random_qk(hq, hkv, n, d, seed=n, device="cuda")
+    qb, kb = q.bfloat16(), k.bfloat16()
+    v = torch.randn_like(kb)
+    state = CaptureState([0, n], frozenset(), lambda *a: None)
+    _, lse = packed_causal_attention(qb[None], kb[None], v[None], state, d**-0.5, with_lse=True)
+    assert lse is not None and lse.shape == (hq, n) and lse.dtype == torch.float32
+    (got,) = triton_kernel.span_stats_packed(qb, kb, [0, n], [prompt], h_hi=None, lse=lse)
+    assert_matches(got, oracle_float64(qb, kb, prompt, None), 2e-3)
+    (two,) = triton_kernel.span_stats_packed(qb, kb, [0, n], [prompt], h_hi=None)
+    for field in ("span", "waad", "fai"):
+        assert rel_err(getattr(got, field), getattr(two, field)) <= 1e-3, field
