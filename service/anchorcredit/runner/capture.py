@@ -251,7 +251,10 @@ def _varlen(
     kw = dict(scale=scale, window_size=(left, 0), enable_gqa=key.shape[1] != query.shape[1])
     if not with_lse or not hasattr(varlen, "AuxRequest"):  # older torch: no LSE to return
         return varlen.varlen_attn(*args, **kw)[None], None
-    out, lse = varlen.varlen_attn(*args, return_aux=varlen.AuxRequest(lse=True), **kw)
+    try:
+        out, lse = varlen.varlen_attn(*args, return_aux=varlen.AuxRequest(lse=True), **kw)
+    except TypeError:  # a torch whose varlen_attn takes no return_aux: the two-pass path
+        return varlen.varlen_attn(*args, **kw)[None], None
     hq, t = query.shape[1], query.shape[2]
     if tuple(lse.shape) != (hq, t):  # flash's varlen LSE is [Hq, T]; the docs say [T, Hq]
         lse = lse.transpose(0, 1)
