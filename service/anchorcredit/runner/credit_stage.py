@@ -71,7 +71,7 @@ def _head_mean(
 ) -> torch.Tensor:
     """[n_resp]: at every response position, the mean over its sequence's `heads` (flat
     indices into the layers' heads, [B, n]) of the layers' field [Hq, n_resp] each."""
-    index = heads[owner].t().contiguous()  # [n, n_resp]; contiguous: the CPU gather's fast path
+    index = heads.t().contiguous().index_select(1, owner)  # [n, n_resp], built contiguous
     return torch.cat(fields).gather(0, index).mean(0)
 
 

@@ -61,43 +61,47 @@ class Layout:
         return self.offsets[-1]
 
 
+def _tiles(begin: np.ndarray, end: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every tile [start, start + size) covering [begin[b], end[b]) of each sequence b:
+    (sequence of each tile, its start), sequence after sequence."""
+    count = -(-(end - begin) // size)
+    seq = np.repeat(np.arange(len(begin)), count)
+    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return seq, begin[seq] + within * size
+
+
 def build_layout(
     cu: list[int], prompts: list[int], bm: int, bn: int, all_bn: int, longest_first: bool,
     device: torch.device,
 ) -> Layout:  # fmt: skip
-    rows: list[tuple[int, int, int, int]] = []
-    cols: list[tuple[int, int, int]] = []
-    whole: list[tuple[int, int, int]] = []
-    counts = [cu[b + 1] - cu[b] - p for b, p in enumerate(prompts)]
-    offsets = [0, *np.cumsum(counts).tolist()]
-    for b, p in enumerate(prompts):
-        start, end = cu[b] + p, cu[b + 1]
-        rows += [(t0 - cu[b], b, t0, (t0 - start) // bm) for t0 in range(start, end, bm)]
-        cols += [(end - j0, b, j0) for j0 in range(start, end, bn)]
-        whole += [(end - max(j0, start), b, j0) for j0 in range(cu[b], end, all_bn)]
-    # The heaviest blocks first, so the long causal rows do not trail at the end of the grid.
-    rows.sort(key=lambda r: -r[0])
-    whole.sort(key=lambda c: -c[0])
+    cu_a = np.asarray(cu, dtype=np.int64)
+    starts, ends = cu_a[:-1] + np.asarray(prompts, dtype=np.int64), cu_a[1:]
+    counts = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    # The heaviest blocks first (a stable sort), so the long causal rows do not trail at the
+    # end of the grid: row blocks by causal length, tiles by the rows still to visit.
+    row_seq, row_start = _tiles(starts, ends, bm)
+    rows = np.argsort(cu_a[row_seq] - row_start, kind="stable")
+    col_seq, col_start = _tiles(starts, ends, bn)
     if longest_first:
-        cols.sort(key=lambda c: -c[0])
-    starts = np.asarray(cu[:-1]) + np.asarray(prompts)
+        cols = np.argsort(col_start - ends[col_seq], kind="stable")
+        col_seq, col_start = col_seq[cols], col_start[cols]
+    all_seq, all_start = _tiles(cu_a[:-1], ends, all_bn)
+    whole = np.argsort(np.maximum(all_start, starts[all_seq]) - ends[all_seq], kind="stable")
+    resp_seq = np.repeat(np.arange(len(counts)), counts)
     parts = [
-        np.asarray(cu),
-        np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
-        np.array([r[3] for r in rows]),
-        np.array([c[1] for c in cols]), np.array([c[2] for c in cols]),
-        np.array([c[1] for c in whole]), np.array([c[2] for c in whole]),
-        starts, np.asarray(offsets[:-1]) - starts,
-        np.concatenate([np.arange(s, e) for s, e in zip(starts, cu[1:], strict=True)]),
-        np.repeat(np.asarray(cu[1:]), counts),
-        np.asarray(offsets), np.asarray(counts),
+        cu_a, row_seq[rows], row_start[rows], ((row_start - starts[row_seq]) // bm)[rows],
+        col_seq, col_start, all_seq[whole], all_start[whole],
+        starts, offsets[:-1] - starts,
+        np.arange(int(offsets[-1])) - offsets[:-1][resp_seq] + starts[resp_seq],
+        ends[resp_seq], offsets, counts,
     ]  # fmt: skip
     host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":  # pinned, so the copy is asynchronous (no host stall)
         host = host.pin_memory()
     table = host.to(device, non_blocking=True)
     pieces = table.split([len(p) for p in parts])
-    return Layout(*pieces, offsets=tuple(offsets), total=cu[-1], host=host)
+    return Layout(*pieces, offsets=tuple(offsets.tolist()), total=cu[-1], host=host)
 
 
 @dataclass(frozen=True)
