@@ -2,7 +2,7 @@
 # The GPU suite: one markdown report per device call, on an H100/H200. Two parts, each
 # sized to fit one device call with room for the machine's start and a rerun:
 #
-#   bash bench/gpu_suite.sh --part kernel   # <= 275 s of steps: the span kernel, one verdict
+#   bash bench/gpu_suite.sh --part kernel   # <= 280 s of steps: the span kernel, one verdict
 #   bash bench/gpu_suite.sh --part service  # 255 s: runner overhead, 512 x 1K, 32K, weight push
 #   bash bench/gpu_suite.sh                 # both, one report
 #   add --dry-run to print the steps and their time limits only, or --preflight to install
@@ -137,9 +137,9 @@ PY
 
 # part|seconds|title|command; the kernel part ends with the verdict read from its own report.
 all_steps=(
-  "kernel|90|kernel GPU tests: bf16 vs float64 (1K..32K), one pass, no host sync, fallback|$py -m pytest -q -m gpu tests/engine/span tests/runner/test_credit_batch.py tests/runner/test_capture_lse.py"
-  "kernel|130|span kernel, Qwen3-8B heads, N=32K..1K, h_hi=100 and end, 3 repeats|$py bench/span_benchmark.py --device cuda --n 32768 16384 8192 4096 1024 --h-hi 100 end --lse --repeats 3 --budget-s 95 --backends sdpa_flash sdpa_cudnn fa2 triton triton_kernel triton_lse triton_kernel_lse"
-  "kernel|50|span kernel, the packed RL batch 512 x 1K (the runner's layout), 3 repeats|$py bench/span_benchmark.py --device cuda --batch 512 --n 1024 --prompt-frac 0.25 --h-hi 100 end --lse --repeats 3 --budget-s 35"
+  "kernel|110|kernel GPU tests: bf16 vs float64 (1K..32K), one pass, no host sync, fallback|$py -m pytest -q -m gpu tests/engine/span tests/runner/test_credit_batch.py tests/runner/test_capture_lse.py"
+  "kernel|120|span kernel, Qwen3-8B heads, N=32K..1K, h_hi=100 and end, 3 repeats|$py bench/span_benchmark.py --device cuda --n 32768 16384 8192 4096 1024 --h-hi 100 end --lse --repeats 3 --budget-s 85 --backends sdpa_flash sdpa_cudnn fa2 triton triton_kernel triton_lse triton_kernel_lse"
+  "kernel|45|span kernel, the packed RL batch 512 x 1K (the runner's layout), 3 repeats|$py bench/span_benchmark.py --device cuda --batch 512 --n 1024 --prompt-frac 0.25 --h-hi 100 end --lse --repeats 3 --budget-s 30"
   "kernel|5|the verdict: kernel-only and whole-call rows against the targets|$py bench/gpu_targets.py $report"
   "service|75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "service|60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"

@@ -42,13 +42,13 @@ def test_dry_run_lists_steps_that_exist_and_fit_one_call():
 def test_parts_split_the_steps_and_each_leaves_room_to_rerun():
     """15 device minutes hold a start (1-2 min), the kernel part, and either the service
     part or a rerun of the kernel part after a fix: the kernel part's steps take at most
-    4.6 minutes (5 with the install), the service part's 5."""
+    4.7 minutes (5 with the install), the service part's 5."""
     kernel_limits, kernel = dry_run("--part", "kernel")
     service_limits, service = dry_run("--part", "service")
     # A split, nothing lost or doubled (the verdict reads the report of its own run).
     split = [c.replace("gpu_suite_kernel.md", "gpu_suite.md") for c in kernel + service]
     assert sorted(split) == sorted(dry_run()[1])
-    assert sum(kernel_limits) <= 275 and sum(service_limits) <= 300
+    assert sum(kernel_limits) <= 280 and sum(service_limits) <= 300
     assert any("-m gpu tests/engine/span" in c for c in kernel)
     # The verdict reads the kernel part's own report, which holds the benchmark tables.
     assert kernel[-1].endswith("bench/gpu_targets.py bench/results/gpu_suite_kernel.md")
