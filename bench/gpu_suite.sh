@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
 # The GPU suite: one markdown report per device call, on an H100/H200. Two parts, each
-# sized to leave room in the device tool's 15 minutes for the machine's start and one rerun:
+# sized to fit one device call with room for the machine's start and a rerun:
 #
-#   bash bench/gpu_suite.sh --part kernel   # 305 s: issue 16 (kernel tests, benchmarks, verdict)
+#   bash bench/gpu_suite.sh --part kernel   # <= 280 s of steps: the span kernel, one verdict
 #   bash bench/gpu_suite.sh --part service  # 255 s: runner overhead, 512 x 1K, 32K, weight push
-#   bash bench/gpu_suite.sh                 # both (560 s), one report
+#   bash bench/gpu_suite.sh                 # both, one report
 #   add --dry-run to print the steps and their time limits only, or --preflight to install
 #   and check the imports without running a step
 #
 # The report is $OUT/gpu_suite_<part>.md ($OUT/gpu_suite.md for both; bench/results/ without
 # $OUT). On the GPU box (the device tool): first, here, `bash bench/gpu_wheels.sh` (the
 # wheels its image lacks, into .whl/), then call 1: carry [".whl"], command
-# "bash bench/gpu_suite.sh --part kernel", timeout_s 400; at once (the machine is still
-# warm) call 2: the same with "--part service", timeout_s 330; then give the machine back.
+# "bash bench/gpu_suite.sh --part kernel", timeout_s 360; if time is left, call 2: the same
+# with "--part service", timeout_s 330; then give the machine back.
 # The box runs its image's python3 with nothing of ours installed, so the suite installs this
 # checkout and the carried wheels into a private site folder first, and checks every import
 # the steps need (a missing one is named in the report at once).
 #
-# Steps (each under its own time limit, so one slow step cannot eat the rest):
-#   kernel 1. the kernel's GPU tests (pytest -m gpu tests/engine/span): bf16 vs the float64
-#      reference at 1K..32K, and no host sync per layer (torch sync debug mode, test_sync.py)
-#   kernel 2. the span benchmark at Qwen3-8B shapes against the fastest SDPA backend and
-#      FlashAttention-2 (h_hi=100 and to the end; whole call and kernel alone), and the
-#      band's column tiles at the old 128x64 (issue 16 item 5: compare triton_kernel rows),
-#      and the row pass with the GQA group packed vs one head per program at 8K (item 6);
-#      both horizons also time the launches with the QK^T dots not pipelined
-#      (triton_kernel_nooverlap: item 6's overlap, on by default on sm_90, against off),
-#      and h_hi=100 the band folded into the row pass (triton_fold: item 5's other answer)
-#   kernel 3. issue 16's targets judged from the tables above (bench/gpu_targets.py)
+# Steps (each under its own time limit, so one slow step cannot eat the rest; the benchmark
+# steps time the largest N first and, past their --budget-s, time the remaining rows once
+# instead of three times, so a slow box still reports every size):
+#   kernel 1. the kernel's GPU tests (pytest -m gpu): bf16 vs the float64 reference at
+#      1K..32K (two-pass and one-pass paths), no host sync per layer and one device-to-host
+#      copy per batch in the credit stage (torch sync debug mode), the fallback
+#   kernel 2. the span benchmark at Qwen3-8B heads, N = 32K..1K, h_hi=100 and end, against
+#      the fastest SDPA backend and FlashAttention-2: whole call (triton*) and launches alone
+#      (triton_kernel*), two-pass and one-pass (_lse) rows, three repeats each with the spread
+#   kernel 3. the packed RL batch, 512 x 1K with 1/4 prompt (the runner's layout), against
+#      torch's varlen flash attention (the runner's own attention call), both horizons
+#   kernel 4. ONE verdict table: kernel-only and whole-call rows judged apart (gpu_targets.py)
 #   service 1. the runner's overhead over the bare truncated forward (Qwen3-4B shape)
 #   service 2. the 512 x 1K-token step of the paper (Qwen3-4B shape; target <= 6.4 s)
 #   service 3. a 32K-token sequence: runner vs eager output_attentions (eager runs out of memory)
@@ -97,7 +98,7 @@ import sys
 
 NEEDED = {
     "anchorcredit.engine.span.triton_kernel": "the span kernel (kernel part, runner steps)",
-    "anchorcredit.engine.span.benchmark": "the span benchmark (kernel part)",
+    "anchorcredit.engine.span.kernel_lse": "the one-pass span kernel (kernel part)",
     "anchorcredit.runner": "bench/runner.py (service part)",
     "anchorcredit.server.app": "bench/weights.py's server (service part)",
     "anchorcredit.client": "bench/weights.py's client (service part)",
@@ -136,12 +137,10 @@ PY
 
 # part|seconds|title|command; the kernel part ends with the verdict read from its own report.
 all_steps=(
-  "kernel|115|kernel GPU tests: bf16 vs float64 (1K..32K), no sync per layer|$py -m pytest -q -m gpu tests/engine/span"
-  "kernel|80|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=100|$py -m anchorcredit.engine.span.benchmark --device cuda --reps 5 --overlap-off --band-fold"
-  "kernel|60|span kernel vs fastest SDPA and FA2, Qwen3-8B shapes, h_hi=end|$py -m anchorcredit.engine.span.benchmark --device cuda --h-hi end --reps 5 --no-eager --overlap-off"
-  "kernel|20|band column tiles at the old 128x64 (compare with the h_hi=100 step)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 4096 16384 --backends triton triton_kernel --col-block-m 128 --col-block-n 64 --reps 5"
-  "kernel|25|row pass GQA-packed vs one head per program at 8K (issue 16 item 6)|$py -m anchorcredit.engine.span.benchmark --device cuda --n 8192 --backends triton_kernel triton_kernel_gqa --gqa-pack --reps 5"
-  "kernel|5|issue 16 targets: <= 0.5x FA2 (h_hi=100), <= 0.7x FA2 (end), <= 0.7x SDPA|$py bench/gpu_targets.py $report"
+  "kernel|110|kernel GPU tests: bf16 vs float64 (1K..32K), one pass, no host sync, fallback|$py -m pytest -q -m gpu tests/engine/span tests/runner/test_credit_batch.py tests/runner/test_capture_lse.py"
+  "kernel|120|span kernel, Qwen3-8B heads, N=32K..1K, h_hi=100 and end, 3 repeats|$py bench/span_benchmark.py --device cuda --n 32768 16384 8192 4096 1024 --h-hi 100 end --lse --repeats 3 --budget-s 85 --backends sdpa_flash sdpa_cudnn fa2 triton triton_kernel triton_lse triton_kernel_lse"
+  "kernel|45|span kernel, the packed RL batch 512 x 1K (the runner's layout), 3 repeats|$py bench/span_benchmark.py --device cuda --batch 512 --n 1024 --prompt-frac 0.25 --h-hi 100 end --lse --repeats 3 --budget-s 30"
+  "kernel|5|the verdict: kernel-only and whole-call rows against the targets|$py bench/gpu_targets.py $report"
   "service|75|runner overhead over the bare truncated forward (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 4096 8192 --tokens 16384 --methods bare runner"
   "service|60|512 x 1K-token step (Qwen3-4B; target <= 6.4 s)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 1024 --tokens 524288 --methods runner --reps 1"
   "service|60|one 32K-token sequence: runner vs eager (Qwen3-4B)|$py bench/runner.py --device cuda --dtype bfloat16 --preset qwen3-4b --n 32768 --tokens 32768 --reps 1"
@@ -194,7 +193,7 @@ for s in "${steps[@]}"; do
   {
     printf '## %s\n\n`%s` (rc %s, %s s)\n\n' "$title" "$cmd" "$rc" "$took"
     # Tables and summary lines only; the full log follows folded.
-    grep -E '^\||passed|failed|skipped|missed a target|^[a-z]+=|^preset=|^cuda' "$log" || true
+    grep -E '^\||passed|failed|skipped|missed|^[a-z]+=|^preset=|^cuda|^kernel:' "$log" || true
     printf '\n<details><summary>log tail</summary>\n\n```\n'
     tail -n 40 "$log"
     printf '```\n</details>\n\n'

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from anchorcredit.engine import SpanStats
+from anchorcredit.engine import PackedStats
 from anchorcredit.offline.debug_model import debug_config, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.forward import Horizon
@@ -78,10 +78,10 @@ def test_per_head_statistics_equal(scorers):
         want, _ = single._forward_stats(pairs, horizon, StageTimer(single.device), False)
         with sharded._lock:  # the scoring lock, as score_batch holds it
             got, _ = sharded._forward_stats(pairs, horizon, StageTimer(sharded.device), False)
-    assert len(got) == len(pairs)
-    for w_seq, g_seq in zip(want, got, strict=True):
-        assert len(g_seq) == len(single.layers)
-        for w, g in zip(w_seq, g_seq, strict=True):
+    assert len(got) == len(single.layers)  # one PackedStats per selected layer
+    for w_layer, g_layer in zip(want, got, strict=True):
+        assert len(g_layer) == len(pairs) and g_layer.offsets == w_layer.offsets
+        for w, g in zip(w_layer, g_layer, strict=True):
             assert g.num_heads == single.num_heads  # all heads, not one rank's
             for field in ("span", "waad", "fai"):
                 torch.testing.assert_close(getattr(g, field), getattr(w, field), **TOL)
@@ -104,23 +104,26 @@ def test_gather_layout_roundtrip():
     """Two ranks' halves, flattened and put back together, equal the whole (no processes)."""
     g = torch.Generator().manual_seed(0)
 
-    def stats(heads: int, r: int) -> SpanStats:
-        return SpanStats(
-            torch.rand(heads, generator=g),
-            torch.rand(heads, r, generator=g),
-            torch.rand(heads, r, generator=g),
+    def stats(heads: int, lengths: tuple[int, ...]) -> PackedStats:
+        n = sum(lengths)
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        return PackedStats(
+            torch.rand(len(lengths), heads, generator=g),
+            torch.rand(heads, n, generator=g),
+            torch.rand(heads, n, generator=g),
+            offsets,
         )
 
-    whole = [[stats(4, r), stats(4, r)] for r in (3, 7)]
+    whole = [stats(4, (3, 7)), stats(4, (3, 7))]  # two layers, two sequences
     halves = [
-        [[SpanStats(s.span[a:b], s.waad[a:b], s.fai[a:b]) for s in seq] for seq in whole]
+        [PackedStats(s.span[:, a:b], s.waad[a:b], s.fai[a:b], s.offsets) for s in whole]
         for a, b in ((0, 2), (2, 4))
     ]
     got = concat_heads([flatten_stats(h) for h in halves], halves[0])
-    for w_seq, g_seq in zip(whole, got, strict=True):
-        for w, s in zip(w_seq, g_seq, strict=True):
-            for field in ("span", "waad", "fai"):
-                assert torch.equal(getattr(s, field), getattr(w, field))
+    for w, s in zip(whole, got, strict=True):
+        assert s.offsets == w.offsets
+        for field in ("span", "waad", "fai"):
+            assert torch.equal(getattr(s, field), getattr(w, field))
 
 
 def test_heads_must_divide():

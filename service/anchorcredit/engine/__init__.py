@@ -4,7 +4,7 @@ span/         per-head span, WAAD and FAI: the backends (reference, chunked, tri
               the front that picks one (span_stats, span_stats_packed)
 aggregate.py  head classes and the local/global means (SPEC.md "Head classes")
 credit.py     gamma_t per strategy (SPEC.md "Credit")
-types.py      SpanStats, Aggregate
+types.py      SpanStats (one sequence), PackedStats (a packed batch), Aggregate
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from anchorcredit.engine.span import (
     span_stats,
     span_stats_packed,
 )
-from anchorcredit.engine.types import Aggregate, SpanStats
+from anchorcredit.engine.types import Aggregate, PackedStats, SpanStats
 
 __all__ = [
     "BACKENDS",
     "STRATEGIES",
     "TRITON_MAX_HEAD_DIM",
     "Aggregate",
+    "PackedStats",
     "SpanStats",
     "aggregate",
     "classify_heads",

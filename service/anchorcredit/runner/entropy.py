@@ -39,10 +39,13 @@ def response_entropy(
     prompt_lens: Sequence[int],
     softcap: float | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> list[torch.Tensor]:
-    """Per-sequence entropy [R_i] (float32) from final hidden states [T, H] of a packed batch."""
-    rows, counts = logits_rows(cu_seqlens, prompt_lens)
-    rows = rows.to(hidden.device)
+) -> torch.Tensor:
+    """Entropy (float32) at every response position of a packed batch, sequence after
+    sequence ([sum R_i]), from its final hidden states [T, H]."""
+    rows, _ = logits_rows(cu_seqlens, prompt_lens)
+    if hidden.device.type == "cuda":  # pinned: an asynchronous copy, no host sync
+        rows = rows.pin_memory()
+    rows = rows.to(hidden.device, non_blocking=True)
     vocab = int(getattr(lm_head, "out_features", 0) or lm_head.weight.shape[0])
     step = max(1, max_elements // max(1, vocab))
     out = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
@@ -52,4 +55,4 @@ def response_entropy(
             logits = torch.tanh(logits / softcap) * softcap
         logp = torch.log_softmax(logits, dim=-1)
         out[i : i + step] = -(logp.exp() * logp).sum(-1)
-    return list(out.split(counts))
+    return out

@@ -4,6 +4,11 @@ The attention function (capture.py) hands each selected layer's post-RoPE q/k to
 engine's packed entry point right away, so only one layer's q/k is alive at a time, and
 raises StopForward after the last selected layer unless entropy needs the final hidden
 states (early exit: that layer's MLP, the later layers and the LM head never run).
+
+With the triton backend and the horizon to the end, each selected layer whose attention the
+forward computes anyway (all but the stop layer) also hands over its row LSE, so the kernel
+scores that layer in one pass instead of two (anchorcredit.engine.span.kernel_lse). The
+statistics stay on the device, one PackedStats per layer, for the batched credit stage.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from anchorcredit.backend import TokenPair
-from anchorcredit.engine import SpanStats, span_stats_packed
+from anchorcredit.engine import PackedStats, span_stats_packed
 from anchorcredit.runner.capture import CaptureState, StopForward, capturing
 from anchorcredit.runner.entropy import response_entropy
 from anchorcredit.runner.packing import PackedBatch, pack_inputs
@@ -41,30 +46,33 @@ def packed_forward(
     *,
     with_entropy: bool = False,
     final_logit_softcap: float | None = None,
-) -> tuple[list[list[SpanStats]], list[torch.Tensor | None]]:
-    """Per sequence: SpanStats of every selected layer (in `layers` order), and entropy
-    [R] of the next-token distribution at each response position (None unless asked)."""
+) -> tuple[list[PackedStats], torch.Tensor | None]:
+    """The statistics of every selected layer (in `layers` order), each a PackedStats over
+    the batch, and the entropy [n_resp] of the next-token distribution at every response
+    position, sequence after sequence (None unless asked)."""
     batch = PackedBatch.of(pairs)
     ids, pos = pack_inputs(pairs, next(decoder.parameters()).device)
     cu = batch.cu_seqlens
     slot = {layer: j for j, layer in enumerate(layers)}
-    per_seq: list[list[SpanStats | None]] = [[None] * len(layers) for _ in pairs]
+    per_layer: list[PackedStats | None] = [None] * len(layers)
 
-    def sink(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, variant: dict) -> None:
+    def sink(
+        layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, variant: dict,
+        lse: torch.Tensor | None,
+    ) -> None:  # fmt: skip
         # variant: the layer's softcap / sinks / sliding_window (model-true attention)
         with timer.stage("statistics"):
-            got = span_stats_packed(
+            per_layer[slot[layer]] = span_stats_packed(
                 q, k, cu, batch.prompt_lens, horizon.window, horizon.h_lo, horizon.h_hi,
-                scale, backend, **variant,
+                scale, backend, lse=lse, **variant,
             )  # fmt: skip
-        for i, s in enumerate(got):
-            per_seq[i][slot[layer]] = s
 
     state = CaptureState(
         cu_seqlens=cu,
         layers=frozenset(layers),
         sink=sink,
         stop_after=None if with_entropy else max(layers),
+        want_lse=backend == "triton" and horizon.h_hi is None,
     )
     hidden = None
     with capturing(state), timer.stage("forward"):
@@ -78,11 +86,9 @@ def packed_forward(
             f"layers {sorted(missing)} never called the attention interface: this model "
             "does not route attention through transformers' AttentionInterface"
         )
-    entropies: list[torch.Tensor | None] = [None] * len(pairs)
+    entropy = None
     if with_entropy:
         assert hidden is not None and lm_head is not None
         with timer.stage("entropy"):
-            entropies = list(
-                response_entropy(hidden, lm_head, cu, batch.prompt_lens, final_logit_softcap)
-            )
-    return per_seq, entropies  # type: ignore[return-value]
+            entropy = response_entropy(hidden, lm_head, cu, batch.prompt_lens, final_logit_softcap)
+    return per_layer, entropy  # type: ignore[return-value]

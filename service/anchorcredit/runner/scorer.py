@@ -2,7 +2,7 @@
 
 The runner's side of the server seam (anchorcredit.backend.ScoringBackend): `validate`
 checks ids once, `score_batch` runs ONE packed forward (forward.py: attention capture,
-statistics, early exit) and the credit stage per sequence (credit_stage.py), returning the
+statistics, early exit) and the credit stage for the batch (credit_stage.py), returning the
 results with per-stage seconds. How much goes into one forward is the caller's choice: the
 server's batcher owns the token budget and the one out-of-memory split
 (anchorcredit.budget). `score` is the convenience for Python callers. See docs/RUNNER.md.
@@ -34,10 +34,10 @@ import torch
 from anchorcredit import contract
 from anchorcredit.backend import BatchScores, Head, ModelInfo, ScoreResult, TokenPair
 from anchorcredit.contract import CreditParams
-from anchorcredit.engine import SpanStats, resolve_backend
+from anchorcredit.engine import PackedStats, resolve_backend
 from anchorcredit.errors import InputError
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
-from anchorcredit.runner.credit_stage import credit_result
+from anchorcredit.runner.credit_stage import credit_results
 from anchorcredit.runner.forward import Horizon, packed_forward
 from anchorcredit.runner.inputs import validate_pairs
 from anchorcredit.runner.layers import LayerChoiceError, select_layers
@@ -302,21 +302,14 @@ class Scorer:
             t0 = time.perf_counter()
             timer = StageTimer(self.device)
             horizon = Horizon(params.window, params.h_lo, params.h_hi)
-            stats, entropies = self._forward_stats(pairs, horizon, timer, with_entropy)
-            with timer.stage("credit"):  # head classes, aggregation and gamma
-                results = [
-                    credit_result(
-                        pair,
-                        stats[i],
-                        entropies[i],
-                        params,
-                        self.layers,
-                        version,
-                        local_heads,
-                        global_heads,
-                    )  # fmt: skip
-                    for i, pair in enumerate(pairs)
-                ]
+            stats, entropy = self._forward_stats(pairs, horizon, timer, with_entropy)
+            # Head classes, aggregation and gamma for the whole batch: one device-to-host
+            # copy; timed on the host (it ends waiting for the device, and the stages'
+            # device times are then read without a device-wide sync).
+            with timer.stage("credit", host=True):
+                results = credit_results(
+                    pairs, stats, entropy, params, self.layers, version, local_heads, global_heads
+                )
             seconds = {**timer.seconds(), "runner": time.perf_counter() - t0}
         return BatchScores(results, seconds)
 
@@ -326,9 +319,10 @@ class Scorer:
         horizon: Horizon,
         timer: StageTimer,
         with_entropy: bool,
-    ) -> tuple[list[list[SpanStats]], list[torch.Tensor | None]]:
-        """Per-layer statistics of every pair (all heads) and entropies: the one packed
-        forward (tensor_parallel.py overrides it to shard the forward and gather the heads)."""
+    ) -> tuple[list[PackedStats], torch.Tensor | None]:
+        """Per-layer statistics of the batch (all heads; PackedStats in `layers` order) and
+        the entropies [n_resp]: the one packed forward (tensor_parallel.py overrides it to
+        shard the forward and gather the heads)."""
         return packed_forward(
             self.decoder,
             self.lm_head,

@@ -215,7 +215,7 @@ class TensorParallelScorer(Scorer):
             stats, _ = Scorer._forward_stats(
                 self, probe, Horizon(1, 1, None), StageTimer(self.device), False
             )
-        seen, want = stats[0][0].num_heads, self.num_heads // self.group.world_size
+        seen, want = stats[0].num_heads, self.num_heads // self.group.world_size
         if seen != want:
             raise ValueError(
                 f"this model's tensor-parallel plan gives each rank {seen} attention heads, "
@@ -231,7 +231,7 @@ class TensorParallelScorer(Scorer):
         horizon: Horizon,
         timer: StageTimer,
         with_entropy: bool,
-    ) -> tuple[Stats, list[torch.Tensor | None]]:
+    ) -> tuple[Stats, torch.Tensor | None]:
         """Rank 0, under the scoring lock: tell the others what to run, then run it too."""
         if self.broken is not None:
             raise TensorParallelGroupBroken(self.broken)
@@ -253,7 +253,7 @@ class TensorParallelScorer(Scorer):
         horizon: Horizon,
         timer: StageTimer,
         with_entropy: bool,
-    ) -> tuple[Stats | None, list[torch.Tensor | None]]:
+    ) -> tuple[Stats | None, torch.Tensor | None]:
         """Every rank: the sharded forward, local-head statistics, gathered on rank 0."""
         local, entropies = super()._forward_stats(pairs, horizon, timer, with_entropy)
         with timer.stage("gather"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from anchorcredit.server.credit_metrics import CreditMetrics
 
@@ -145,6 +147,7 @@ class ServerMetrics:
         for reason in ("deadline", "cancelled"):
             self.dropped.labels(reason)
         self.failures.labels("queue_full")
+        r.register(_SpanFallbacks())
 
     def set_model_info(self, info: dict[str, Any]) -> None:
         self.model_info.info(
@@ -171,6 +174,21 @@ class ServerMetrics:
     def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, Any]:
         """Start /metrics in a daemon thread; returns (server, thread); port 0 picks one."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _SpanFallbacks:
+    """anchorcredit_span_fallback_total: span statistics calls the engine answered with the
+    chunked backend because the Triton kernel failed to compile or launch on this device
+    (anchorcredit.engine.span.fallback; process-wide, read at each scrape, 0 until the
+    engine is loaded)."""
+
+    def collect(self) -> Any:
+        engine = sys.modules.get("anchorcredit.engine.span.fallback")
+        yield CounterMetricFamily(
+            "anchorcredit_span_fallback",
+            "span statistics calls answered by the chunked backend after a triton failure",
+            value=engine.total() if engine is not None else 0,
+        )
 
 
 def memory_probe(device: str) -> Callable[[], dict[str, float]]:

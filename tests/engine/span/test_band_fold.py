@@ -4,8 +4,9 @@ written by the row programs once their LSE is final, summed by FoldedFai.
 Under TRITON_INTERPRET=1: the same numbers as the float64 reference and as the column pass
 on the edge cases (prompt length 1, response length 1, responses shorter than h_lo, h_lo = 0,
 h_hi = h_lo, horizons wider than a query block so that several slots are in use, unequal
-packed lengths, GQA, model-true attention); the arguments it refuses; and (where Triton
-ships ptxas) its sm_80/sm_90 compile without spills. Its timing needs a GPU."""
+packed lengths, GQA, model-true attention) and the arguments it refuses. Its compile is
+checked in tests/bench/test_span_aot.py, its benchmark rows in test_span_benchmark.py; its
+timing needs a GPU."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from anchorcredit.engine.span.reference import span_stats_reference
 
 triton = pytest.importorskip("triton")
-from anchorcredit.engine.span import aot, benchmark, triton_kernel  # noqa: E402
+from anchorcredit.engine.span import triton_kernel  # noqa: E402
 
 from .test_triton_kernel import FIELDS, assert_matches, assert_same, random_qk  # noqa: E402
 
@@ -108,29 +109,7 @@ def test_fold_plan_shape(interpret):
     )
     assert plan.row.options["FOLD_BAND"] is True
     assert isinstance(plan.col, triton_kernel.FoldedFai)
-    assert plan.col.part.shape == (4, 1 + -(-50 // 16), 100)  # 1 + ceil((h_hi - h_lo) / 16)
+    # 1 + ceil((h_hi - h_lo) / 16) slots; the row stride padded to a multiple of 16
+    assert plan.col.part.shape == (4, 1 + -(-50 // 16), 112)
     plain = triton_kernel.plan_packed(q.float(), k.float(), [0, 100], [10])
     assert "FOLD_BAND" not in plain.row.options and isinstance(plain.col, triton_kernel.Launch)
-
-
-def test_benchmark_fold_rows(interpret):
-    args = benchmark.parse_args(["--device", "cuda", "--band-fold"])
-    assert args.band_fold
-    cfg = {**benchmark.config_for("cuda", args), "h_hi": 30}
-    q, k = random_qk(4, 2, 48, 16, seed=2)
-    plan_run = benchmark.stats_fn("triton_kernel_fold", q.float(), k.float(), 5, cfg)
-    assert plan_run.__self__.row.options["FOLD_BAND"] is True
-    got = benchmark.stats_fn("triton_fold", q.float(), k.float(), 5, cfg)()
-    assert_matches(got, reference(q, k, 5, 10, 30), 1e-4)
-
-
-@pytest.mark.skipif(
-    not aot.toolchain_present(), reason="triton's bundled ptxas/cuobjdump are not installed"
-)
-@pytest.mark.parametrize("arch", aot.ARCHS)
-def test_fold_row_pass_compiles_without_spills(monkeypatch, arch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    config = aot.Config(arch, torch.bfloat16, 128, "row", "band", "plain", band="fold")
-    r = aot.resources(config)
-    assert r.launch.options["FOLD_BAND"] is True
-    assert r.spill_bytes == 0 and len(r.loops) == 3, aot.row(r)  # bulk, diagonal, band

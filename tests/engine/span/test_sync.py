@@ -77,5 +77,5 @@ def test_runner_syncs_do_not_grow_with_the_selected_layers(sync_debug):
             stats, _ = scorer._forward_stats(pairs, horizon, timer, False)
         sync_debug("default")
         counts[len(layers)] = sum("synchroniz" in str(w.message) for w in caught)
-        assert len(stats) == 3 and len(stats[0]) == len(layers)
+        assert len(stats) == len(layers) and len(stats[0]) == 3  # per layer, per sequence
     assert counts[4] == counts[1], counts

@@ -241,24 +241,49 @@ def test_mixed_dtypes_overflow_and_huge_horizons(interpret):
 def test_block_tables_are_one_cached_copy(interpret, monkeypatch):
     """One int32 table per batch layout (a single host-to-device copy), reused by every
     layer of the batch; the cache is bounded."""
-    import anchorcredit.engine.span.triton_kernel as mod
+    from anchorcredit.engine.span import plan as plan_mod
+    from anchorcredit.engine.span import triton_kernel as mod
 
-    monkeypatch.setattr(mod, "_LAYOUTS", type(mod._LAYOUTS)())
-    monkeypatch.setattr(mod, "LAYOUT_CACHE_SIZE", 2)
+    monkeypatch.setattr(plan_mod, "_LAYOUTS", type(plan_mod._LAYOUTS)())
+    monkeypatch.setattr(plan_mod, "LAYOUT_CACHE_SIZE", 2)
+    monkeypatch.setattr(mod, "_PLANS", type(mod._PLANS)())
     q, k = random_qk(2, 1, 50, 16, seed=2)
     q, k = q.float(), k.float()
     first = mod.plan_packed(q, k, [0, 20, 50], [5, 3]).layout
     again = mod.plan_packed(q, k, [0, 20, 50], [5, 3], window=3, h_lo=1, h_hi=40).layout
     assert again is first  # a second layer of the same batch: no new table, no copy
-    pieces = ("cu", "row_seq", "row_start", "col_seq", "col_start", "resp", "resp_offsets")
+    pieces = ("cu", "row_seq", "row_start", "col_seq", "col_start", "resp", "out_shift")
     storages = {getattr(first, p).untyped_storage().data_ptr() for p in pieces}
     assert len(storages) == 1 and first.cu.dtype == torch.int32
-    assert first.cu.tolist() == [0, 20, 50]
+    assert first.cu.tolist() == [0, 20, 50] and first.offsets == (0, 15, 42)
     assert first.resp.tolist() == [*range(5, 20), *range(23, 50)]
+    # a response position's slot among the batch's response positions
+    assert first.out_shift.tolist() == [0 - 5, 15 - 23]
     other = mod.plan_packed(q, k, [0, 30, 50], [5, 3]).layout
     assert other is not first
     mod.plan_packed(q, k, [0, 50], [5])
-    assert len(mod._LAYOUTS) == 2 and all(v is not first for v in mod._LAYOUTS.values())
+    assert len(plan_mod._LAYOUTS) == 2 and all(v is not first for v in plan_mod._LAYOUTS.values())
+
+
+def test_a_repeated_call_reuses_its_plan(interpret, monkeypatch):
+    """The second layer of a batch plans nothing: same launch options and tables, new
+    outputs, the new tensors bound; and it checks nothing again (a cached call signature
+    was checked when first planned)."""
+    from anchorcredit.engine.span import triton_kernel as mod
+
+    monkeypatch.setattr(mod, "_PLANS", type(mod._PLANS)())
+    q, k = random_qk(4, 2, 60, 16, seed=3)
+    a = mod.plan_packed(q.float(), k.float(), [0, 25, 60], [5, 9], check_finite=False)
+    q2, k2 = q.float() * 2, k.float()
+    calls = []
+    monkeypatch.setattr(mod, "_check_packed", lambda *a: calls.append(a))
+    b = mod.plan_packed(q2, k2, [0, 25, 60], [5, 9], check_finite=False)
+    assert calls == [] and len(mod._PLANS) == 1
+    assert b.layout is a.layout and b.row.options == a.row.options and b.row.grid == a.row.grid
+    assert b.row.args[0] is q2 and b.waad.data_ptr() != a.waad.data_ptr()
+    b.run()
+    for s, (lo, hi) in zip(b.collect(), [(0, 25), (25, 60)], strict=True):
+        assert s.waad.shape == (4, hi - lo - (5 if lo == 0 else 9))
 
 
 @pytest.mark.parametrize("col_tiles", [(16, 32), (64, 32)])  # (64, 32): the GPU band default

@@ -3,14 +3,17 @@
 The room holds every way we compute them, side by side:
   reference.py      materialised attention, the oracle (float64 capable)
   chunked.py        blocks of query rows, O(N * block) memory: the CPU path
-  triton_kernel.py  fused GPU kernel (its docstring states contract, limits, hardware)
+  triton_kernel.py  fused GPU kernel: plans and runs a call (its docstring states contract,
+                    limits, hardware); its kernels are kernel_row.py, kernel_col.py,
+                    kernel_lse.py (the one-pass path given the row LSE) with the helpers
+                    of tiles.py; defaults.py picks tiles per device, plan.py holds the
+                    block tables and launches
+  fallback.py       a Triton failure answered by the chunked backend, counted
   checks.py         argument checks every backend shares
-  benchmark.py      one table per device: every backend, its memory and error, against a
-                    baseline measured in the same run (CPU: reference; CUDA: the fastest
-                    SDPA backend, and FlashAttention-2)
-  aot.py            the kernel compiled for sm_80/sm_90 as a launch compiles it (no GPU):
-                    registers, spills, shared memory and SASS loops per configuration
-Their tests are tests/engine/span/.
+Their tests are tests/engine/span/. The dev tools beside the other benchmarks:
+bench/span_benchmark.py (every backend, one table per device) and bench/span_aot.py (the
+kernels compiled for sm_80/86/89/90 as a launch compiles them: registers, spills, shared
+memory and SASS loops, no GPU needed).
 
 span_stats()         one sequence
 span_stats_packed()  a packed batch (the runner's entry point): sequences end to end
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 import torch
 
 from anchorcredit.contract import DEFAULTS
+from anchorcredit.engine.span import fallback
 from anchorcredit.engine.span.checks import (
     check_attention_variant,
     check_horizon,
@@ -45,7 +49,7 @@ from anchorcredit.engine.span.checks import (
 )
 from anchorcredit.engine.span.chunked import span_stats_chunked
 from anchorcredit.engine.span.reference import span_stats_reference
-from anchorcredit.engine.types import SpanStats
+from anchorcredit.engine.types import PackedStats, SpanStats
 
 BACKENDS = ("reference", "chunked", "triton", "auto")
 # The kernel's largest head dim (triton_kernel.MAX_HEAD_DIM, kept here so that choosing a
@@ -138,29 +142,43 @@ def span_stats_packed(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
-) -> list[SpanStats]:
-    """SpanStats of every sequence of a packed batch: q [Hq, T, d], k [Hkv, T, d] with the
-    sequences end to end (cu_seqlens [B+1], prompt_lens [B]); `backend` already resolved.
-    softcap / sinks / sliding_window: the layer's attention (module docstring), checked here.
+    lse: torch.Tensor | None = None,
+) -> PackedStats:
+    """Statistics of every sequence of a packed batch (PackedStats: indexing it gives each
+    sequence's SpanStats): q [Hq, T, d], k [Hkv, T, d] with the sequences end to end
+    (cu_seqlens [B+1], prompt_lens [B]); `backend` already resolved. softcap / sinks /
+    sliding_window: the layer's attention (module docstring), checked here. lse [Hq, T]:
+    the layer's own row log-sum-exp (natural log) where the forward computed it; the triton
+    backend then scores h_hi=None in one pass (triton_kernel.plan_packed), the others
+    ignore it.
 
     The runner's hot path: shapes and horizons were checked when the request was parsed, so
     this skips span_stats()' per-call checks (an isfinite pass over q and k costs ~25% of the
     statistics on the CPU, and on a GPU each value check is a host sync per layer; the
     triton path makes none). A non-finite q/k or sink still fails loudly: it makes a head's
-    span non-finite, which aggregate() rejects once per sequence after the forward.
+    span non-finite, which the credit stage rejects once per batch after the forward.
+
+    A Triton failure (compile or launch) never fails the call: it is answered by the
+    chunked backend, with one warning per kind of call and a count (fallback.py).
     """
     softcap, sinks, sliding_window = check_attention_variant(
         softcap, sinks, sliding_window, q, check_finite=False
     )
     variant = {"softcap": softcap, "sinks": sinks}
     if backend == "triton":
-        from anchorcredit.engine.span import triton_kernel
-
-        # No value scans here (check_finite=False): each is a device sync per layer.
-        return triton_kernel.span_stats_packed(
-            q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale,
-            sliding_window=sliding_window, check_finite=False, **variant,
-        )  # fmt: skip
+        kind = (str(q.device), q.dtype, q.shape[-1], softcap is not None, sinks is not None,
+                sliding_window is not None, h_hi is None, lse is not None)  # fmt: skip
+        if not fallback.known_failure(kind):
+            try:
+                return _triton_packed(q, k, cu_seqlens, prompt_lens, window, h_lo, h_hi,
+                                      scale, sliding_window, lse, variant)  # fmt: skip
+            except torch.OutOfMemoryError:
+                raise  # the scorer halves the batch and retries
+            except Exception as err:  # noqa: BLE001 - any compile/launch failure
+                fallback.record(kind, err)
+        else:
+            fallback.record(kind)
+        backend = "chunked"
     if backend not in ("chunked", "reference"):
         raise ValueError(f"span_stats_packed needs a resolved backend, got {backend!r}")
     fn = span_stats_chunked if backend == "chunked" else span_stats_reference
@@ -171,4 +189,16 @@ def span_stats_packed(
         out.append(
             fn(q[:, a:b], k[:, a:b], p, window, h_lo, h_hi, scale, sliding_window=slide, **variant)
         )
-    return out
+    return PackedStats.of_sequences(out)
+
+
+def _triton_packed(
+    q, k, cu_seqlens, prompt_lens, window, h_lo, h_hi, scale, sliding_window, lse, variant
+) -> PackedStats:
+    from anchorcredit.engine.span import triton_kernel
+
+    # No value scans here (check_finite=False): each is a device sync per layer.
+    return triton_kernel.span_stats_packed(
+        q, k, cu_seqlens, list(prompt_lens), window, h_lo, h_hi, scale,
+        sliding_window=sliding_window, check_finite=False, lse=lse, **variant,
+    )  # fmt: skip

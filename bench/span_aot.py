@@ -1,21 +1,22 @@
-"""Ahead-of-time compile of the span kernel exactly as a launch compiles it, and its resources.
+"""Ahead-of-time compile of the span kernels exactly as a launch compiles them, and their resources.
 
-    python -m anchorcredit.engine.span.aot            # the full table (docs/KERNEL.md)
-    python -m anchorcredit.engine.span.aot --quick    # bf16, head dim 128 only
-    python -m anchorcredit.engine.span.aot --gqa-pack # row pass: GQA-packed vs one head
-    python -m anchorcredit.engine.span.aot --overlap  # QK^T pipelined vs not (item 6)
-    python -m anchorcredit.engine.span.aot --fold     # row pass with the band folded (item 5)
+    python bench/span_aot.py                # 16-bit table: sm_80/86/89/90 (docs/KERNEL.md)
+    python bench/span_aot.py --quick        # bf16, head dim 128 only
+    python bench/span_aot.py --fp32         # the fp32 (debug) tiles as well
+    python bench/span_aot.py --gqa-pack     # row pass: GQA-packed vs one head per program
+    python bench/span_aot.py --fold         # row pass with the band folded in
+    PYTHONPATH=<a triton 3.6 install> python bench/span_aot.py   # the GPU image's toolchain
 
 No GPU needed: Triton ships ptxas and cuobjdump (triton/backends/nvidia/bin). For each
-launcher configuration, span_stats_packed's own planning (plan_packed) builds the launches
-on CPU tensors; the arguments then go through the JIT's binder for a CUDA target (the code
-a launch runs: the same divisibility/alignment specialisation and launch options), and
-triton.compile produces the cubin. Registers, spill stack and local memory come from
-`cuobjdump -res-usage`, shared memory from the compiled metadata, and the loops (a
-backward branch in the SASS) from `cuobjdump -sass`: their instruction counts, the
-cross-warp traffic inside them (SHFL shuffles, BAR barriers) and, on sm_90, how many exp2
-(MUFU.EX2) issue while a wgmma is in flight (between an HGMMA and its WARPGROUP.DEPBAR
-wait, around the loop): 0 means the softmax waits for the tensor cores.
+configuration, span_stats_packed's own planning (plan_packed, with the tiles it picks for
+that GPU's shared memory) builds the launches on CPU tensors; the arguments then go through
+the JIT's binder for a CUDA target (the code a launch runs: the same divisibility/alignment
+specialisation and launch options), and triton.compile produces the cubin. Registers, spill
+stack and local memory come from `cuobjdump -res-usage`, shared memory from the compiled
+metadata (checked against the GPU's per-block limit: a launch over it fails), and the loops
+(a backward branch in the SASS) from `cuobjdump -sass`: their instruction counts and the
+cross-warp traffic inside them (SHFL shuffles, BAR barriers). Exits 1 when a 16-bit
+configuration spills or needs more shared memory than its GPU has.
 """
 
 from __future__ import annotations
@@ -34,31 +35,35 @@ from typing import Any
 import torch
 
 from anchorcredit.engine.span import triton_kernel as tk
+from anchorcredit.engine.span.defaults import SHARED_OPTIN, UNKNOWN_SHARED
 
-ARCHS = (80, 90)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ARCHS = (80, 86, 89, 90)
+DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 128, 256)
-# (pass, horizon mode, attention variant): both passes, both column-pass modes, and the
-# kernels with every model-true option switched on (soft-capping, sinks, sliding window).
+# (pass, horizon mode, attention variant): the two-pass path (row pass; column pass of the
+# band and to the end) and the one-pass path given the LSE (its LSE pass and WAAD's band),
+# each plain and with every model-true option (soft-capping, sinks, sliding window).
 KERNELS = (
     ("row", "band", "plain"),
     ("row", "band", "variants"),
     ("col", "band", "plain"),
     ("col", "end", "plain"),
     ("col", "end", "variants"),
+    ("lse", "end", "plain"),
+    ("lse", "end", "variants"),
+    ("lse", "band", "plain"),
+    ("waad", "end", "plain"),
+    ("waad", "end", "variants"),
 )
-# The GQA-packing sweep (issue 16 item 6): the row pass, bf16, d 64/128, Qwen3-8B's group of
-# 4, one head per program vs the group packed, at the same tile (rows x key columns; packed
-# rows = 4 heads x rows/4 positions), each with its warps and stages.
+# The GQA-packing sweep: the row pass, bf16, d 64/128, Qwen3-8B's group of 4, one head per
+# program vs the group packed, at the same tile (rows x key columns; packed rows = 4 heads
+# x rows/4 positions), each with its warps and stages.
 PACK_GROUP = 4
 PACK_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
 PACK_HEAD_DIMS = (64, 128)
-# The QK^T-overlap sweep (issue 16 item 6): the loops it changes (the row pass's bulk loop,
-# the column pass's to-the-end loop), bf16, every head dim, off and on.
-OVERLAP_KERNELS = (("row", "band", "plain"), ("col", "end", "plain"))
 COLUMNS = (
-    "arch", "dtype", "d", "pass", "horizon", "attention", "tile", "warps", "stages",
-    "overlap", "regs", "spill B", "shared KiB", "loops: SASS instr / SHFL / BAR", "EX2 under wgmma",
+    "triton", "arch", "dtype", "d", "pass", "horizon", "attention", "tile", "warps", "stages",
+    "regs", "spill B", "shared KiB", "limit KiB", "loops: SASS instr / SHFL / BAR",
 )  # fmt: skip
 
 
@@ -67,18 +72,21 @@ class Config:
     arch: int
     dtype: torch.dtype
     head_dim: int
-    pass_: str  # "row" or "col"
+    pass_: str  # "row", "col", "lse" or "waad"
     horizon: str  # "band" (h_hi=100) or "end" (h_hi=None)
     attention: str  # "plain" or "variants"
     group: int = 2  # query heads per kv head
     gqa_pack: bool = False  # the row pass packs the group into one program
     tile: tuple[int, int, int, int] | None = None  # rows, columns, warps, stages; None: default
-    overlap: bool | None = None  # overlap_qk; None: plan_packed's default for this arch
     band: str = "columns"  # plan_packed's band: "fold" sums FAI's band in the row pass
 
     @property
     def sixteen_bit(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)
+
+    @property
+    def shared_limit(self) -> int:
+        return SHARED_OPTIN.get(divmod(self.arch, 10), UNKNOWN_SHARED)
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,6 @@ class Loop:
     instructions: int
     shuffles: int
     barriers: int
-    exp2_under_mma: int | None = None  # None: no wgmma in the loop (sm_80's mma is sync)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,10 @@ class Resources:
     shared_bytes: int
     loops: tuple[Loop, ...]
     specialization: str  # the JIT's cache key of this launch
+
+    @property
+    def over_limit(self) -> bool:
+        return self.shared_bytes > self.config.shared_limit
 
 
 def tool(name: str) -> str:
@@ -122,7 +133,7 @@ def toolchain_present() -> bool:
 def plan_for(config: Config, n: int = 1000) -> tk.Plan:
     """span_stats_packed's plan of a two-sequence batch with the config's inputs, on the CPU
     (the launches are only bound and compiled, never run)."""
-    if tk._interpreting():
+    if tk.tiles.interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: the AOT compile needs the real JIT")
     hkv, d = 2, config.head_dim
     hq = hkv * config.group
@@ -131,6 +142,8 @@ def plan_for(config: Config, n: int = 1000) -> tk.Plan:
     variant: dict[str, Any] = {}
     if config.attention == "variants":
         variant = {"softcap": 30.0, "sinks": torch.zeros(hq), "sliding_window": 64}
+    if config.pass_ in ("lse", "waad"):  # the one-pass path: the layer's LSE given
+        variant.update(lse=torch.zeros(hq, n), one_pass=True)
     h_hi = 100 if config.horizon == "band" else None
     if config.tile is not None:
         rows, cols, warps, stages = config.tile
@@ -138,14 +151,14 @@ def plan_for(config: Config, n: int = 1000) -> tk.Plan:
         variant.update(block_m=per_head, block_n=cols, num_warps=warps, num_stages=stages)
     return tk.plan_packed(
         q, k, [0, 600, n], [100, 50], h_hi=h_hi, check_finite=False,
-        gqa_pack=config.gqa_pack, overlap_qk=config.overlap,
-        capability=divmod(config.arch, 10), band=config.band, **variant,
+        gqa_pack=config.gqa_pack, capability=divmod(config.arch, 10), band=config.band,
+        **variant,
     )  # fmt: skip
 
 
 def launch_for(config: Config) -> tk.Launch:
     plan = plan_for(config)
-    return plan.row if config.pass_ == "row" else plan.col
+    return plan.row if config.pass_ in ("row", "waad") else plan.col
 
 
 def bind(launch: tk.Launch, arch: int) -> tuple[Any, dict, dict, dict, dict, Any, str]:
@@ -208,28 +221,9 @@ def sass_loops(sass: str) -> tuple[Loop, ...]:
                     instructions=len(body),
                     shuffles=sum("SHFL" in i for i in body),
                     barriers=sum(re.search(r"\bBAR\.(SYNC|ARV|RED)", i) is not None for i in body),
-                    exp2_under_mma=exp2_under_mma(body),
                 )
             )
     return tuple(loops)
-
-
-def exp2_under_mma(body: list[str]) -> int | None:
-    """Exp2s a loop issues while a wgmma is in flight: after an HGMMA and before the
-    WARPGROUP.DEPBAR that waits for it, following the loop around once (the wgmma issued
-    late in one iteration is awaited in the next). None when the loop has no wgmma."""
-    if not any("HGMMA" in i for i in body):
-        return None
-    in_flight, count = False, 0
-    for lap in (0, 1):  # the first lap only establishes the state carried around the loop
-        for ins in body:
-            if "HGMMA" in ins:
-                in_flight = True
-            elif "WARPGROUP.DEPBAR" in ins:
-                in_flight = False
-            elif "MUFU.EX2" in ins and in_flight and lap:
-                count += 1
-    return count
 
 
 def resources(config: Config) -> Resources:
@@ -277,17 +271,7 @@ def pack_configs(archs=ARCHS, head_dims=PACK_HEAD_DIMS) -> Iterator[Config]:
                                  group=PACK_GROUP, gqa_pack=pack, tile=tile)  # fmt: skip
 
 
-def overlap_configs(archs=ARCHS, head_dims=HEAD_DIMS) -> Iterator[Config]:
-    """The QK^T-overlap sweep: the loops it changes, each off then on."""
-    for arch in archs:
-        for d in head_dims:
-            for pass_, horizon, attention in OVERLAP_KERNELS:
-                for overlap in (False, True):
-                    yield Config(arch, torch.bfloat16, d, pass_, horizon, attention,
-                                 overlap=overlap)  # fmt: skip
-
-
-def fold_configs(archs=ARCHS, dtypes=DTYPES[:2], head_dims=HEAD_DIMS) -> Iterator[Config]:
+def fold_configs(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS) -> Iterator[Config]:
     """The band-fold sweep: the row pass (band horizon, plain and model-true attention), its
     column sums folded in, for the 16-bit dtypes."""
     for arch in archs:
@@ -298,57 +282,60 @@ def fold_configs(archs=ARCHS, dtypes=DTYPES[:2], head_dims=HEAD_DIMS) -> Iterato
 
 
 def row(r: Resources) -> str:
+    import triton
+
     c, o = r.config, r.launch.options
     tile = f"{o['BLOCK_M']}x{o['BLOCK_N']}"
     if o.get("GQA_PACK", 1) > 1:  # heads x positions x key columns
         tile = f"{o['GQA_PACK']}x{tile}"
     pass_ = c.pass_ + ("+fold" if o.get("FOLD_BAND") else "")
     loops = "; ".join(f"{lp.instructions} / {lp.shuffles} / {lp.barriers}" for lp in r.loops)
-    under = "; ".join("-" if x is None else str(x) for x in (lp.exp2_under_mma for lp in r.loops))
+    shared = f"{r.shared_bytes / 1024:.1f}" + (" OVER" if r.over_limit else "")
     cells = (
-        f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim, pass_, c.horizon,
-        c.attention, tile, o["num_warps"], o["num_stages"], "on" if o.get("OVERLAP_QK") else "off",
-        r.registers, r.spill_bytes, f"{r.shared_bytes / 1024:.1f}", loops, under,
+        triton.__version__, f"sm_{c.arch}", str(c.dtype).removeprefix("torch."), c.head_dim,
+        pass_, c.horizon, c.attention, tile, o["num_warps"], o["num_stages"], r.registers,
+        r.spill_bytes, shared, f"{c.shared_limit / 1024:.0f}", loops,
     )  # fmt: skip
     return "| " + " | ".join(str(x) for x in cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m anchorcredit.engine.span.aot",
+    ap = argparse.ArgumentParser(prog="python bench/span_aot.py",
                                  description=__doc__.splitlines()[0])  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="bf16, head dim 128 only")
+    ap.add_argument("--fp32", action="store_true", help="the fp32 (debug) tiles too")
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    ap.add_argument("--pass", dest="passes", nargs="+", default=None,
+                    help="only these passes (row, col, lse, waad)")  # fmt: skip
     ap.add_argument("--gqa-pack", action="store_true",
                     help="the row pass's GQA-packing sweep (bf16, d 64/128, group 4)")  # fmt: skip
     ap.add_argument("--fold", action="store_true",
                     help="the row pass with the band's FAI folded in (16-bit)")  # fmt: skip
-    ap.add_argument("--overlap", action="store_true",
-                    help="the QK^T-overlap sweep: the loops it changes, off and on")  # fmt: skip
     args = ap.parse_args(argv)
     import triton
 
-    dtypes = (torch.bfloat16,) if args.quick else DTYPES
+    dtypes = (torch.bfloat16,) if args.quick else DTYPES + ((torch.float32,) if args.fp32 else ())
     dims = (128,) if args.quick else HEAD_DIMS
+    kernels = [kn for kn in KERNELS if args.passes is None or kn[0] in args.passes]
     print(f"triton {triton.__version__}, ptxas {tool('ptxas')}\n")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    spills = 0
+    bad = 0
     start = time.perf_counter()
     if args.gqa_pack:
         todo = pack_configs(args.arch)
-    elif args.overlap:
-        todo = overlap_configs(args.arch, dims)
     elif args.fold:
         todo = fold_configs(args.arch, head_dims=dims)
     else:
-        todo = configs(args.arch, dtypes, dims)
+        todo = configs(args.arch, dtypes, dims, kernels)
     for config in todo:
         r = resources(config)
         print(row(r), flush=True)
-        spills += config.sixteen_bit and r.spill_bytes > 0
+        bad += config.sixteen_bit and (r.spill_bytes > 0 or r.over_limit)
     took = time.perf_counter() - start
-    print(f"\n{spills} 16-bit configuration(s) spill; compiled in {took:.0f} s")
-    return 1 if spills else 0
+    print(f"\n{bad} 16-bit configuration(s) spill or exceed shared memory; compiled in "
+          f"{took:.0f} s")  # fmt: skip
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
