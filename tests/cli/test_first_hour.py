@@ -317,3 +317,12 @@ def test_the_readme_score_commands_run_in_order_without_a_refusal():
         if out in seen and "--overwrite" not in flags:
             assert seen[out] == flags, f"{out}: {seen[out]} then {flags}"
         seen[out] = flags
+
+
+def test_the_package_metadata_names_its_authors_and_the_paper():
+    from importlib.metadata import metadata
+
+    md = metadata("anchorcredit")
+    assert md["Author"] == "anchorcredit maintainers"
+    urls = md.get_all("Project-URL") or []
+    assert "Paper, https://arxiv.org/abs/2510.13554" in urls
