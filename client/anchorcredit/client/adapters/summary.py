@@ -32,7 +32,7 @@ import numpy as np
 from anchorcredit.client.adapters.versions import parse_version
 from anchorcredit.client.reweight import _to_numpy
 
-__all__ = ["KEYS", "PREFIX", "StepSummary", "gamma_summary", "log_version"]
+__all__ = ["GAMMA_KEYS", "KEYS", "PREFIX", "StepSummary", "gamma_summary", "log_version"]
 
 PREFIX = "anchorcredit/"
 GAMMA_KEYS = ("gamma_mean", "gamma_min", "gamma_max", "gamma_p90", "amplified_fraction")
