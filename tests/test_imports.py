@@ -9,7 +9,13 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["anchorcredit", "anchorcredit.client", "anchorcredit.v1.credit_pb2_grpc"]
+    "module",
+    [
+        "anchorcredit",
+        "anchorcredit.client",
+        "anchorcredit.client.adapters.summary",
+        "anchorcredit.v1.credit_pb2_grpc",
+    ],
 )
 def test_import_without_torch(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"

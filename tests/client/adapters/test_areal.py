@@ -162,26 +162,59 @@ def _expected(checker, padded_in, ref_adv, sign="both", **params):
     return want, holes
 
 
+def _reweighted_gammas(checker, padded_in, **params) -> list[np.ndarray]:
+    """The gamma of each response token whose action the adapter scales (loss mask 1),
+    asked of the service per row as in `_expected`."""
+    ids, mask = padded_in["input_ids"], padded_in["loss_mask"].bool()
+    out = []
+    for b in range(ids.shape[0]):
+        pos = torch.nonzero(mask[b]).flatten()
+        if len(pos) == 0:
+            continue
+        first, last = int(pos[0]), int(pos[-1])
+        [res] = checker.score(
+            [ids[b, :first].tolist()], [ids[b, first : last + 1].tolist()], **params
+        )
+        out.append(np.asarray(res.gamma)[mask[b, first : last + 1].numpy()])
+    return out
+
+
+def _f32(value: float) -> float:
+    """AReaL's stats_tracker reduces scalars in float32."""
+    return float(np.float32(value))
+
+
 @pytest.mark.parametrize("group_norm", [False, True])
 @pytest.mark.parametrize("sign", ["both", "positive_only"])
-def test_advantages_are_areal_times_gamma(target, group_norm, sign):
+def test_advantages_are_areal_times_gamma(target, group_norm, sign, check_step_summary):
+    from areal.utils import stats_tracker
+
     trajs = _rollout(StubRollout(seed=1))
     padded, _ = concat_batch(copy.deepcopy(trajs))  # AReaL's own padding (right, zeros)
     assert (padded["attention_mask"] == 0).any()  # there is padding to leave alone
     actor = _actor(group_norm)
     ref = actor._compute_advantages(copy.deepcopy(padded))  # AReaL alone
+    stats_tracker.export_all()  # start from an empty tracker
     with (
         CreditClient([target], cache=None) as client,
         CreditClient([target], cache=False) as checker,
     ):
         undo = ac_areal.install(client, strategy="coupled_rhythm", sign=sign, q=0.5)
+        exported = []
         try:
             ac_areal.install(client, strategy="coupled_rhythm", sign=sign, q=0.5)  # no double wrap
             out = actor._compute_advantages(copy.deepcopy(padded))
+            exported.append(stats_tracker.export_all())  # what the engine's export_stats does
+            actor._compute_advantages(copy.deepcopy(padded))  # the same batch again: cached
+            exported.append(stats_tracker.export_all())
         finally:
             undo()
         assert not hasattr(areal_actor.PPOActor._compute_advantages, "__anchorcredit_wrapped__")
         want, holes = _expected(checker, padded, ref["advantages"], sign=sign, q=0.5)
+        gammas = _reweighted_gammas(checker, padded, q=0.5)
+    # the step's credit summary in AReaL's exported statistics (version "0": no step)
+    for stats, hits in zip(exported, (0.0, 1.0), strict=True):
+        check_step_summary(stats, gammas, hit_ratio=hits, cast=_f32)
     assert holes > 0  # the multi-turn retries put user tokens inside some responses
     assert out["advantages"].dtype == ref["advantages"].dtype
     torch.testing.assert_close(out["advantages"], want, rtol=0, atol=0)
@@ -349,7 +382,7 @@ def _model_with_tokenizer(path):
 
 @pytest.mark.slow
 def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
-    tmp_path, start_server, monkeypatch
+    tmp_path, start_server, monkeypatch, check_step_summary
 ):
     """Issue 21: with a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
     PPOActorController and compute_advantages / update_weights are RPCs to worker processes:
@@ -408,13 +441,18 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
         for step in range(2):
             trajs = _rollout(StubRollout(seed=20 + step), n_single=2, n_multi=1, seed=step)
             out = RTensor.localize(actor.compute_advantages(copy.deepcopy(trajs)))
-            boosted = 0
+            boosted, gammas = 0, []
             for t, o in zip(trajs, out, strict=True):
                 raw = alone._compute_advantages(copy.deepcopy(t))["advantages"]
                 want, _ = _expected(checker, t, raw, policy_version=f"step-{step}-sc1", q=0.5)
                 torch.testing.assert_close(o["advantages"], want, rtol=0, atol=0)
                 boosted += int((o["advantages"] != raw).sum())
+                gammas += _reweighted_gammas(checker, t, policy_version=f"step-{step}-sc1", q=0.5)
             assert boosted > 0  # gamma != 1 reached the worker's advantages
+            # the worker's credit summary, in the statistics AReaL's trainer exports and
+            # commits each step (the controller's export_stats RPC); new weights: no hits
+            stats = actor.export_stats()
+            check_step_summary(stats, gammas, hit_ratio=0.0, policy_step=step, cast=_f32)
             actor.update_weights(meta.with_version(step + 1))  # AReaL's order, over RPC
             actor.set_version(step + 1)
             assert checker.model_info(refresh=True).policy_version == f"step-{step + 1}-sc1"

@@ -5,7 +5,8 @@ args, `SamplesGenerator._process_response_into_experience` turns rollouts into E
 `RemoteExperienceMaker.split_rollout_samples` pads them into micro-batches, the real base
 class's `compute_advantages_and_returns` computes the advantages the adapter reweights,
 `BasePPOTrainer.__init__` / `broadcast_to_vllm` and `ActorPPOTrainer.__init__` /
-`broadcast_to_vllm` run the weight sync, `openrlhf.models.Actor` loads the HF model.
+`broadcast_to_vllm` run the weight sync, `BasePPOTrainer.train_step` returns the step status
+that carries the credit summary, `openrlhf.models.Actor` loads the HF model.
 
 Stubbed, and only these (the GPU / Ray / vLLM / DeepSpeed boundaries):
 - import stubs for `deepspeed`, `vllm`, `flash_attn` (GPU packages, not installable here);
@@ -13,12 +14,14 @@ Stubbed, and only these (the GPU / Ray / vLLM / DeepSpeed boundaries):
   and `deepspeed.zero.GatheredParameters` puts the full value back while inside;
   `DeepSpeedEngine` is a wrapper module with `.module`, as DeepSpeed's;
 - Ray: `ray.get` inside OpenRLHF's modules returns its argument, and the actor group calls
-  the actor's method in this process;
+  the actor's method in this process (or, for `train_step`, records `append` and returns
+  the status of the actor's `fit`: PPO training on GPU actors);
 - vLLM: engines record `update_weight` calls, the vLLM process group records broadcasts;
 - CUDA: `torch_dist_barrier_and_cuda_sync` is the barrier of a one-process gloo group,
   `torch.cuda.current_stream` returns None and `torch.cuda.current_device` 0;
 - the actor/reference forward passes (GPU Ray actors) that fill `kl`: random values;
-- the tokenizer: only `pad_token_id` is read (the debug model ships none).
+- the tokenizer: only `pad_token_id` is read (the debug model ships none), and `decode`
+  of the sample train_step logs.
 """
 
 from __future__ import annotations
@@ -283,7 +286,7 @@ def check_reweighted(before, after, raw, gammas, sign: str = "both") -> int:
             assert int(eb.attention_mask[row].sum()) == n_tokens
         torch.testing.assert_close(ea.advantages, want, rtol=0, atol=0)
         assert torch.equal(ea.returns, eb.returns)
-        assert ea.info["anchorcredit_gamma_mean"].shape == (len(ea.index),)
+        assert ea.info.keys() == eb.info.keys()  # the credit summary goes to the step status
     assert boosted > 0, "no advantage was scaled by a gamma != 1"
     return checked
 
@@ -334,6 +337,77 @@ def test_positive_only_leaves_negative_advantages(orl, target):
         gammas = expected_gamma(client, raw)
     check_reweighted(ref, got, raw, gammas, sign="positive_only")
     assert any((e.advantages < 0).any() for e in ref)
+
+
+def reweighted_gammas(checker: CreditClient, raw: list[dict]) -> list[np.ndarray]:
+    """The gamma of each action token (the tokens whose advantage the adapter scales)."""
+    out = []
+    for (first, g), r in zip(expected_gamma(checker, raw), raw, strict=True):
+        actions = np.concatenate([np.arange(s, e) for s, e in r["action_ranges"]])
+        out.append(g[actions - first])
+    return out
+
+
+class ActorGroupAtFit:
+    """The actor Ray group as the controller's train_step drives it: `append` the
+    experiences to its replay buffer, then `fit` returns the actor's status (GPU actors)."""
+
+    def __init__(self) -> None:
+        self.appended: list = []
+
+    def async_run_method_batch(self, method_name, experience):
+        assert method_name == "append"
+        self.appended.append(experience)
+        return []
+
+    def async_run_method(self, method_name, **kwargs):
+        assert method_name == "fit"
+        return [{"policy_loss": 0.25}]
+
+
+def test_the_step_summary_joins_openrlhfs_step_status(orl, target, monkeypatch, check_step_summary):
+    """OpenRLHF's own BasePPOTrainer.train_step (the sync and async trainers' step): the
+    status it returns, which fit() logs and hands to wandb / TensorBoard, carries the credit
+    summary over every micro-batch of the step; the same rollouts again come from the cache."""
+    args = cli_args(orl, "group_norm")
+    raw = rollouts(seed=13)
+    strategy = types.SimpleNamespace(args=args)
+    tokenizer = types.SimpleNamespace(
+        pad_token_id=0, decode=lambda ids, skip_special_tokens=True: ["sample"]
+    )
+    gen = orl.samples_generator.SamplesGenerator(strategy, None, None, tokenizer, [])
+    samples = [gen._process_response_into_experience(r) for r in raw]
+    same = types.SimpleNamespace(get=lambda refs: refs, put=lambda x: x)
+    monkeypatch.setattr(orl.ppo_trainer, "ray", same)
+    gen_rng = torch.Generator().manual_seed(0)
+
+    def make_experience(samples_list):  # the actor/reference forward passes (GPU actors)
+        for e in samples_list:
+            e.kl = torch.rand(e.action_mask.shape, generator=gen_rng) * 0.1
+        return samples_list
+
+    with CreditClient([target]) as client, CreditClient([target], cache=False) as checker:
+        ac_orl.install(client, weight_sync=None, strategy="coupled_rhythm")
+        try:
+            group = ActorGroupAtFit()
+            controller = orl.ppo_trainer.BasePPOTrainer(
+                strategy, group, None, None, None, None, tokenizer
+            )
+            monkeypatch.setattr(controller.experience_maker, "make_experience", make_experience)
+            statuses = []
+            for step in (1, 2):
+                status, next_step = controller.train_step(copy.deepcopy(samples), step)
+                assert next_step == step + 1 and len(group.appended) == step
+                statuses.append(status)
+        finally:
+            ac_orl.uninstall()
+        gammas = reweighted_gammas(checker, raw)
+    assert len(group.appended[0]) == 2  # two micro-batches, one summary
+    for status, hits in zip(statuses, (0.0, 1.0), strict=True):
+        assert status["policy_loss"] == 0.25 and "rollout/reward_mean" in status  # OpenRLHF's
+        check_step_summary(status, gammas, hit_ratio=hits)  # version "0": no step number
+    assert "anchorcredit_summary" not in vars(controller.experience_maker)  # moved, not kept
+    assert not hasattr(orl.ppo_trainer.BasePPOTrainer.train_step, "__wrapped__")  # uninstalled
 
 
 # -- weight sync -----------------------------------------------------------------------------
@@ -440,6 +514,7 @@ def test_weight_sync_rides_openrlhfs_vllm_broadcast(
         exps, _, _ = experiences(orl, args, rollouts())
         maker.compute_advantages_and_returns(copy.deepcopy(exps))
         assert scored == [v0] * len(exps)  # one score() per micro-batch
+        assert maker.anchorcredit_summary["anchorcredit/policy_step"] == 0  # v0's step
 
         with torch.no_grad():  # what an optimizer step does to the partitioned weights
             for p in hf.parameters():
@@ -457,6 +532,7 @@ def test_weight_sync_rides_openrlhfs_vllm_broadcast(
             assert not torch.equal(t_ac, w0[name])
         maker.compute_advantages_and_returns(copy.deepcopy(exps))
         assert scored == [v0] * len(exps) + [v1] * len(exps)
+        assert maker.anchorcredit_summary["anchorcredit/policy_step"] == 1
 
         # the service moves to other weights: a new batch pinned to v1 is refused, never
         # scored with them (v1's results already in the client's cache stay v1's)
@@ -558,7 +634,7 @@ def test_explicit_settings_beat_the_environment_when_the_client_comes_from_it(mo
     monkeypatch.delenv("ANCHORCREDIT_SIGN", raising=False)
     monkeypatch.setenv("ANCHORCREDIT_STRATEGY", "coupled_rhythm")
     seen = []
-    monkeypatch.setattr(ac_orl, "apply_credit", lambda exp, client, **kw: seen.append(kw))
+    monkeypatch.setattr(ac_orl, "apply_credit", lambda exp, client, summary, **kw: seen.append(kw))
 
     class Base:
         def compute_advantages_and_returns(self, experiences):
@@ -614,6 +690,7 @@ def test_install_logs_what_it_patched(orl, monkeypatch, caplog):
     assert any(
         "patched openrlhf.trainer.ppo_trainer.BasePPOTrainer.broadcast_to_vllm" in x for x in lines
     )
+    assert any("patched openrlhf.trainer.ppo_trainer.BasePPOTrainer.train_step" in x for x in lines)
     [missing] = [x for x in lines if "did not patch" in x]
     assert "ActorPPOTrainer" in missing and "the actor ranks must install too" in missing
 

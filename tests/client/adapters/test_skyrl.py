@@ -180,8 +180,14 @@ def expected(checker, ref, data, sign="both", **params):
     return want, boosted
 
 
+def reweighted_gammas(checker, **params) -> list[np.ndarray]:
+    """The gamma of each token whose advantage the adapter scales (SkyRL's loss mask)."""
+    res = checker.score(PROMPTS, RESPONSES, **params)
+    return [np.asarray(x.gamma)[np.asarray(m, bool)] for x, m in zip(res, LOSS_MASKS, strict=True)]
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_advantages_are_skyrls_times_gamma(sky, target, estimator):
+def test_advantages_are_skyrls_times_gamma(sky, target, estimator, check_step_summary):
     cfg = config(sky, estimator)
     trainer, data = trainer_and_batch(sky, cfg)
     pad = data.metadata["pad_size"]
@@ -193,7 +199,16 @@ def test_advantages_are_skyrls_times_gamma(sky, target, estimator):
     ):
         ac_skyrl.install(client, sync=False, **PARAMS)
         got = trainer.compute_advantages_and_returns(copy.deepcopy(data))
+        logged = [dict(trainer.all_metrics)]
+        trainer.all_metrics = {}  # SkyRL's loop: logged, then cleared, once per step
+        trainer.compute_advantages_and_returns(copy.deepcopy(data))  # the same batch again
+        logged.append(dict(trainer.all_metrics))
         want, boosted = expected(checker, ref, data, **PARAMS)
+        gammas = reweighted_gammas(checker, **PARAMS)
+    # the step's credit summary in SkyRL's metrics (the dp padding rows are not data);
+    # the repeated batch is scored from the client's cache; version "0": no step number
+    for metrics, hits in zip(logged, (0.0, 1.0), strict=True):
+        check_step_summary(metrics, gammas, hit_ratio=hits)
     torch.testing.assert_close(got["advantages"], want, rtol=0, atol=0)
     assert boosted > 0  # gamma != 1 on positions whose advantage it scaled
     assert not torch.equal(got["advantages"], ref["advantages"])
@@ -202,7 +217,7 @@ def test_advantages_are_skyrls_times_gamma(sky, target, estimator):
     # observation tokens inside a multi-turn response keep SkyRL's value
     obs = ~data["loss_mask"].bool()
     assert torch.equal(got["advantages"][obs], ref["advantages"][obs])
-    assert trainer.all_metrics["anchorcredit/gamma_mean"] > 1.0
+    assert logged[0]["anchorcredit/gamma_mean"] > 1.0
 
 
 def test_a_custom_registry_estimator_and_positive_only(sky, target):
@@ -361,6 +376,7 @@ def test_weight_sync_rides_skyrls_save_weights_for_sampler(sky, synced, monkeypa
     monkeypatch.setattr(client, "score", spy)
     trainer.compute_advantages_and_returns(copy.deepcopy(data))
     assert scored == ["step-0-sk1"]
+    assert trainer.all_metrics["anchorcredit/policy_step"] == 0  # the version's step
 
     with torch.no_grad():  # "the optimizer step"
         for p in model.parameters():
@@ -379,6 +395,8 @@ def test_weight_sync_rides_skyrls_save_weights_for_sampler(sky, synced, monkeypa
     np.testing.assert_array_equal(got[0].gamma, ref[0].gamma)
     trainer.compute_advantages_and_returns(copy.deepcopy(data))
     assert scored == ["step-0-sk1", "step-1-sk1"]
+    assert trainer.all_metrics["anchorcredit/policy_step"] == 1
+    assert trainer.all_metrics["anchorcredit/cache_hit_ratio"] == 0.0  # new weights: no hits
 
     # another writer moves the service on: a new batch pinned to step-1 is refused, never
     # scored with them (step-1's results already in the client's cache stay step-1's)

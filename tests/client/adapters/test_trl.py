@@ -5,7 +5,8 @@ computed and gamma what the service returns for those very (prompt, completion) 
 (asked again through a separate, uncached client). Also checks the weight-sync callback
 (default: push over gRPC after every optimizer step) keeps the service on the trainer's
 latest weights: after each step every score comes from the version just pushed, whose
-weights equal the trainer's.
+weights equal the trainer's; and that TRL's logged metrics carry the per-step credit summary
+recomputed from those gammas (adapters/summary.py), its cache hit ratio 1 on a repeated run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _tokenizer():
 
 
 @pytest.mark.slow
-def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server):
+def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
+    tmp_path, start_server, check_step_summary
+):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
@@ -171,12 +174,14 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(tmp_path, start_server)
             assert boosted > 0  # some advantage was scaled by a gamma != 1
             # pushed at train begin (step 0), then after each step
             assert rec["version"] == f"step-{step}-t1"
-        logged = [
-            h["anchorcredit/gamma_mean"]
-            for h in trainer.state.log_history
-            if "anchorcredit/gamma_mean" in h
-        ]
-        assert len(logged) == 2 and all(g > 1.0 for g in logged)  # some tokens are boosted
+        # the per-step credit summary in TRL's logged metrics, one entry per step: gamma
+        # statistics over the completion tokens the service scored, the step's version;
+        # every step scores new weights, so nothing comes from the client's cache
+        logged = [h for h in trainer.state.log_history if "anchorcredit/gamma_mean" in h]
+        assert len(logged) == 2
+        for step, (h, rec) in enumerate(zip(logged, seen, strict=True)):
+            want = check_step_summary(h, rec["gamma"].values(), hit_ratio=0.0, policy_step=step)
+            assert want["gamma_mean"] > 1.0  # some tokens are boosted
         assert [v for v, _ in served_after_step] == ["step-1-t1", "step-2-t1"]
         assert client.model_info(refresh=True).policy_version == "step-2-t1"
         assert sync.version == "step-2-t1" and len(sync.seconds) == 3
@@ -276,11 +281,23 @@ def test_a_run_without_weight_sync_is_told_it_scores_another_runs_weights(
             strict.train()
 
         monkeypatch.setenv("ANCHORCREDIT_STALE_POLICY", "frozen")  # a fixed policy, on purpose
-        frozen, seen = _one_step_trainer(tmp_path, model_dir, CreditClient([server.target]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", StalePolicyWarning)
-            frozen.train()
-        assert len(seen) == 1
+        frozen_client = CreditClient([server.target])
+        summaries, batches = [], []
+        for _ in range(2):  # the same run twice: the second scores only from the cache
+            frozen, seen = _one_step_trainer(tmp_path, model_dir, frozen_client)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", StalePolicyWarning)
+                frozen.train()
+            assert len(seen) == 1
+            batches.append(seen[0])
+            [logged] = [h for h in frozen.state.log_history if "anchorcredit/gamma_mean" in h]
+            summaries.append({k: v for k, v in logged.items() if k.startswith("anchorcredit/")})
+        torch.testing.assert_close(batches[0], batches[1], rtol=0, atol=0)  # the same batch
+        assert [s.pop("anchorcredit/cache_hit_ratio") for s in summaries] == [0.0, 1.0]
+        assert [s.pop("anchorcredit/score_seconds") > 0 for s in summaries] == [True, True]
+        assert summaries[0] == summaries[1]  # the same gammas, from the cache
+        assert summaries[0]["anchorcredit/policy_step"] == 3  # the served step-3-run1
+        frozen_client.close()
         with pytest.raises(ValueError, match="credit_stale_policy|stale_policy"):
             _one_step_trainer(tmp_path, model_dir, client, credit_stale_policy="sometimes")
         client.close()

@@ -210,18 +210,28 @@ def _legacy_trainer():
     return trainer, seen
 
 
-def test_legacy_gamma_reaches_the_fit_loop_metrics(installed):
+def _masked(gammas, masks):
+    """The gammas of the tokens whose advantage the adapter scales (verl's response_mask)."""
+    return [g[np.asarray(m, bool)] for g, m in zip(gammas, masks, strict=True)]
+
+
+def test_legacy_gamma_reaches_the_fit_loop_metrics(installed, check_step_summary):
     from verl.trainer.ppo import ray_trainer
     from verl.utils.metric import reduce_metrics
 
-    batch = ray_trainer.compute_advantage(legacy_batch(), adv_estimator="grpo")
-    trainer, seen = _legacy_trainer()
-    out = trainer._update_actor(batch)  # the real method, as fit() calls it
-    logged = reduce_metrics(out.meta_info["metrics"])  # exactly what fit() does next
-    assert seen and logged["actor/pg_loss"] == pytest.approx(0.375)
-    want = batch.meta_info["anchorcredit_metrics"]
-    for k in ("anchorcredit/gamma_mean", "anchorcredit/gamma_min", "anchorcredit/gamma_max"):
-        assert logged[k] == pytest.approx(want[k])
+    ratios = []
+    for _ in range(2):  # the same batch again: every score from the client's cache
+        batch = ray_trainer.compute_advantage(legacy_batch(), adv_estimator="grpo")
+        trainer, seen = _legacy_trainer()
+        out = trainer._update_actor(batch)  # the real method, as fit() calls it
+        logged = reduce_metrics(out.meta_info["metrics"])  # exactly what fit() does next
+        assert seen and logged["actor/pg_loss"] == pytest.approx(0.375)
+        gammas = _masked(
+            _gammas(installed, [(p, r) for p, r, _ in SAMPLES]), [m for *_, m in SAMPLES]
+        )
+        ratios.append(logged["anchorcredit/cache_hit_ratio"])
+        check_step_summary(logged, gammas, hit_ratio=ratios[-1])  # version "0": no step
+    assert ratios == [0.0, 1.0]
 
 
 # -- v1 trainer (the default, trainer.use_v1=true) -------------------------------------------
@@ -335,7 +345,9 @@ def _v1_check(client, keys, rows, got, ref):
     assert boosted > 0, "no advantage was scaled by a gamma != 1"
 
 
-def test_v1_compute_advantage_grpo_per_token_after_rebroadcast(client, monkeypatch):
+def test_v1_compute_advantage_grpo_per_token_after_rebroadcast(
+    client, monkeypatch, check_step_summary
+):
     keys, rows, stub, _, _ = _v1_run(monkeypatch)  # verl alone
     ref = stub.get(keys, "advantages")
     for a, r in zip(ref, rows, strict=True):  # verl's v1 GRPO: one value per sequence
@@ -350,15 +362,17 @@ def test_v1_compute_advantage_grpo_per_token_after_rebroadcast(client, monkeypat
     # per token, not collapsed to the first token's value by v1's re-broadcast
     assert len(set(got[0].tolist())) > 1
     assert out.keys == keys
-    assert 0 < metrics["anchorcredit/gamma_min"] <= metrics["anchorcredit/gamma_max"]
-    # the metric survives the v1 fit loop's aggregation (MetricsAggregator in step())
+    # the step's credit summary in the fit loop's metrics dict
+    gammas = _gammas(client, [(r["prompts"].numpy(), r["responses"].numpy()) for r in rows])
+    check_step_summary(metrics, _masked(gammas, [r["response_mask"] for r in rows]), hit_ratio=0.0)
+    # and it survives the v1 fit loop's aggregation (MetricsAggregator in step())
     from verl.trainer.ppo.v1.utils import MetricsAggregator
 
     agg = MetricsAggregator()
     agg.add_step_metrics(metrics, sample_count=len(keys))
-    assert agg.get_aggregated_metrics()["anchorcredit/gamma_mean"] == pytest.approx(
-        metrics["anchorcredit/gamma_mean"]
-    )
+    aggregated = agg.get_aggregated_metrics()
+    for name, value in metrics.items():
+        assert aggregated[name] == pytest.approx(value, rel=1e-12), name
 
 
 def test_v1_when_v1_imports_compute_advantage_after_install(client, monkeypatch):

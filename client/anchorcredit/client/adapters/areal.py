@@ -26,6 +26,10 @@ service is the span from the first to the last response token: in multi-turn rol
 observation / user tokens inside it stay in place (their loss_mask is 0, so their advantages
 are left as AReaL made them); the prompt is every attended token before it.
 
+The step's credit summary (summary.py) goes to AReaL's `stats_tracker` under the scope
+`anchorcredit` (`anchorcredit/gamma_mean`, ...), exported with the step's other statistics
+by the engine's `export_stats()` to AReaL's stats logger.
+
 AReaL's default single-controller mode (a plain `python train.py`; AREAL_SPMD_MODE unset)
 runs the engines in worker processes the script does not reach: there `install` (and
 `install_weight_sync`) make AReaL start the actor workers through anchorcredit's worker
@@ -41,8 +45,8 @@ from typing import Any
 from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_shifted_batch
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.reweight import _to_numpy
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "install", "install_in_process"]
@@ -67,33 +71,35 @@ def apply_credit(
 
     Positions where the rolled loss mask is 0 (prompt, padding, tool/user tokens) keep their
     values exactly. policy_version: the version the scores must come from (else refused);
-    None: the served version is checked first (stale_policy, policy_check.py).
+    None: the served version is checked first (stale_policy, policy_check.py). The step's
+    credit summary goes to AReaL's stats_tracker (`anchorcredit/gamma_mean`, ...).
     """
-    action = data["loss_mask"]
-    data["advantages"], dense = credit_for_shifted_batch(
+    summary = StepSummary()
+    data["advantages"], _ = credit_for_shifted_batch(
         client,
         data["advantages"],
         data["input_ids"],
         data["attention_mask"],
-        action,
+        data["loss_mask"],
         strategy=strategy,
         policy_version=policy_version,
         sign=sign,
         credit_params=credit_params,
         stale_policy=stale_policy,
+        summary=summary,
     )
-    mask = _to_numpy(action).astype(bool)
-    if mask.any():
-        _log_gamma(float(dense[mask].mean()))
+    _log_summary(summary)
     return data
 
 
-def _log_gamma(mean: float) -> None:
+def _log_summary(summary: StepSummary) -> None:
+    log_version("areal", summary.version)
     try:  # AReaL's own tracker, exported with the step's other statistics
         from areal.utils import stats_tracker
     except ImportError:
         return
-    stats_tracker.scalar(anchorcredit_gamma_mean=mean)
+    with stats_tracker.scope("anchorcredit"):  # AReaL joins scope and name with "/"
+        stats_tracker.scalar(**summary.metrics(prefix=""))
 
 
 def install(

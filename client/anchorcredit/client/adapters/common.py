@@ -5,12 +5,14 @@ Torch-free by itself (numpy via `reweight`); tensors in give tensors out.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from anchorcredit.client.adapters.policy_check import check_served_policy
+from anchorcredit.client.adapters.summary import StepSummary
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
@@ -34,18 +36,21 @@ def gammas_for_rows(
     policy_version: str | None,
     credit_params: dict[str, Any],
     stale_policy: str | None = None,
+    summary: StepSummary | None = None,
 ) -> list[np.ndarray]:
     """gamma for each (prompt, response) row; rows with an empty side get ones (not sent:
     the service needs at least one token on each side).
 
     policy_version None (no weight sync of this run pins the scores): the served version is
     checked first (policy_check.py; stale_policy "warn" | "error" | "frozen", None: the
-    ANCHORCREDIT_STALE_POLICY setting)."""
+    ANCHORCREDIT_STALE_POLICY setting). summary: gets the call's seconds, cache hits and
+    misses and the version that scored (the caller adds the gammas it applies)."""
     live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
     gammas = [np.ones(len(r), np.float32) for r in responses]
     if live:
         if policy_version is None:
             check_served_policy(client, stale_policy)
+        t0 = time.perf_counter()
         results = client.score(
             [prompts[i] for i in live],
             [responses[i] for i in live],
@@ -53,8 +58,14 @@ def gammas_for_rows(
             policy_version=policy_version,
             **credit_params,
         )
+        seconds = time.perf_counter() - t0
+        if summary is not None:
+            served = results[0].policy_version if results else policy_version
+            summary.add_call(seconds, getattr(client, "last_stats", None), served)
         for i, res in zip(live, results, strict=True):
             gammas[i] = res.gamma
+    elif summary is not None and policy_version is not None:
+        summary.add_call(0.0, None, policy_version)  # nothing to score: the pinned version
     return gammas
 
 
@@ -71,12 +82,14 @@ def credit_for_batch(
     sign: str = "both",
     credit_params: dict[str, Any] | None = None,
     stale_policy: str | None = None,
+    summary: StepSummary | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Score the batch and return (gamma * advantages as [B, T], dense float32 gamma [B, T]).
 
     prompt_ids/prompt_mask: [B, P] (any padding side); response_ids/response_mask: [B, T].
     Rows whose response mask is empty (e.g. masked truncated completions) get gamma 1 and are
-    not sent (the service needs at least one response token).
+    not sent (the service needs at least one response token). summary: gets the scoring
+    call and the gammas on `response_mask` (summary.py).
     """
     prompts = rows_from_mask(prompt_ids, prompt_mask)
     responses = rows_from_mask(response_ids, response_mask)
@@ -88,8 +101,11 @@ def credit_for_batch(
         policy_version=policy_version,
         credit_params=credit_params or {},
         stale_policy=stale_policy,
+        summary=summary,
     )
     dense = gamma_matrix(gammas, response_mask)
+    if summary is not None:
+        summary.add_gammas(dense, response_mask)
     return reweight(advantages, dense, response_mask, sign=sign), dense
 
 
@@ -132,9 +148,11 @@ def credit_for_shifted_batch(
     sign: str = "both",
     credit_params: dict[str, Any] | None = None,
     stale_policy: str | None = None,
+    summary: StepSummary | None = None,
 ) -> tuple[Any, np.ndarray]:
     """(gamma * advantages, dense float32 gamma) for the shifted layout of
-    `shifted_response_spans`; positions where action_mask is 0 keep their values exactly."""
+    `shifted_response_spans`; positions where action_mask is 0 keep their values exactly.
+    summary: gets the scoring call and the gammas on `action_mask` (summary.py)."""
     spans = shifted_response_spans(sequences, attention_mask, action_mask)
     gammas = gammas_for_rows(
         client,
@@ -144,8 +162,11 @@ def credit_for_shifted_batch(
         policy_version=policy_version,
         credit_params=credit_params or {},
         stale_policy=stale_policy,
+        summary=summary,
     )
     dense = np.ones(tuple(action_mask.shape), np.float32)
     for (b, _, _, lo, hi), gamma in zip(spans, gammas, strict=True):
         dense[b, lo:hi] = gamma
+    if summary is not None:
+        summary.add_gammas(dense, action_mask)
     return reweight(advantages, dense, action_mask, sign=sign), dense

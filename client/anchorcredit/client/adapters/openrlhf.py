@@ -9,6 +9,10 @@ Tested against OpenRLHF 0.11.2 (docs/trainers/openrlhf.md). Two hooks:
   push the same weights to the service as `step-<n>-<run>`, and the experience maker scores
   the next batch with exactly that version: an answer from other weights is refused.
 
+The step's credit summary (summary.py: `anchorcredit/gamma_mean`, ...) goes into the status
+dict `BasePPOTrainer.train_step` returns, which OpenRLHF's fit loop logs (its "Global step"
+log line, wandb and TensorBoard as `train/anchorcredit/...`).
+
 OpenRLHF builds both inside Ray actors (the PPOTrainer controller and the PolicyModelActor
 ranks), so the hook has to be installed in their processes. A Ray worker setup hook does it
 from the environment:
@@ -36,11 +40,10 @@ OpenRLHF, their advantages untouched); the prompt is every attended token before
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
-
-import numpy as np
 
 from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_shifted_batch
@@ -52,8 +55,8 @@ from anchorcredit.client.adapters.openrlhf_sync import (
     unwrap_controller_broadcast,
     wrap_controller_broadcast,
 )
+from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.reweight import _to_numpy
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = [
@@ -73,15 +76,16 @@ def apply_credit(
     policy_version: str | None = None,
     sign: str = "both",
     stale_policy: str | None = None,
+    summary: StepSummary | None = None,
     **credit_params: Any,
 ) -> Any:
     """Replace experience.advantages with gamma * advantages; returns `experience`.
 
     stale_policy: what an unpinned score does when the service holds weights this run did
     not push ("warn" | "error" | "frozen"; None: ANCHORCREDIT_STALE_POLICY, policy_check.py).
+    summary: collects the step's credit summary (summary.py) over every experience given it.
     """
-    action = _to_numpy(experience.action_mask).astype(bool)
-    experience.advantages, dense = credit_for_shifted_batch(
+    experience.advantages, _ = credit_for_shifted_batch(
         client,
         experience.advantages,
         experience.sequences,
@@ -92,19 +96,9 @@ def apply_credit(
         sign=sign,
         credit_params=credit_params,
         stale_policy=stale_policy,
+        summary=summary,
     )
-    info = getattr(experience, "info", None)
-    if isinstance(info, dict) and action.any():
-        # per-sample, like OpenRLHF's other info entries
-        per = (dense * action).sum(1) / np.maximum(action.sum(1), 1)
-        info["anchorcredit_gamma_mean"] = _like(experience.advantages, per)
     return experience
-
-
-def _like(template: Any, values: np.ndarray) -> Any:
-    if hasattr(template, "new_tensor"):
-        return template.new_tensor(values.astype(np.float32))
-    return values
 
 
 def experience_maker_class(
@@ -155,8 +149,12 @@ def experience_maker_class(
             params = dict(cls._ac_kwargs)
             if cls._ac_sync and params.get("policy_version") is None:
                 params["policy_version"] = self.anchorcredit_pin.current(cls._ac_client)
+            summary = StepSummary()  # one per step: every micro-batch of this rollout
             for exp in experiences:
-                apply_credit(exp, cls._ac_client, **params)
+                apply_credit(exp, cls._ac_client, summary=summary, **params)
+            # train_step (wrap_train_step) moves it into the step's status
+            self.anchorcredit_summary = summary.metrics()
+            log_version("openrlhf", summary.version)
             return experiences
 
     return AnchorCreditExperienceMaker
@@ -202,6 +200,14 @@ def install(
     ppo_trainer.RemoteExperienceMaker = maker
     install_log.patched(
         "openrlhf", "openrlhf.trainer.ppo_trainer.RemoteExperienceMaker", "advantages x gamma"
+    )
+    key = (ppo_trainer.BasePPOTrainer, "train_step")
+    _ORIGINALS.setdefault(key, ppo_trainer.BasePPOTrainer.train_step)
+    ppo_trainer.BasePPOTrainer.train_step = wrap_train_step(_ORIGINALS[key])
+    install_log.patched(
+        "openrlhf",
+        "openrlhf.trainer.ppo_trainer.BasePPOTrainer.train_step",
+        "the credit summary joins the step's status",
     )
     try:
         import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
@@ -256,6 +262,22 @@ def install(
         "openrlhf.trainer.ray.ppo_actor.ActorPPOTrainer",
         f"pushes the weights after each vLLM broadcast ({weight_sync})",
     )
+
+
+def wrap_train_step(original: Any) -> Any:
+    """OpenRLHF's `BasePPOTrainer.train_step` (sync and async trainers), then the credit
+    summary its experience maker left for this step added to the status it returns."""
+
+    @functools.wraps(original)
+    def train_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        status, global_step = original(self, *args, **kwargs)
+        maker = getattr(self, "experience_maker", None)
+        summary = getattr(maker, "__dict__", {}).pop("anchorcredit_summary", None)
+        if summary and isinstance(status, dict):
+            status.update(summary)
+        return status, global_step
+
+    return train_step
 
 
 def uninstall() -> None:

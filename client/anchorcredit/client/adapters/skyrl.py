@@ -50,14 +50,13 @@ import numpy as np
 from anchorcredit.client.adapters import install_log, skyrl_sync
 from anchorcredit.client.adapters.common import gammas_for_rows
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "install", "install_from_env", "response_rows"]
-
-METRIC = "anchorcredit/gamma_mean"
 
 
 def response_rows(
@@ -85,9 +84,9 @@ def apply_credit(
     sign: str = "both",
     stale_policy: str | None = None,
     **credit_params: Any,
-) -> float | None:
+) -> dict[str, float]:
     """Replace data["advantages"] with gamma * advantages where `loss_mask` is set; returns
-    the mean gamma over those tokens (None when there are none).
+    the step's credit summary over those tokens (summary.py: `anchorcredit/gamma_mean`, ...).
 
     data: SkyRL's TrainingInputBatch after its `compute_advantages_and_returns`. Padding rows
     (`metadata["pad_size"]`, added for data-parallel divisibility) are not sent.
@@ -101,6 +100,7 @@ def apply_credit(
     prompts, responses = response_rows(
         data["sequences"], data["attention_mask"], response_mask, rows
     )
+    summary = StepSummary()
     gammas = gammas_for_rows(
         client,
         prompts,
@@ -109,12 +109,14 @@ def apply_credit(
         policy_version=policy_version,
         credit_params=credit_params,
         stale_policy=stale_policy,
+        summary=summary,
     )
     gammas += [np.ones(int(m.sum()), np.float32) for m in _to_numpy(response_mask)[rows:]]
     dense = gamma_matrix(gammas, response_mask)
     data["advantages"] = reweight(adv, dense, loss_mask, sign=sign)
-    scaled = _to_numpy(loss_mask).astype(bool)
-    return float(dense[scaled].mean()) if scaled.any() else None
+    summary.add_gammas(dense[:rows], _to_numpy(loss_mask)[:rows])  # dp padding rows: not data
+    log_version("skyrl", summary.version)
+    return summary.metrics()
 
 
 @dataclass
@@ -147,10 +149,10 @@ def _compute_advantages(original: Callable[..., Any]) -> Callable[..., Any]:
         kwargs = dict(_CONFIG.kwargs)
         if kwargs.get("policy_version") is None and _CONFIG.sync:
             kwargs["policy_version"] = skyrl_sync.PIN.version
-        mean = apply_credit(data, _CONFIG.get_client(), **kwargs)
+        summary = apply_credit(data, _CONFIG.get_client(), **kwargs)
         metrics = getattr(self, "all_metrics", None)
-        if mean is not None and isinstance(metrics, dict):
-            metrics[METRIC] = mean
+        if isinstance(metrics, dict):  # SkyRL logs all_metrics once per step
+            metrics.update(summary)
         return data
 
     return compute_advantages_and_returns

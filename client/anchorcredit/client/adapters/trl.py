@@ -40,6 +40,7 @@ from typing import Any
 from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_batch
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.adapters.versions import note_run, version_name
 from anchorcredit.client.client import CreditClient
 from anchorcredit.contract import DEFAULT_STRATEGY
@@ -120,7 +121,8 @@ def make_trainer_class(base: type | None = None) -> type:
         def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
             adv = out["advantages"]
-            new_adv, gamma = credit_for_batch(
+            summary = StepSummary()
+            new_adv, _ = credit_for_batch(
                 self.credit_client,
                 adv,
                 out["prompt_ids"],
@@ -132,14 +134,15 @@ def make_trainer_class(base: type | None = None) -> type:
                 sign=self.credit_sign,
                 credit_params=self.credit_params,
                 stale_policy=self.credit_stale_policy,
+                summary=summary,
             )
             out["advantages"] = new_adv
             metrics = getattr(self, "_metrics", None)
-            if metrics is not None:  # TRL's per-mode metric lists, logged with the rest
+            if metrics is not None:  # TRL's per-mode metric lists, averaged by its log()
                 mode = "train" if self.model.training else "eval"
-                mask = out["completion_mask"].bool().cpu().numpy()
-                if mask.any():
-                    metrics[mode]["anchorcredit/gamma_mean"].append(float(gamma[mask].mean()))
+                for name, value in summary.metrics().items():
+                    metrics[mode][name].append(value)
+            log_version("trl", summary.version)
             return out
 
     AnchorCreditTrainer.__name__ = f"AnchorCredit{base.__name__}"

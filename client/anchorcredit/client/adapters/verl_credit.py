@@ -12,24 +12,16 @@ from typing import Any
 import numpy as np
 
 from anchorcredit.client.adapters.common import gammas_for_rows, rows_from_mask
+from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.client import CreditClient
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 
-METRIC_PREFIX = "anchorcredit/"
 
-
-def gamma_stats(dense: np.ndarray, mask: Any) -> dict[str, float]:
-    """Mean/min/max of gamma over the tokens whose advantage it scaled (names verl's metric
-    reducers read right: "max"/"min" in a name reduce by max/min, the rest by mean)."""
-    m = _to_numpy(mask).astype(bool)
-    if not m.any():
-        return {}
-    g = dense[m]
-    return {
-        f"{METRIC_PREFIX}gamma_mean": float(g.mean()),
-        f"{METRIC_PREFIX}gamma_min": float(g.min()),
-        f"{METRIC_PREFIX}gamma_max": float(g.max()),
-    }
+def _summary_metrics(summary: StepSummary) -> dict[str, float]:
+    """The step summary under its shared names (summary.py), which verl's metric reducers
+    read right: "max"/"min" in a name reduce by max/min, the rest by mean."""
+    log_version("verl", summary.version)
+    return summary.metrics()
 
 
 def credit_padded(
@@ -42,7 +34,8 @@ def credit_padded(
     credit_params: dict[str, Any],
     stale_policy: str | None = None,
 ) -> dict[str, float]:
-    """Reweight `batch["advantages"]` in place on verl's padded layout; returns gamma stats.
+    """Reweight `batch["advantages"]` in place on verl's padded layout; returns the step's
+    credit summary (summary.py).
 
     `prompts` [B, P] left-padded, `responses` [B, T] right-padded, `attention_mask`
     [B, P + T], `response_mask` [B, T] (0 on tool output and padding), `advantages` [B, T].
@@ -59,6 +52,7 @@ def credit_padded(
     attention = batch["attention_mask"]
     prompts = batch["prompts"] if "prompts" in keys else batch["input_ids"][:, :-t]
     real = attention[:, -t:]
+    summary = StepSummary()
     gammas = gammas_for_rows(
         client,
         rows_from_mask(prompts, attention[:, :-t]),
@@ -67,11 +61,13 @@ def credit_padded(
         policy_version=policy_version,
         credit_params=credit_params,
         stale_policy=stale_policy,
+        summary=summary,
     )
     dense = gamma_matrix(gammas, real)
     scaled = batch["response_mask"] if "response_mask" in keys else real
     batch["advantages"] = reweight(batch["advantages"], dense, scaled, sign=sign)
-    return gamma_stats(dense, scaled)
+    summary.add_gammas(dense, scaled)
+    return _summary_metrics(summary)
 
 
 def _rows(x: Any) -> list[Any]:
@@ -91,7 +87,7 @@ def credit_transfer_queue(
     stale_policy: str | None = None,
 ) -> dict[str, float]:
     """Reweight the `advantages` verl's v1 trainer just wrote to TransferQueue (written back
-    in place, same keys); returns gamma stats.
+    in place, same keys); returns the step's credit summary (summary.py).
 
     v1 stores each sample unpadded: `prompts` [P_i], `responses` [T_i] (tool output
     included), `response_mask` [T_i] and `advantages` [T_i] as jagged nested tensors.
@@ -106,6 +102,7 @@ def credit_transfer_queue(
     responses = [_to_numpy(r) for r in _rows(td["responses"])]
     masks = _rows(td["response_mask"])
     advs = _rows(td["advantages"])
+    summary = StepSummary()
     gammas = gammas_for_rows(
         client,
         prompts,
@@ -114,6 +111,7 @@ def credit_transfer_queue(
         policy_version=policy_version,
         credit_params=credit_params,
         stale_policy=stale_policy,
+        summary=summary,
     )
     width = max(len(r) for r in responses)
     real = np.zeros((len(responses), width), bool)
@@ -130,4 +128,5 @@ def credit_transfer_queue(
     )
     out = TensorDict({"advantages": nested}, batch_size=len(keys))
     tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=out)
-    return gamma_stats(dense, scaled)
+    summary.add_gammas(dense, scaled)
+    return _summary_metrics(summary)
