@@ -131,3 +131,22 @@ def test_the_retry_policy_refuses_nonsense_and_windows_grow_to_the_cap():
     p = RetryPolicy(base_s=0.05, max_s=5.0)
     assert [p.window(n) for n in (0, 1, 2)] == [0.05, 0.1, 0.2] and p.window(99) == 5.0
     assert all(0.4 <= p.wait(0, hint_s=0.4) <= 0.8 for _ in range(200))
+
+
+def test_a_call_a_stopping_server_cancelled_goes_to_another_address(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The client never cancels its own calls: CANCELLED means gRPC dropped it on a server
+    that stopped under it (a drain), so it is tried again elsewhere, not lost."""
+    t = Transport(["127.0.0.1:1", "127.0.0.1:2"], backoff_base_s=0.001)
+    tried: list[int] = []
+
+    def first_stops(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        tried.append(ti)
+        if len(tried) == 1:
+            raise _Err(grpc.StatusCode.CANCELLED)
+        return "answered"
+
+    monkeypatch.setattr(t, "_invoke", first_stops)
+    assert t.call("Score", None) == "answered" and tried[0] != tried[1]
+    t.close()
