@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from anchorcredit.contract import STAT_VERSION, CreditParams
+from anchorcredit.errors import TruncatedWeights  # noqa: F401 - re-exported (its old home)
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 Head = tuple[int, int]  # (layer, head)
@@ -96,6 +97,8 @@ class ModelInfo:
     stat_version: str = STAT_VERSION
     loaded_param_count: int = 0  # parameters held on the device (tied ones counted once)
     total_param_count: int = 0  # parameters of the whole model (tied ones counted once)
+    # Digest of the weights served (changes with them, whatever their label); "" if unknown.
+    weights_digest: str = ""
 
 
 class Cancelled(Exception):
@@ -123,11 +126,6 @@ def check_cancelled() -> None:
     check = getattr(_cancel, "check", None)
     if check is not None and check():
         raise Cancelled("every caller of this work gave up; stopped between layers")
-
-
-class TruncatedWeights(RuntimeError):
-    """A tensor's bytes stopped short (the stream ended or the broadcast failed part way)
-    -> ABORTED, naming the tensor; nothing was changed."""
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from anchorcredit.errors import InputError
+from anchorcredit.errors import InputError, clip
 
 # Version of the statistics' definition (SPEC.md + our [ours] choices). Served in
 # ModelInfo.stat_version and hashed into every cache key.
@@ -60,7 +60,7 @@ def _err(name: str, message: str, prefix: str) -> InputError:
 def _real(name: str, value: Any, prefix: str) -> float:
     # numbers.Real: numpy scalars too (np.float32 is no float subclass)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _err(name, f"must be a number, got {value!r}", prefix)
+        raise _err(name, f"must be a number, got {clip(value)}", prefix)
     value = float(value)
     if not math.isfinite(value):
         raise _err(name, f"must be finite, got {value}", prefix)
@@ -69,7 +69,7 @@ def _real(name: str, value: Any, prefix: str) -> float:
 
 def _integer(name: str, value: Any, lo: int, end: int, prefix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
-        raise _err(name, f"must be an integer, got {value!r}", prefix)
+        raise _err(name, f"must be an integer, got {clip(value)}", prefix)
     value = int(value)
     if not lo <= value < end:
         raise _err(name, f"must be in [{lo}, 2**{end.bit_length() - 1}), got {value}", prefix)
@@ -111,7 +111,7 @@ class CreditParams:
         """Check and coerce every field to its type (frozen: through object.__setattr__)."""
         if self.strategy not in STRATEGIES:
             raise InputError(
-                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}",
+                f"unknown strategy {clip(self.strategy)}; choose one of {', '.join(STRATEGIES)}",
                 field="strategy",
             )
         real = {n: _real(n, getattr(self, n), prefix) for n in ("q", "gamma_amp", "alpha")}
@@ -216,7 +216,7 @@ def parse_h_hi(value: Any) -> int | None:
             return int(value)
         except ValueError:
             raise InputError(
-                f"must be an int or '{H_HI_END}', got {value!r}", field="params.h_hi"
+                f"must be an int or '{H_HI_END}', got {clip(value)}", field="params.h_hi"
             ) from None
     return value
 

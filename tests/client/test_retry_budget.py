@@ -71,3 +71,82 @@ def test_busy_is_bounded_by_time_and_down_by_count(monkeypatch: pytest.MonkeyPat
         t.call("Score", None)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE and len(calls) == 3  # 1 + retries=2
     t.close()
+
+
+class _Verdict(_Err):
+    """An error with the server's retry verdict (and a hint only in its message)."""
+
+    def __init__(self, code: grpc.StatusCode, retryable: str) -> None:
+        super().__init__(code)
+        self._retryable = retryable
+
+    def details(self) -> str:
+        return "request queue full (3 waiting); retry after ~400 ms"
+
+    def trailing_metadata(self) -> Any:
+        return (("anchorcredit-retryable", self._retryable),)
+
+
+def test_the_status_tables_verdict_decides_and_messages_are_never_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    t = _transport(backoff_base_s=0.001, backoff_max_s=0.01, retry_budget_s=5.0)
+    assert t._delay(_Verdict(grpc.StatusCode.RESOURCE_EXHAUSTED, "1"), 0, False) < 0.05
+    calls: list[float] = []
+
+    def oom(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        calls.append(time.monotonic())
+        raise _Verdict(grpc.StatusCode.RESOURCE_EXHAUSTED, "0")
+
+    monkeypatch.setattr(t, "_invoke", oom)
+    with pytest.raises(CreditServiceError) as e:
+        t.call("Score", None)
+    assert len(calls) == 1 and not e.value.retryable  # answered once: no split can help
+    t.close()
+
+
+def test_no_target_answering_is_retried_for_the_reconnect_budget(monkeypatch: pytest.MonkeyPatch):
+    t = _transport(backoff_base_s=0.001, backoff_max_s=0.02, reconnect_budget_s=0.3)
+    assert t.retries is None  # the default: time, not a count, bounds reconnection
+    calls: list[float] = []
+
+    def down(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        calls.append(time.monotonic())
+        raise _Err(grpc.StatusCode.UNAVAILABLE)
+
+    monkeypatch.setattr(t, "_invoke", down)
+    began = time.monotonic()
+    with pytest.raises(CreditServiceError) as e:
+        t.call("Score", None)
+    assert "reconnect_budget_s=0.3" in str(e.value)
+    assert len(calls) > 4 and 0.3 <= calls[-1] - began < 5.0
+    t.close()
+
+
+def test_the_retry_policy_refuses_nonsense_and_windows_grow_to_the_cap():
+    from anchorcredit.client.retry_policy import RetryPolicy
+
+    with pytest.raises(ValueError, match="reconnect_budget_s"):
+        RetryPolicy(reconnect_budget_s=float("nan"))
+    p = RetryPolicy(base_s=0.05, max_s=5.0)
+    assert [p.window(n) for n in (0, 1, 2)] == [0.05, 0.1, 0.2] and p.window(99) == 5.0
+    assert all(0.4 <= p.wait(0, hint_s=0.4) <= 0.8 for _ in range(200))
+
+
+def test_a_call_a_stopping_server_cancelled_goes_to_another_address(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The client never cancels its own calls: CANCELLED means gRPC dropped it on a server
+    that stopped under it (a drain), so it is tried again elsewhere, not lost."""
+    t = Transport(["127.0.0.1:1", "127.0.0.1:2"], backoff_base_s=0.001)
+    tried: list[int] = []
+
+    def first_stops(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        tried.append(ti)
+        if len(tried) == 1:
+            raise _Err(grpc.StatusCode.CANCELLED)
+        return "answered"
+
+    monkeypatch.setattr(t, "_invoke", first_stops)
+    assert t.call("Score", None) == "answered" and tried[0] != tried[1]
+    t.close()

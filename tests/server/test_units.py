@@ -428,6 +428,80 @@ def test_the_batcher_cuts_a_request_over_the_budget_into_forwards():
     assert scorer.calls == [2, 2, 1] and [r.tag for r in out.results] == [5] * 5
 
 
+class StepBackend(FakeBackend):
+    """Each forward records the tags it holds, says it started, and waits for its own go:
+    the test orders events by these, never by sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards: list[list[int]] = []
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def score_batch(self, pairs, params, with_entropy=False):
+        self.forwards.append([int(p.prompt[0]) for p in pairs])
+        self.entered.release()
+        assert self.go.acquire(timeout=30), "the test never let this forward run"
+        return super().score_batch(pairs, params, with_entropy)
+
+    async def next_forward(self) -> list[int]:
+        """Wait until the next forward started; the tags it holds."""
+        assert await asyncio.to_thread(self.entered.acquire, True, 30)
+        return self.forwards[-1]
+
+
+def _many(tag: int, sequences: int, n_tokens: int):
+    one = pb.Sequence(prompt_ids=[tag] + [0] * (n_tokens - 2), response_ids=[1])
+    parsed = convert.parse_request(_req(sequences=[one] * sequences, strategy="uniform"), 16, 10**6)
+    parsed.pairs = validate_pairs(parsed.pairs, vocab_size=1000, max_positions=None)
+    return parsed
+
+
+async def _queued(b: Batcher, depth: int) -> None:
+    while b.depth < depth:  # submit() queues as soon as its task runs
+        await asyncio.sleep(0)
+
+
+def test_a_small_call_waits_one_piece_behind_a_large_one():
+    """Budget 10: a large request (6 x 5 tokens = 3 pieces) is on the device when a small
+    one arrives. The next forward is the small one alone: the large one's rest goes behind
+    what arrived while its piece ran (it went ahead of it before: two pieces of wait)."""
+    scorer = StepBackend()
+
+    async def go(b, metrics):
+        big = asyncio.ensure_future(b.submit(_many(1, 6, 5)))
+        assert await scorer.next_forward() == [1, 1]
+        small = asyncio.ensure_future(b.submit(_parsed(2, n_tokens=4)))
+        await _queued(b, 2)  # the large one's rest and the small one
+        scorer.go.release()
+        assert await scorer.next_forward() == [2]
+        scorer.go.release(10)
+        await asyncio.gather(big, small)
+        return scorer.forwards
+
+    assert _run(go, scorer, max_batch_tokens=10, max_wait_s=0.0) == [[1, 1], [2], [1, 1], [1, 1]]
+
+
+def test_a_small_calls_batch_is_not_topped_up_with_a_piece_of_a_large_one():
+    """A small call queued just before a large one goes in a forward of its own: the large
+    one joins a batch only whole (and is cut into pieces only when it leads one)."""
+    scorer = StepBackend()
+
+    async def go(b, metrics):
+        blocker = asyncio.ensure_future(b.submit(_parsed(9, n_tokens=4)))
+        assert await scorer.next_forward() == [9]
+        small = asyncio.ensure_future(b.submit(_parsed(2, n_tokens=4)))
+        big = asyncio.ensure_future(b.submit(_many(1, 4, 5)))
+        await _queued(b, 2)
+        scorer.go.release()
+        assert await scorer.next_forward() == [2]  # not [2, 1]: no piece of the large one
+        scorer.go.release(10)
+        await asyncio.gather(blocker, small, big)
+        return scorer.forwards
+
+    assert _run(go, scorer, max_batch_tokens=10, max_wait_s=0.0) == [[9], [2], [1, 1], [1, 1]]
+
+
 def test_a_bad_layers_setting_names_the_flag_and_the_scorable_layers(tmp_path):
     from anchorcredit.offline.debug_model import save_debug_model
     from anchorcredit.runner.layers import LayerChoiceError

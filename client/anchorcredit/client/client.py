@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +45,7 @@ from anchorcredit.client.results import (
     from_cache,
     wire_arrays,
 )
+from anchorcredit.client.retry_policy import RetryClock
 from anchorcredit.client.transport import Transport
 from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, prepare_weights
 from anchorcredit.contract import DEFAULT_STRATEGY, UINT32_END, CreditParams
@@ -83,11 +82,13 @@ class CreditClient:
     """Client of one or more CreditService targets ("host:port", "dns:///name:port").
 
     cache: None -> in-process LRU bounded in bytes; "redis://..." -> Redis; False -> none;
-    or any object with get_many/set_many. timeout_s is each RPC's deadline. A busy server
-    (RESOURCE_EXHAUSTED) is retried until retry_budget_s has passed since the call began;
-    retries is how many more attempts a target that is down (UNAVAILABLE) gets, each on the
-    next target (0: no retries at all). Waits: the server's hint (its queue's drain time)
-    plus exponential backoff with full jitter.
+    or any object with get_many/set_many. timeout_s is each RPC's deadline. Retries follow
+    the one retry policy (retry_policy.py) on what the status table calls retryable: a busy
+    server (RESOURCE_EXHAUSTED) until retry_budget_s has passed since the call began; no
+    target answering (UNAVAILABLE: a restart, a rollout) until reconnect_budget_s has passed
+    since none answered, each attempt on the next target; retries caps those attempts when
+    set (0: no retries at all). Waits: the server's hint (its queue's drain time) plus
+    exponential backoff with full jitter (backoff_base_s doubling up to backoff_max_s).
 
     Replicas: a score call is pinned to one policy version (policy_version, else the one
     GetModelInfo reports when the call starts); a piece that reaches a replica on other
@@ -107,7 +108,7 @@ class CreditClient:
         targets: Sequence[str] | str,
         cache: Any = None,
         timeout_s: float = 60.0,
-        retries: int = 3,
+        retries: int | None = None,
         *,
         cache_ttl_s: int = DEFAULT_TTL_S,
         cache_dtype: str = "float32",
@@ -115,6 +116,7 @@ class CreditClient:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         retry_budget_s: float = 120.0,
+        reconnect_budget_s: float = 60.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         admin_token: str | None = None,
@@ -135,6 +137,7 @@ class CreditClient:
             backoff_base_s=backoff_base_s,
             backoff_max_s=backoff_max_s,
             retry_budget_s=retry_budget_s,
+            reconnect_budget_s=reconnect_budget_s,
             token=token,
             channel_options=channel_options,
             admin_token=admin_token,
@@ -167,14 +170,14 @@ class CreditClient:
         self.transport.timeout_s = float(value)
 
     @property
-    def retries(self) -> int:
-        """Further attempts UNAVAILABLE gets (0: no retries at all; RESOURCE_EXHAUSTED is
-        bounded by retry_budget_s instead)."""
+    def retries(self) -> int | None:
+        """At most this many retries while no target answers (None: reconnect_budget_s
+        alone bounds them; 0: no retries at all)."""
         return self.transport.retries
 
     @retries.setter
-    def retries(self, value: int) -> None:
-        self.transport.retries = int(value)
+    def retries(self, value: int | None) -> None:
+        self.transport.retries = None if value is None else int(value)
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -391,7 +394,7 @@ class CreditClient:
         ]
         if not pairs:
             return []
-        t0 = time.monotonic()
+        clock = RetryClock(self.transport.retry_budget_s)
         for attempt in itertools.count():
             # policy_version=None: re-read the served version on every call, so cache keys
             # never name a version the server has since replaced (another process may have
@@ -408,13 +411,13 @@ class CreditClient:
                 if policy_version is not None:
                     raise
                 # While a weight change rolls out, targets serve two versions for a
-                # moment: ask again (3 times, then with backoff within retry_budget_s).
-                spent = time.monotonic() - t0
-                if attempt >= 2 and spent >= self.transport.retry_budget_s:
+                # moment: ask again (at once twice, then with the retry policy's backoff
+                # within retry_budget_s).
+                if attempt >= 2 and clock.left <= 0:
                     raise
                 log.info("server policy version moved on from %r; asking again", version)
                 if attempt >= 2:
-                    time.sleep(random.uniform(0.0, min(1.0, 0.05 * 2 ** min(attempt, 8))))
+                    clock.sleep(self.transport.policy.wait(attempt - 2))
         raise AssertionError("unreachable")
 
     def _score(
@@ -464,7 +467,12 @@ class CreditClient:
         with_entropy: bool,
     ) -> list[str]:
         model = ModelKey(
-            info.model_id, info.revision, info.dtype, tuple(info.layers), info.stat_version
+            info.model_id,
+            info.revision,
+            info.dtype,
+            tuple(info.layers),
+            info.stat_version,
+            info.weights_digest,
         )
         kb = KeyBuilder(
             model,
@@ -553,11 +561,13 @@ class CreditClient:
                     grpc.StatusCode.INTERNAL,
                     f"{len(resp.results)} results for {len(chunk)} sequences",
                 )
-            # Only cache what provably matches the key: same model and statistic definition.
+            # Only cache what provably matches the key: same model, statistic definition,
+            # version and weights (a replica given other weights under this label differs).
             cacheable = self.cache is not None and (
                 resp.model_id in ("", info.model_id)
                 and resp.stat_version in ("", info.stat_version)
                 and resp.policy_version in ("", version)
+                and resp.weights_digest == info.weights_digest
             )
             if not cacheable and self.cache is not None:
                 self.invalidate_model_info()

@@ -1,6 +1,7 @@
 """What a failed call raises, and how a server's gRPC status becomes it.
 
-`CreditServiceError` carries the gRPC status code; FAILED_PRECONDITION (the server holds
+`CreditServiceError` carries the gRPC status code and whether the status table
+(anchorcredit.status) calls it retryable; FAILED_PRECONDITION (the server holds
 another policy version) is its subclass `StalePolicyVersionError`. Bad-input errors name
 the caller's sequence index: the server names the index within the request it got, which
 `caller_index_error` maps back.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 
 import grpc
+
+from anchorcredit import status
 
 # Where the server's INVALID_ARGUMENT names a sequence: "sequences[3].response_ids / ...".
 _SEQ_INDEX = re.compile(r"sequences\[(\d+)\]")
@@ -35,6 +38,8 @@ class CreditServiceError(RuntimeError):
         self.details = details
         self.target = target
         self.index = index
+        # may the same call succeed later (the status table's default for the code)
+        self.retryable = code in status.RETRYABLE_CODES
 
 
 class StalePolicyVersionError(CreditServiceError):
@@ -42,11 +47,18 @@ class StalePolicyVersionError(CreditServiceError):
 
 
 def from_rpc(err: grpc.RpcError, target: str) -> CreditServiceError:
-    """The error to raise for a non-retried gRPC failure from `target`."""
+    """The error to raise for a non-retried gRPC failure from `target`; `.retryable` is the
+    status table's verdict (anchorcredit.status: the server's trailer, else the code's)."""
     code = err.code()
     stale = code == grpc.StatusCode.FAILED_PRECONDITION
     cls = StalePolicyVersionError if stale else CreditServiceError
-    return cls(code, err.details() or "", target)
+    out = cls(code, err.details() or "", target)
+    try:
+        trailers = err.trailing_metadata() or ()
+    except Exception:  # a locally raised error has none
+        trailers = ()
+    out.retryable = status.retryable(code, trailers)
+    return out
 
 
 def caller_index_error(err: CreditServiceError, sent: list[int]) -> CreditServiceError:

@@ -1,7 +1,10 @@
 """Cache keys: namespace + schema version + sha256 of a length-prefixed canonical encoding.
 
 Everything that changes the numbers goes into the digest: the model (id, revision, dtype,
-layers) and the statistics version, all from GetModelInfo; the policy version; the strategy
+layers), the statistics version and the weights digest, all from GetModelInfo (the weights
+digest changes whenever the weights do, so a version label reused for other weights, on a
+restarted server or another deployment sharing the cache, never finds their numbers); the
+policy version; the strategy
 and every effective parameter of the validated `anchorcredit.contract.CreditParams`
 (defaults included, exactly what the request carries), so two calls that mean the same
 numbers share a key however the caller spelled them; the prompt length and the
@@ -28,7 +31,8 @@ from anchorcredit.contract import UINT64_END, CreditParams
 # 3: the digest encodes every effective parameter (CreditParams.proto_fields(): defaults
 #    included), not only those the caller gave, so q=0.4 given and q left at its default
 #    share one key; the v2 encoding of the same request differs, hence a new schema.
-SCHEMA_VERSION = 3
+# 4: the served weights' digest (GetModelInfo.weights_digest) joined the model fields.
+SCHEMA_VERSION = 4
 DEFAULT_NAMESPACE = "anchorcredit"
 
 
@@ -41,6 +45,7 @@ class ModelKey:
     dtype: str
     layers: tuple[int, ...]
     stat_version: str
+    weights_digest: str = ""  # "" from a server that computes none
 
     def encode(self) -> bytes:
         layers = ",".join(str(x) for x in self.layers)
@@ -50,6 +55,7 @@ class ModelKey:
             self.dtype.encode(),
             layers.encode(),
             self.stat_version.encode(),
+            self.weights_digest.encode(),
         )
 
 

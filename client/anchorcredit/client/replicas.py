@@ -12,9 +12,7 @@ otherwise refuses with a StalePolicyVersionError naming every address and what i
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +20,7 @@ import grpc
 
 from anchorcredit.client.errors import CreditServiceError, StalePolicyVersionError
 from anchorcredit.client.push import on_every_address
+from anchorcredit.client.retry_policy import RetryClock
 from anchorcredit.client.transport import Transport
 from anchorcredit.v1 import credit_pb2 as pb
 
@@ -120,7 +119,7 @@ class ReplicaSet:
         up to `wait_s` seconds (replicas mid-update), then raise lagging_error. A replica
         that moves on between the survey and the call answers FAILED_PRECONDITION, and the
         survey is redone, never an answer from other weights."""
-        t0 = time.monotonic()
+        clock = RetryClock(wait_s)
         attempt = 0
         while True:
             replicas = self.survey()
@@ -131,11 +130,9 @@ class ReplicaSet:
                     return self.transport.call(method, request, addresses=serving)
                 except StalePolicyVersionError:
                     pass  # it moved on since the survey: look again
-            waited = time.monotonic() - t0
-            if waited >= wait_s:
-                raise lagging_error(version, replicas, waited)
-            pause = random.uniform(0.5, 1.0) * min(1.0, 0.05 * 2**attempt)
-            time.sleep(min(pause, max(0.0, wait_s - waited)))
+            # the one retry policy's backoff, within wait_s (replicas mid-update)
+            if not clock.sleep(self.transport.policy.wait(attempt)):
+                raise lagging_error(version, replicas, clock.elapsed)
             attempt += 1
 
     def _note_lag(self, version: str, replicas: list[Replica]) -> None:

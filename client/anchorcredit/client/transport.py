@@ -1,14 +1,16 @@
 """Channels to the targets and the unary call: round-robin, failover, retries with backoff.
 
-`Transport.call` spreads calls round-robin over the targets; UNAVAILABLE and
-RESOURCE_EXHAUSTED are retried, each attempt on the next target not recently found down.
-A busy server (RESOURCE_EXHAUSTED) is retried until `retry_budget_s` has passed since the
-call began; UNAVAILABLE while every target is down at most `retries` times (0 = no retries
-at all); failing over from a down target to one that is up is not counted. The wait
-before a retry is at least the server's hint (its queue's drain time) plus
-exponential backoff with full jitter over a window of at least that hint, so rejected
-callers spread out instead of coming back in waves; failing over to an untried target
-after UNAVAILABLE is immediate. Other codes raise at once.
+`Transport.call` spreads calls round-robin over the targets. Whether a failed call is tried
+again is the status table's verdict (anchorcredit.status: the server's `anchorcredit-
+retryable` trailer, else UNAVAILABLE, RESOURCE_EXHAUSTED, and CANCELLED, which this client
+never causes itself: a server stopping under the call); how long to wait and for how
+long is the one retry policy's (retry_policy.py): each attempt goes to the next target not
+recently found down. A busy server (RESOURCE_EXHAUSTED) is retried until
+`retry_budget_s` has passed since the call began, each wait at least the server's hint
+(trailing metadata) plus backoff with full jitter; UNAVAILABLE while every target is down
+(a restart, a rollout) until `reconnect_budget_s` has passed since none answered (and at
+most `retries` times when that is set; 0 = no retries at all); failing over from a down
+target to one that is up is immediate and not counted. Other codes raise at once.
 `Transport.call_one` calls one target exactly once. Weight changes go to every concrete
 address behind every target (`resolve.expand_target`: a dns name resolved as gRPC does,
 gRPC's `ipv4:a:p1,b:p2` list), each over its own channel (`Transport.address_stub`), so no
@@ -24,8 +26,6 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,19 +33,23 @@ from typing import Any
 
 import grpc
 
+from anchorcredit import status
 from anchorcredit.client.errors import CreditServiceError, from_rpc
 from anchorcredit.client.resolve import dns_name, expand_target, split_hostport
+from anchorcredit.client.retry_policy import RetryClock, RetryPolicy
 from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("anchorcredit.client")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # How long a target that answered UNAVAILABLE is passed over by round-robin.
 DOWN_FOR_S = 1.0
-# Retry hints servers may send: trailing metadata, or "retry after ~N ms" in the details.
-_HINT_KEYS = {"grpc-retry-pushback-ms": 1e-3, "retry-after-ms": 1e-3, "retry-after": 1.0}
-_HINT_TEXT = re.compile(r"retry after ~?\s*([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
 _MAX_MESSAGE = 256 * 1024 * 1024
+# gRPC's own reconnection backoff (default 1 s growing to 120 s) would keep a channel to a
+# restarted server failing fast long after it is back: cap it near the retry windows.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 def _address_channel_target(address: str) -> str:
@@ -110,18 +114,16 @@ def is_loopback_target(target: str) -> bool:
     return bool(hosts)
 
 
-def retry_hint(err: grpc.RpcError) -> float | None:
-    """Seconds the server asked us to wait, if it said."""
+def _trailers(err: grpc.RpcError) -> Any:
     try:
-        for key, value in err.trailing_metadata() or ():
-            if key in _HINT_KEYS:
-                return max(0.0, float(value) * _HINT_KEYS[key])
-        m = _HINT_TEXT.search(err.details() or "")
-    except Exception:  # a malformed hint is no hint
-        return None
-    if m:
-        return float(m.group(1)) * (1e-3 if m.group(2).lower() == "ms" else 1.0)
-    return None
+        return err.trailing_metadata() or ()
+    except Exception:  # an error raised locally has none
+        return ()
+
+
+def retry_hint(err: grpc.RpcError) -> float | None:
+    """Seconds the server asked us to wait (its trailing metadata), if it said."""
+    return status.retry_hint_s(_trailers(err))
 
 
 class _AddressChannel:
@@ -185,11 +187,12 @@ class Transport:
         self,
         targets: Sequence[str],
         timeout_s: float = 60.0,
-        retries: int = 3,
+        retries: int | None = None,
         *,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 5.0,
         retry_budget_s: float = 120.0,
+        reconnect_budget_s: float = 60.0,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         admin_token: str | None = None,
@@ -202,10 +205,11 @@ class Transport:
             raise ValueError("give at least one target")
         self.targets = list(targets)
         self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self.retry_budget_s = float(retry_budget_s)
+        self.retries = None if retries is None else int(retries)
+        self.policy = RetryPolicy(
+            float(backoff_base_s), float(backoff_max_s), float(retry_budget_s),
+            float(reconnect_budget_s),
+        )  # fmt: skip
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # The admin token goes on weight-changing calls only (admin_metadata).
         self._admin_metadata = (
@@ -229,6 +233,7 @@ class Transport:
             ("grpc.keepalive_permit_without_calls", 0),
         ]
         # dns:/// targets with several addresses: spread over all of them
+        base += RECONNECT_OPTIONS
         options = [*base, ("grpc.lb_policy_name", "round_robin"), *channel_options]
         self._address_options = [*base, *channel_options]
         self._address_channels: dict[str, _AddressChannel] = {}
@@ -363,25 +368,33 @@ class Transport:
         fn: Callable[..., Any] = getattr(self.address_stub(address), method)
         return fn(request, timeout=self.timeout_s, metadata=self._metadata)
 
+    @property
+    def retry_budget_s(self) -> float:
+        """How long a busy server (RESOURCE_EXHAUSTED) is retried, from the first attempt."""
+        return self.policy.busy_budget_s
+
+    @property
+    def reconnect_budget_s(self) -> float:
+        """How long UNAVAILABLE is retried while no target answers."""
+        return self.policy.reconnect_budget_s
+
     def call(self, method: str, request: Any, *, addresses: Sequence[str] | None = None) -> Any:
-        """Unary call on the next target with failover, retries and backoff; non-retryable
-        codes raise CreditServiceError (StalePolicyVersionError) at once.
+        """Unary call on the next target with failover, retries and backoff; a status the
+        table calls final raises CreditServiceError (StalePolicyVersionError) at once.
 
         addresses: spread over these concrete addresses (each over its own channel)
-        instead of the targets. RESOURCE_EXHAUSTED is retried while `retry_budget_s` (from
-        the first attempt) lasts (the last wait is cut to end at the budget, then one more
-        attempt); UNAVAILABLE at most `retries` times; `retries=0` never retries."""
+        instead of the targets. A busy server is retried while `retry_budget_s` (from the
+        first attempt) lasts, UNAVAILABLE while `reconnect_budget_s` (from the moment no
+        target answered) lasts and, when `retries` is set, at most that many times (0:
+        never retry); the last wait is cut to end at the budget, then one more attempt."""
         names = self.targets if addresses is None else list(addresses)
         if not names:
             raise ValueError("no address to call")
         start = next(self._rr)
-        t0 = time.monotonic()
-        give_up_at = t0 + self.retry_budget_s
+        busy = RetryClock(self.policy.busy_budget_s)
+        down: RetryClock | None = None  # from the first moment no target answered
         tried: set[int] = set()
-        last: grpc.RpcError | None = None
-        last_target = ""
-        unavailable = 0
-        attempt = 0
+        attempt = unavailable = 0
         while True:
             ti = self._pick(names, start, attempt)
             tried.add(ti)
@@ -390,54 +403,60 @@ class Transport:
                     return self._invoke(ti, method, request)
                 return self._invoke_address(names[ti], method, request)
             except grpc.RpcError as err:
-                code = err.code()
-                last, last_target = err, names[ti]
-                if code not in RETRYABLE:
+                if not status.retryable(err.code(), _trailers(err)):
                     raise from_rpc(err, names[ti]) from None
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    now = time.monotonic()
-                    self._down[names[ti]] = now + DOWN_FOR_S
-                    if all(self._down.get(n, 0.0) > now for n in names):
-                        unavailable += 1  # counts only while none is known up
-                if self.retries <= 0 or unavailable > self.retries:
-                    why = f"gave up after {attempt + 1} attempts"
-                    break
-                delay = self._delay(
-                    err, attempt, self._pick(names, start, attempt + 1) not in tried
-                )
-                left = give_up_at - time.monotonic()
-                if left <= 0:
-                    why = (
-                        f"gave up after {attempt + 1} attempts in "
-                        f"{time.monotonic() - t0:.1f} s (retry_budget_s={self.retry_budget_s:g})"
-                    )
-                    break
-                delay = min(delay, left)
+                all_down = self._note_down(err, names, names[ti])
+                if all_down:
+                    unavailable += 1
+                    down = down or RetryClock(self.policy.reconnect_budget_s)
+                else:
+                    down = None  # some target answers: back to the busy budget
+                clock = down or busy
+                why = self._give_up(attempt, unavailable if all_down else 0, clock)
+                if why:
+                    raise CreditServiceError(
+                        err.code(), f"{err.details()} ({why})", names[ti]
+                    ) from None
+                next_untried = self._pick(names, start, attempt + 1) not in tried
+                n = unavailable - 1 if all_down else attempt
+                delay = self._delay(err, n, next_untried)
                 log.info(
                     "%s on %s: %s; retry %d in %.3f s",
-                    method,
-                    names[ti],
-                    code.name,
-                    attempt + 1,
-                    delay,
-                )
-                time.sleep(delay)
+                    method, names[ti], err.code().name, attempt + 1, min(delay, clock.left),
+                )  # fmt: skip
+                clock.sleep(delay)
                 attempt += 1
-        assert last is not None
-        raise CreditServiceError(last.code(), f"{last.details()} ({why})", last_target)
+
+    def _note_down(self, err: grpc.RpcError, names: Sequence[str], name: str) -> bool:
+        """Mark `name` down on UNAVAILABLE (or a call a stopping server CANCELLED); True
+        when every name is down now."""
+        if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return False
+        now = time.monotonic()
+        self._down[name] = now + DOWN_FOR_S
+        return all(self._down.get(n, 0.0) > now for n in names)
+
+    def _give_up(self, attempt: int, unavailable: int, clock: RetryClock) -> str:
+        """Why to stop retrying now ("" to go on)."""
+        if self.retries is not None and (self.retries <= 0 or unavailable > self.retries):
+            return f"gave up after {attempt + 1} attempts (retries={self.retries})"
+        if clock.left <= 0:
+            name = "reconnect_budget_s" if unavailable else "retry_budget_s"
+            return (
+                f"gave up after {attempt + 1} attempts in {clock.elapsed:.1f} s "
+                f"({name}={clock.budget_s:g})"
+            )
+        return ""
 
     def _delay(self, err: grpc.RpcError, attempt: int, next_untried: bool) -> float:
-        """Seconds to wait before attempt + 1: the server's hint (when it sent one) plus
-        exponential backoff with full jitter over a window of at least that hint."""
+        """Seconds to wait before the next attempt (the retry policy): the server's hint
+        (when it sent one) plus backoff with full jitter; none to fail over from a down
+        target to one not tried yet."""
         hint = retry_hint(err)
-        if hint is None and err.code() == grpc.StatusCode.UNAVAILABLE and next_untried:
-            return 0.0  # fail over to a target not tried yet right away
-        cap = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
-        if hint is None:
-            return random.uniform(0.0, cap)  # full jitter
-        # Never sooner than told; spread over at least one drain time so the rejected
-        # callers of one burst come back across it, not together.
-        return hint + random.uniform(0.0, max(hint, cap))
+        gone = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        if hint is None and gone and next_untried:
+            return 0.0
+        return self.policy.wait(attempt, hint)
 
     def call_one(self, ti: int, method: str, request: Any) -> Any:
         """One call on target ti only: no failover, no retries."""

@@ -66,6 +66,7 @@ def _serve(cfg: server_config.ServeConfig) -> int:
         from anchorcredit.runner.tp_serve import serve_tensor_parallel
 
         return serve_tensor_parallel(cfg)
-    from anchorcredit.server.app import serve
+    from anchorcredit.server.app import exit_after_drain, serve
 
-    return asyncio.run(serve(cfg))
+    # exits at once after the drain: nothing still running may hold up a SIGTERM's exit
+    exit_after_drain(asyncio.run(serve(cfg)))

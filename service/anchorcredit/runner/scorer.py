@@ -35,7 +35,8 @@ from anchorcredit import contract
 from anchorcredit.backend import BatchScores, Head, ModelInfo, ScoreResult, TokenPair
 from anchorcredit.contract import CreditParams
 from anchorcredit.engine import PackedStats, resolve_backend
-from anchorcredit.errors import InputError
+from anchorcredit.errors import InputError, WeightVersionConflict, clip
+from anchorcredit.runner import fingerprint
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.credit_stage import credit_results
 from anchorcredit.runner.forward import Horizon, packed_forward
@@ -50,7 +51,7 @@ from anchorcredit.runner.loading import (
     resolve_source,
 )
 from anchorcredit.runner.timing import StageTimer
-from anchorcredit.runner.weights import PartialWeightsError, WeightStaging
+from anchorcredit.runner.weights import PartialWeightsError, WeightStaging, owned_tensors
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 __all__ = ["Scorer", "ScoreResult", "parse_dtype"]
@@ -108,6 +109,11 @@ class Scorer:
         self._skipped_tensors = dict(loaded.skipped_tensors) if loaded else {}
         self._lock = threading.Lock()  # scoring and a weight commit never interleave
         self._weights_broken: str | None = None  # set by a reload that failed half way
+        # The weights digest (runner/fingerprint.py): one record per live tensor, and the
+        # digest each version label named (a label never names other weights).
+        self._records = self._initial_records()
+        self.weights_digest = fingerprint.combine(self._records)
+        self._label_digests = {self.policy_version: self.weights_digest}
 
     @classmethod
     def from_pretrained(
@@ -157,6 +163,30 @@ class Scorer:
             loaded=loaded,
         )
 
+    def _initial_records(self) -> dict[str, bytes]:
+        """Fingerprint records of the weights loaded (anchorcredit.runner.fingerprint)."""
+        return fingerprint.records(owned_tensors(self.model))
+
+    def _digest_after(self, stage: WeightStaging) -> tuple[dict[str, bytes], str]:
+        """(records, digest) once `stage` is committed; WeightVersionConflict when its label
+        named other weights on this scorer before. Off the device thread's lock."""
+        records = {**self._records, **stage.records()}
+        after = fingerprint.combine(records)
+        version = stage.update.version
+        before = self._label_digests.get(version, after)
+        if before != after:
+            raise WeightVersionConflict(
+                f"version {clip(version)} named other weights on this server before (digest "
+                f"{before[:12]}, these are {after[:12]}); a label names one set of weights "
+                "for good: name new weights with a new version"
+            )
+        return records, after
+
+    def _now_serving(self, version: str, records: dict[str, bytes], after: str) -> None:
+        self.policy_version = version
+        self._records, self.weights_digest = records, after
+        self._label_digests[version] = after
+
     # ------------------------------------------------------------------ metadata
     def info(self) -> ModelInfo:
         """Model id, revision, shapes, layers and the statistics version (GetModelInfo)."""
@@ -180,6 +210,7 @@ class Scorer:
             stat_version=contract.STAT_VERSION,  # read now: the contract is the one source
             loaded_param_count=self.loaded_param_count,
             total_param_count=self.total_param_count,
+            weights_digest=self.weights_digest,
         )
 
     # ------------------------------------------------------------------ weights
@@ -211,6 +242,7 @@ class Scorer:
         """Copy the staged tensors into the model and serve the new version, under the
         scoring lock (the server calls this on its device thread, between batches)."""
         stage.finish()
+        records, after = self._digest_after(stage)  # before the lock: scoring goes on
         with self._lock:
             stage.update.check(self.policy_version)
             try:
@@ -221,7 +253,7 @@ class Scorer:
                 self._weights_broken = str(err)
                 raise
             self._weights_broken = None
-            self.policy_version = stage.update.version
+            self._now_serving(stage.update.version, records, after)
 
     def join_weight_group(
         self,

@@ -29,6 +29,7 @@ inside one (every rank must finish the collectives it started).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from anchorcredit.backend import TokenPair, cancellable
+from anchorcredit.runner import fingerprint
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 from anchorcredit.runner.forward import Horizon
 from anchorcredit.runner.layers import select_layers
@@ -60,8 +62,9 @@ from anchorcredit.runner.tp_weights import (
     WeightCommand,
     WholeTensorStaging,
     exchange,
+    local_tensor,
 )
-from anchorcredit.runner.weights import PartialWeightsError
+from anchorcredit.runner.weights import PartialWeightsError, owned_tensors
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 log = logging.getLogger(__name__)
@@ -298,6 +301,14 @@ class TensorParallelScorer(Scorer):
         self.group.close()
 
     # ------------------------------------------------------------------ weights
+    def _initial_records(self) -> dict[str, bytes]:
+        """Rank 0 holds shards, not the whole weights: records of its shards plus a random
+        one, so its digest is never shared with another process (the records of tensors a
+        change sends are of whole tensors, and replace those of the shards)."""
+        records = fingerprint.records(owned_tensors(self.model, local_tensor))
+        records["\0tensor-parallel"] = uuid.uuid4().bytes
+        return records
+
     def stage_weights(self, update: WeightUpdateSpec) -> WholeTensorStaging:
         """Rank 0: an empty staging buffer of whole tensors in host memory, checked against
         the whole model (names, shapes, the layers not loaded) as one process checks them."""
@@ -312,6 +323,7 @@ class TensorParallelScorer(Scorer):
             if self.broken is not None:
                 raise TensorParallelGroupBroken(self.broken)
             stage.update.check(self.policy_version)
+            records, after = self._digest_after(stage)
             headers = stage.headers()
             try:
                 self.group.send(WeightCommand(headers, stage.update.version))
@@ -332,7 +344,7 @@ class TensorParallelScorer(Scorer):
             finally:
                 stage.discard()
             self._weights_broken = None
-            self.policy_version = stage.update.version
+            self._now_serving(stage.update.version, records, after)
 
     def _follow_weights(self, command: WeightCommand) -> None:
         """Ranks > 0: rank 0's weight change, between two batches."""

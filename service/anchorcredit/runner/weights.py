@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ import torch
 
 from anchorcredit.backend import TruncatedWeights
 from anchorcredit.errors import InputError
+from anchorcredit.runner import fingerprint
 from anchorcredit.weight_wire import DTYPE_ITEMSIZE, WeightUpdateSpec, tensor_nbytes
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +76,23 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
+
+
+def owned_tensors(
+    model: torch.nn.Module, local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of `model` once, under the first name that owns its storage (tied names
+    share one): the names a WeightStaging stages under. `local`: the tensor to look at (a
+    tensor-parallel shard)."""
+    seen: set[tuple[int, torch.device]] = set()
+    out = []
+    for name, t in _model_tensors(model):
+        view = local(t)
+        key = (view.data_ptr(), view.device)
+        if key not in seen:
+            seen.add(key)
+            out.append((name, view))
+    return out
 
 
 def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -129,6 +147,7 @@ class WeightStaging:
         self.bytes = 0
         self.skipped_tensors = 0  # of them, tensors of layers (or the head) not loaded
         self.finished = False
+        self._records: dict[str, bytes] | None = None
 
     # -- checks -------------------------------------------------------------------------
     def check(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor | None:
@@ -359,6 +378,13 @@ class WeightStaging:
                 copied += 1
         self.discard()
         return copied
+
+    def records(self) -> dict[str, bytes]:
+        """Fingerprint records of the staged tensors (anchorcredit.runner.fingerprint), by
+        the name that owns each live storage; computed once, off the device thread."""
+        if self._records is None:
+            self._records = fingerprint.records(self._staged.items())
+        return self._records
 
     def discard(self) -> None:
         """Free the staging buffers (the live model is untouched)."""

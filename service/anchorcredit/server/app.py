@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +33,7 @@ from anchorcredit.backend import ScoringBackend
 from anchorcredit.errors import StartupError
 from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
+from anchorcredit.server.bounded import abandoned_threads, observe_abandoned
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.frames import MalformedFrameInterceptor
 from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
@@ -37,6 +41,13 @@ from anchorcredit.server.servicer import CreditServicer, ServerState
 from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
 
 log = logging.getLogger(__name__)
+# SIGTERM: calls not answered this long before the grace period ends are refused with
+# UNAVAILABLE (at most a quarter of the grace period).
+DRAIN_MARGIN_S = 1.0
+# After the grace period, the batcher's forward (whose callers are gone: it stops at the
+# next layer) and then any thread still running (a forward past the grace period, an
+# abandoned collective) each get this long before the process exits without them.
+EXIT_WAIT_S = 1.0
 
 
 def resolve_device(device: str) -> str:
@@ -275,6 +286,7 @@ class CreditServer:
         self.port = 0
         self.metrics_port = -1
         self._stopping = False
+        self._unobserve = observe_abandoned(self.metrics.abandoned_threads.set)
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound gRPC port."""
@@ -391,11 +403,25 @@ class CreditServer:
                 self.state.batcher.depth if self.state.batcher else 0,
                 grace,
             )
-            # New RPCs are refused from here; running handlers get `grace` seconds.
-            await self._server.stop(grace)
+            # Running handlers get `grace` seconds; shortly before it ends, what is still
+            # running is refused with UNAVAILABLE (a client retries it elsewhere) instead of
+            # being CANCELLED by gRPC at the end. New calls are refused with UNAVAILABLE at
+            # once for `margin` seconds, so callers learn to go elsewhere before the port
+            # stops taking calls (one arriving as gRPC stops would be CANCELLED).
+            margin = min(DRAIN_MARGIN_S, 0.25 * grace)
+            out_of_time = self.state.out_of_time
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, grace - margin), lambda: out_of_time.done() or out_of_time.set_result(None)
+            )
+            self.state.draining = True
+            try:
+                await asyncio.sleep(margin)
+                await self._server.stop(max(0.0, grace - margin))
+            finally:
+                timer.cancel()
         if self.state.batcher is not None:
             try:  # normally instant: the handlers that fed the queue are done by now
-                await asyncio.wait_for(self.state.batcher.close(), max(grace, 1.0))
+                await asyncio.wait_for(self.state.batcher.close(), EXIT_WAIT_S)
             except TimeoutError:
                 log.warning("batcher still busy after the grace period; exiting anyway")
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -407,6 +433,7 @@ class CreditServer:
             http_server.server_close()
             thread.join(timeout=5)
             self._http = None
+        self._unobserve()
         log.info("server stopped")
 
     async def __aenter__(self) -> CreditServer:
@@ -451,3 +478,33 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     return code
+
+
+def exit_after_drain(code: int, wait_s: float = EXIT_WAIT_S) -> NoReturn:
+    """End the process with `code` once the drain is over, whatever is still running.
+
+    Threads that exit would wait for (worker pools are joined at exit: a forward past the
+    grace period) get `wait_s`; an abandoned collective's thread may sit in torch's C++
+    code forever (and crash an interpreter shutting down around it). Interpreter shutdown
+    itself (freeing torch and the model) takes seconds on a busy CPU. So: flush the logs
+    and the standard streams, and exit now, within --grace-s plus about two seconds."""
+    deadline = time.monotonic() + wait_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [
+        t.name
+        for t in threading.enumerate()
+        if t.is_alive() and not t.daemon and t is not threading.current_thread()
+    ]
+    abandoned = abandoned_threads()
+    if stuck or abandoned:
+        log.warning(
+            "exiting with threads still running (%s%d abandoned collective steps)",
+            "".join(f"{n}, " for n in stuck),
+            abandoned,
+        )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

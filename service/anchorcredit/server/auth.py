@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from anchorcredit import status
+
 PROTECTED_PREFIX = "/anchorcredit.v1.CreditService/"
 WEIGHT_METHODS = frozenset(
     PROTECTED_PREFIX + m
@@ -99,15 +101,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         given = bearer_token(metadata)
         if method in WEIGHT_METHODS and not self._open_weights:
             if self._admin is None:
-                return grpc.StatusCode.PERMISSION_DENIED, NO_ADMIN_MESSAGE
+                return status.PERMISSION_DENIED.code, NO_ADMIN_MESSAGE
             if _matches(given, self._admin):
                 return None
             if given is None:
-                return grpc.StatusCode.UNAUTHENTICATED, ADMIN_DENIED_MESSAGE
-            return grpc.StatusCode.PERMISSION_DENIED, ADMIN_DENIED_MESSAGE
+                return status.UNAUTHENTICATED.code, ADMIN_DENIED_MESSAGE
+            return status.PERMISSION_DENIED.code, ADMIN_DENIED_MESSAGE
         if self._token is None or _matches(given, self._token, self._admin):
             return None
-        return grpc.StatusCode.UNAUTHENTICATED, DENIED_MESSAGE
+        return status.UNAUTHENTICATED.code, DENIED_MESSAGE
 
     async def intercept_service(
         self,
@@ -124,7 +126,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     ) -> grpc.RpcMethodHandler:
         async def deny(context: grpc.aio.ServicerContext) -> None:
-            hook = self._on_forbidden if code == grpc.StatusCode.PERMISSION_DENIED else None
+            hook = self._on_forbidden if code == status.PERMISSION_DENIED.code else None
             hook = hook or self._on_denied
             if hook is not None:
                 hook()

@@ -41,30 +41,16 @@ from anchorcredit.backend import (
 )
 from anchorcredit.budget import greedy_chunks, halve_on_oom
 from anchorcredit.contract import CreditParams
-from anchorcredit.errors import PolicyVersionMismatch
+from anchorcredit.errors import (  # QueueFull & co. are re-exported (their old home)
+    DeadlineExpired,
+    PolicyVersionMismatch,
+    QueueFull,
+    ShuttingDown,
+)
 from anchorcredit.server.convert import ParsedRequest
 from anchorcredit.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The bounded queue is full; `retry_after_s` is an estimate of when it drains."""
-
-    def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(
-            f"request queue full ({depth} waiting); retry after ~{retry_after_s * 1000:.0f} ms"
-        )
-        self.depth = depth
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExpired(Exception):
-    """The request's deadline passed while it waited in the queue."""
-
-
-class ShuttingDown(Exception):
-    """The batcher no longer accepts work."""
 
 
 @dataclass
@@ -160,6 +146,7 @@ class Batcher:
         self.max_batch_requests = max_batch_requests
         self.max_queue = max_queue
         self._queue: collections.deque[_Work | _Control] = collections.deque()
+        self._rest: list[_Work] = []  # split requests whose piece is running (_take)
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()  # set whenever requests leave the queue
         self._closing = False
@@ -176,11 +163,13 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return sum(isinstance(w, _Work) for w in self._queue)
+        """Requests waiting (the rest of a split one whose piece runs included)."""
+        return sum(isinstance(w, _Work) for w in self._queue) + len(self._rest)
 
     @property
     def queued_tokens(self) -> int:
-        return sum(w.tokens_left for w in self._queue if isinstance(w, _Work))
+        waiting = [w for w in self._queue if isinstance(w, _Work)] + self._rest
+        return sum(w.tokens_left for w in waiting)
 
     def retry_after_s(self) -> float:
         """When the queue will have drained: the tokens waiting times the measured seconds
@@ -207,7 +196,7 @@ class Batcher:
         """
         while True:
             if self._closing:
-                raise ShuttingDown("server is shutting down")
+                raise ShuttingDown("server is shutting down; retry on another replica")
             depth = self.depth
             if depth < self.max_queue:
                 break
@@ -229,7 +218,7 @@ class Batcher:
         Never refused for a full queue: control work is rare and must not starve.
         """
         if self._closing:
-            raise ShuttingDown("server is shutting down")
+            raise ShuttingDown("server is shutting down; retry on another replica")
         ctl = _Control(fn, asyncio.get_running_loop().create_future())
         self._queue.append(ctl)
         self._wakeup.set()
@@ -263,6 +252,7 @@ class Batcher:
             self._room.set()
             if batch:
                 await self._run_batch(batch)
+            self._requeue_rest()
 
     async def _fill(self, head: _Work) -> None:
         """Wait (at most max_wait after the head arrived) for more work of the head's key."""
@@ -312,14 +302,16 @@ class Batcher:
         """Pop the next batch: FIFO from the first live request's key, within budget and
         request cap; stop at control work (nothing jumps over a reload).
 
-        Fairness: a request is taken a budget-sized piece at a time; what is left of it goes
-        back to the end of the queue (still before any reload, so one version scores all of
-        it), so requests queued behind a large one are interleaved with its pieces."""
+        Fairness (a small call waits about one budget-sized forward behind a large one):
+        only the request that leads a batch is cut into a budget-sized piece; the others
+        join whole or not at all, so a small call's batch is never topped up with a piece
+        of a large one. What is left of the leader waits in `_rest` while its piece runs
+        and then goes behind everything that arrived meanwhile (still before any reload,
+        so one version scores all of it: `_requeue_rest`)."""
         now = time.monotonic()
         loaded = str(self._backend.policy_version)
         batch: list[_Piece] = []
         kept: collections.deque[_Work | _Control] = collections.deque()
-        rest: list[_Work] = []  # partly taken: back of the queue
         key, tokens, blocked = None, 0, False
         budget = self.max_batch_tokens
         while self._queue:
@@ -340,25 +332,40 @@ class Batcher:
             if w.parsed.key != key or full:
                 kept.append(w)
                 continue
-            pairs = w.parsed.pairs
-            lo = hi = w.next
-            while hi < len(pairs):
-                n = pairs[hi].num_tokens
-                if (batch or hi > lo) and tokens + n > budget:
-                    break  # an item larger than the budget goes alone
-                tokens += n
-                hi += 1
-            if hi == lo:
+            hi = self._piece_end(w, tokens, leads=not batch)
+            if hi == w.next:
                 kept.append(w)
                 continue
-            batch.append((w, lo, hi))
+            tokens += sum(p.num_tokens for p in w.parsed.pairs[w.next : hi])
+            batch.append((w, w.next, hi))
             w.next = hi
-            if hi < len(pairs):
-                rest.append(w)
-        # What is left of split requests: behind everything else, before the first reload.
-        cut = next((i for i, w in enumerate(kept) if isinstance(w, _Control)), len(kept))
-        self._queue = collections.deque([*list(kept)[:cut], *rest, *list(kept)[cut:]])
+            if hi < len(w.parsed.pairs):
+                self._rest.append(w)
+        self._queue = kept
         return batch
+
+    def _piece_end(self, w: _Work, tokens: int, leads: bool) -> int:
+        """Where the piece of `w` taken now ends: the leader takes what fits the budget (at
+        least one sequence: one larger than the budget goes alone); another request joins
+        whole if it fits, else not at all (w.next)."""
+        pairs, budget = w.parsed.pairs, self.max_batch_tokens
+        if not leads:
+            return len(pairs) if tokens + w.tokens_left <= budget else w.next
+        hi = w.next
+        while hi < len(pairs) and (hi == w.next or tokens + pairs[hi].num_tokens <= budget):
+            tokens += pairs[hi].num_tokens
+            hi += 1
+        return hi
+
+    def _requeue_rest(self) -> None:
+        """The unscored rest of split requests: behind what arrived while their piece ran,
+        before the first reload."""
+        if not self._rest:
+            return
+        items = list(self._queue)
+        cut = next((i for i, w in enumerate(items) if isinstance(w, _Control)), len(items))
+        self._queue = collections.deque([*items[:cut], *self._rest, *items[cut:]])
+        self._rest = []
 
     async def _run_control(self, ctl: _Control) -> None:
         if ctl.future.done():

@@ -17,15 +17,11 @@ import numpy as np
 
 from anchorcredit.backend import ModelInfo, ScoreResult
 from anchorcredit.contract import CreditParams
-from anchorcredit.errors import InputError
+from anchorcredit.errors import InputError, NonFiniteResult  # noqa: F401 - re-exported
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 _LE_F32 = np.dtype("<f4")
-
-
-class NonFiniteResult(Exception):
-    """The runner produced a NaN/inf output; it is never sent back (the RPC fails INTERNAL)."""
 
 
 @dataclass
@@ -158,6 +154,7 @@ def model_info(
         max_request_tokens=max_request_tokens,
         loaded_param_count=info.loaded_param_count,
         total_param_count=info.total_param_count,
+        weights_digest=info.weights_digest,
     )
 
 

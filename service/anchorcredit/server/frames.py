@@ -15,7 +15,11 @@ from typing import Any
 
 import grpc
 
+from anchorcredit import status
+from anchorcredit.errors import InputError
 from anchorcredit.server.auth import PROTECTED_PREFIX
+
+INVALID = status.status_of(InputError(""))
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class MalformedFrameInterceptor(grpc.aio.ServerInterceptor):
                 if self._on_malformed is not None:
                     self._on_malformed()
                 await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                    INVALID.code,
                     f"the request frame is not a valid {method} request ({request.error})",
                 )
             return await inner(request, context)

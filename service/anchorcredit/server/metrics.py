@@ -127,6 +127,11 @@ class ServerMetrics:
             ["transport"],
             registry=r,
         )
+        self.abandoned_threads = Gauge(
+            "anchorcredit_abandoned_threads",
+            "threads given up on (a collective step past its timeout) that still run",
+            registry=r,
+        )
         self.model_info = Info(
             "anchorcredit_model", "model, policy version and limits served", registry=r
         )

@@ -12,37 +12,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
 
-from anchorcredit import __version__
-from anchorcredit.backend import ModelInfo, ScoringBackend, TruncatedWeights
-from anchorcredit.errors import (
-    DeviceOutOfMemory,
-    InputError,
-    PolicyVersionMismatch,
-    WeightVersionConflict,
-)
+from anchorcredit import __version__, status
+from anchorcredit.backend import ModelInfo, ScoringBackend
+from anchorcredit.errors import DeadlineExpired, InputError, ModelLoading, ShuttingDown, clip
 from anchorcredit.server import convert
-from anchorcredit.server.batcher import (
-    Batcher,
-    DeadlineExpired,
-    Outcome,
-    QueueFull,
-    ShuttingDown,
-)
+from anchorcredit.server.batcher import Batcher, Outcome
 from anchorcredit.server.config import ServeConfig
 from anchorcredit.server.metrics import ServerMetrics
-from anchorcredit.server.weights import GroupError, WeightChanges
+from anchorcredit.server.weights import WeightChanges
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc
 
 log = logging.getLogger(__name__)
-# Standard gRPC retry-pushback trailer (honoured by gRPC retry policies) plus a plain one.
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-RETRY_AFTER_KEY = "retry-after-ms"
 
 
 @dataclass
@@ -54,6 +40,18 @@ class ServerState:
     backend: ScoringBackend | None = None
     batcher: Batcher | None = None
     info: ModelInfo | None = None
+    # Every version label this server has served -> the digest of its weights (the backend
+    # never gives a label to other weights); responses carry the digest.
+    labels: dict[str, str] = field(default_factory=dict)
+    _out_of_time: asyncio.Future | None = None
+
+    @property
+    def out_of_time(self) -> asyncio.Future:
+        """Resolved when a stopping server's grace period is about to end: calls still
+        running are then refused with UNAVAILABLE (CreditServicer._within_grace)."""
+        if self._out_of_time is None:
+            self._out_of_time = asyncio.get_running_loop().create_future()
+        return self._out_of_time
 
     @property
     def ready(self) -> bool:
@@ -64,6 +62,7 @@ class ServerState:
         `anchorcredit_model` metric."""
         assert self.backend is not None
         self.info = self.backend.info()
+        self.labels[self.info.policy_version] = self.info.weights_digest
         self.metrics.set_model_info(
             {**asdict(self.info), "max_batch_tokens": self.config.max_batch_tokens}
         )
@@ -89,55 +88,23 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         self.state = state
         self.weights = WeightChanges(state)
 
-    # -- error mapping --------------------------------------------------------------------------
+    # -- error mapping (the one table: anchorcredit.status) ---------------------------------
     def _failure(self, exc: BaseException, request_id: str = "") -> _Failure:
-        fails = self.state.metrics.failures
         if isinstance(exc, _Failure):
             return exc
-        if isinstance(exc, InputError | ValueError):
-            fails.labels("invalid_argument").inc()
-            return _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if isinstance(exc, PolicyVersionMismatch):
-            fails.labels("policy_version").inc()
-            return _Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if isinstance(exc, WeightVersionConflict):
-            fails.labels("weight_version").inc()
-            return _Failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if isinstance(exc, TruncatedWeights):
-            fails.labels("weights_truncated").inc()
-            return _Failure(grpc.StatusCode.ABORTED, str(exc))
-        if isinstance(exc, GroupError):
-            fails.labels("weight_group").inc()
-            return _Failure(exc.code, str(exc))
-        if isinstance(exc, QueueFull):
-            fails.labels("queue_full").inc()
-            ms = str(max(1, round(exc.retry_after_s * 1000)))
-            return _Failure(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                str(exc),
-                ((RETRY_PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)),
+        row = status.status_of(exc)
+        self.state.metrics.failures.labels(row.reason).inc()
+        if row is status.INTERNAL or row.reason == "non_finite":
+            log.error("internal error (request_id=%r)", request_id, exc_info=exc)
+            text = (
+                f"internal error ({type(exc).__name__}); see the server log, "
+                f"request_id={clip(request_id)}"
             )
-        if isinstance(exc, DeviceOutOfMemory):
-            fails.labels("oom").inc()
-            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        if isinstance(exc, DeadlineExpired | TimeoutError):
-            fails.labels("deadline").inc()
-            return _Failure(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "deadline expired before the request was answered; its work was dropped",
-            )
-        if isinstance(exc, ShuttingDown):
-            fails.labels("unavailable").inc()
-            return _Failure(
-                grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"
-            )
-        # A NaN/inf output is never sent back: INTERNAL, counted under its own reason.
-        fails.labels("non_finite" if isinstance(exc, convert.NonFiniteResult) else "internal").inc()
-        log.error("internal error (request_id=%r)", request_id, exc_info=exc)
-        return _Failure(
-            grpc.StatusCode.INTERNAL,
-            f"internal error ({type(exc).__name__}); see the server log, request_id={request_id!r}",
-        )
+        elif isinstance(exc, DeadlineExpired | TimeoutError) and row.reason == "deadline":
+            text = "deadline expired before the request was answered; its work was dropped"
+        else:
+            text = str(exc) or type(exc).__name__
+        return _Failure(row.code, status.message(text), status.trailers(row, exc))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, failure: _Failure) -> None:
@@ -147,8 +114,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
 
     async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
         if not self.state.ready:
-            self.state.metrics.failures.labels("unavailable").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; retry shortly")
+            await self._abort(
+                context, self._failure(ModelLoading("model is loading; retry shortly"))
+            )
 
     # -- scoring ---------------------------------------------------------------------------------
     def _parse(self, request: pb.ScoreRequest) -> convert.ParsedRequest:
@@ -170,10 +138,29 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         # wait_for: the caller's deadline bounds the wait even if the transport is slow to
         # cancel us; the batcher drops the request when it finds it cancelled or expired.
-        outcome = await asyncio.wait_for(
-            self.state.batcher.submit(parsed, deadline, block=block), remaining
+        outcome = await self._within_grace(
+            asyncio.wait_for(self.state.batcher.submit(parsed, deadline, block=block), remaining)
         )
         return self._response(parsed, outcome)
+
+    async def _within_grace(self, work: Awaitable[Any]) -> Any:
+        """`work`, unless the server's grace period is about to end first: then the work is
+        cancelled (the batcher drops it) and the call is refused with ShuttingDown
+        (UNAVAILABLE, retried elsewhere) before gRPC would cancel it (CANCELLED)."""
+        task = asyncio.ensure_future(work)
+        out_of_time = self.state.out_of_time
+        try:
+            await asyncio.wait({task, out_of_time}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise ShuttingDown(
+            "server is stopping and this call could not be answered within its grace "
+            "period; retry on another replica"
+        )
 
     def _response(self, parsed: convert.ParsedRequest, outcome: Outcome) -> pb.ScoreResponse:
         assert self.state.info is not None
@@ -188,6 +175,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             queue_seconds=outcome.queue_seconds,
             compute_seconds=outcome.compute_seconds,
             stat_version=self.state.info.stat_version,
+            weights_digest=self.state.labels.get(outcome.results[0].policy_version, ""),
         )
 
     async def Score(
@@ -295,7 +283,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
     ) -> Any:
         await self._require_ready(context)
         try:
-            return await call()
+            return await self._within_grace(call())
         except Exception as exc:
             await self._abort(context, self._failure(exc))
             raise AssertionError("unreachable") from None
@@ -313,12 +301,14 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
     async def JoinWeightGroup(
         self, request: pb.JoinWeightGroupRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinWeightGroupResponse:
-        return await self._weights_call(context, lambda: self.weights.join(request))
+        deadline = context.time_remaining()
+        return await self._weights_call(context, lambda: self.weights.join(request, deadline))
 
     async def ReceiveWeights(
         self, request: pb.ReceiveWeightsRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateWeightsResponse:
-        return await self._weights_call(context, lambda: self.weights.receive(request))
+        deadline = context.time_remaining()
+        return await self._weights_call(context, lambda: self.weights.receive(request, deadline))
 
     async def LeaveWeightGroup(
         self, request: pb.LeaveWeightGroupRequest, context: grpc.aio.ServicerContext

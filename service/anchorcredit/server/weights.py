@@ -10,40 +10,50 @@ Every change follows one path (docs/SERVICE.md "Changing the weights"):
                                                  rules again, staged -> live, new version
 
 Changes run one at a time (an asyncio lock), so at most one staged copy of the weights
-exists. Torch-free: the backend owns the tensors and the group handles; this module keeps
-the groups by name and maps nothing to status codes (the servicer does).
+exists. The collective's blocking steps (join, receive, close) run in bounded threads
+(server/bounded.py): under the caller's timeout_s and the RPC deadline, abandoned past
+them, never holding the lock or a pool worker for longer. Torch-free: the backend owns the
+tensors and the group handles; this module keeps the groups by name and raises the errors
+the status table maps (anchorcredit.status).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from anchorcredit.backend import TruncatedWeights, WeightGroupHandle, WeightStage
-from anchorcredit.errors import DeviceOutOfMemory, InputError, WeightVersionConflict, is_oom
+from anchorcredit.errors import (
+    DeviceOutOfMemory,
+    InputError,
+    PathRefused,
+    WeightGroupExists,
+    WeightGroupNotFound,
+    WeightGroupUnreachable,
+    WeightVersionConflict,
+    clip,
+    is_oom,
+)
 from anchorcredit.server import convert
+from anchorcredit.server.bounded import run_bounded
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.weight_wire import WeightUpdateSpec
 
 log = logging.getLogger(__name__)
 TRANSPORTS = ("path", "stream", "collective")
-
-
-class GroupError(Exception):
-    """A collective-group request that cannot be served; `code` is its gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+# JoinWeightGroup's timeout_s: 0 means the default; more than the maximum is refused.
+DEFAULT_GROUP_TIMEOUT_S = 600.0
+MAX_GROUP_TIMEOUT_S = 3600.0
+MAX_GROUP_SIZE = 1 << 16  # world_size: the trainer's rank 0 and every server
 
 
 class WeightChanges:
@@ -54,8 +64,9 @@ class WeightChanges:
         self.groups: dict[str, WeightGroupHandle] = {}
         self._joining: set[str] = set()
         self._lock = asyncio.Lock()  # one change at a time: one staged copy at most
-        # Staging, joins and broadcasts block: their own threads, never the event loop's
-        # (health, metrics and scoring stay responsive) nor the device thread.
+        # Staging and loads block, for a bounded time: worker threads, never the event
+        # loop's (health, metrics and scoring stay responsive) nor the device thread. The
+        # collective steps, which may never return, get threads of their own (bounded.py).
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="weights")
         for transport in TRANSPORTS:  # every transport's series reads 0 before its first use
             state.metrics.weight_updates_by_transport.labels(transport)
@@ -139,7 +150,7 @@ class WeightChanges:
                     # shapes, missing tensors: the caller's checkpoint, with the loader's words.
                     message = " ".join(str(exc).split()) or type(exc).__name__
                     raise InputError(
-                        f"cannot load weights from {path!r}: {message}", field="path"
+                        f"cannot load weights from {clip(path)}: {message[:500]}", field="path"
                     ) from exc
                 return await self._commit(stage, "path", t0)
             finally:
@@ -152,7 +163,7 @@ class WeightChanges:
             stage: WeightStage | None = None
             t0 = time.perf_counter()
             try:
-                async for chunk in chunks:
+                async for chunk in _frames(chunks):
                     if stage is None:
                         t0 = time.perf_counter()  # the first byte received
                         if not chunk.HasField("update"):
@@ -177,30 +188,19 @@ class WeightChanges:
                     stage.discard()
 
     # -- the collective group ------------------------------------------------------------
-    async def join(self, request: pb.JoinWeightGroupRequest) -> pb.JoinWeightGroupResponse:
+    async def join(
+        self, request: pb.JoinWeightGroupRequest, deadline_s: float | None = None
+    ) -> pb.JoinWeightGroupResponse:
+        """Join the trainer's group. Every blocking step (store, group) runs in a bounded
+        thread (server/bounded.py) under timeout_s and the RPC deadline (`deadline_s`
+        seconds left), whichever is first; it holds no lock and no pool worker."""
         name = request.group
-        if not name:
-            raise InputError("name the group", field="group")
-        if not request.address:
-            raise InputError("the trainer's store address is required", field="address")
-        if not 0 < request.port < 65536:
-            raise InputError(f"port {request.port} is not in [1, 65535]", field="port")
-        if request.world_size < 2:
-            raise InputError("world_size counts the trainer and every server: >= 2", "world_size")
-        if not 0 < request.rank < request.world_size:
-            raise InputError(
-                f"rank {request.rank} is not in [1, {request.world_size - 1}] (rank 0 is the "
-                "trainer)",
-                field="rank",
-            )
-        if request.backend not in ("", "nccl", "gloo"):
-            raise InputError(f"backend {request.backend!r} is not nccl or gloo", "backend")
-        if request.timeout_s < 0:
-            raise InputError("timeout_s must be >= 0 (0 = 600 s)", field="timeout_s")
+        timeout_s = _check_join(request)
+        if deadline_s is not None:
+            timeout_s = max(0.0, min(timeout_s, deadline_s))
         if name in self.groups or name in self._joining:
-            raise GroupError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"group {name!r} is already joined; LeaveWeightGroup it first",
+            raise WeightGroupExists(
+                f"group {clip(name)} is already joined; LeaveWeightGroup it first"
             )
         backend = self.state.backend
         args = (
@@ -209,25 +209,27 @@ class WeightChanges:
             int(request.world_size),
             int(request.rank),
             request.backend,
-            float(request.timeout_s),
+            timeout_s,
+        )
+        where = (
+            f"group {clip(name)} at {clip(request.address)}:{request.port} as rank "
+            f"{request.rank} of {request.world_size}"
         )
         self._joining.add(name)
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: backend.join_weight_group(*args)
-        )
         try:
-            handle = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The rendezvous cannot be interrupted: close the group if it completes anyway.
-            fut.add_done_callback(_close_if_joined)
-            raise
+            handle = await run_bounded(
+                lambda: backend.join_weight_group(*args),
+                timeout_s,
+                f"joining {where}",
+                on_late=_close_group,
+            )
         except ValueError as exc:
             raise InputError(str(exc), field="backend") from exc
         except Exception as exc:
-            raise GroupError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot join group {name!r} at {request.address}:{request.port} as rank "
-                f"{request.rank} of {request.world_size}: {' '.join(str(exc).split())[:300]}",
+            if isinstance(exc, TimeoutError):
+                raise
+            raise WeightGroupUnreachable(
+                f"cannot join {where}: {' '.join(str(exc).split())[:300]}"
             ) from exc
         finally:
             self._joining.discard(name)
@@ -247,25 +249,33 @@ class WeightChanges:
     def _group(self, name: str) -> WeightGroupHandle:
         handle = self.groups.get(name)
         if handle is None:
-            known = ", ".join(repr(g) for g in sorted(self.groups)) or "none"
-            raise GroupError(
-                grpc.StatusCode.NOT_FOUND,
-                f"no weight group {name!r} is joined (joined: {known}); call JoinWeightGroup",
+            known = ", ".join(clip(g) for g in sorted(self.groups)[:20]) or "none"
+            raise WeightGroupNotFound(
+                f"no weight group {clip(name)} is joined (joined: {known}); call JoinWeightGroup"
             )
         return handle
 
-    async def receive(self, request: pb.ReceiveWeightsRequest) -> pb.UpdateWeightsResponse:
+    async def receive(
+        self, request: pb.ReceiveWeightsRequest, deadline_s: float | None = None
+    ) -> pb.UpdateWeightsResponse:
+        """ReceiveWeights: the broadcasts run in a bounded thread (each under the group's
+        timeout, all of them under the RPC deadline); past it the group is dropped."""
         handle = self._group(request.group)
         headers = [convert.tensor_header(t) for t in request.tensors]
+        spec = convert.weight_update(request.update)
         async with self._lock:
             t0 = time.perf_counter()
-            stage = await self._stage(convert.weight_update(request.update))
+            stage = await self._stage(spec)
             try:
                 try:
-                    await self._off_loop(stage.receive, handle, headers)
-                except TruncatedWeights:
-                    # A broadcast that failed part way leaves the group out of step with the
-                    # trainer: close it (the trainer opens a new one and we join again).
+                    await run_bounded(
+                        lambda: stage.receive(handle, headers),
+                        deadline_s,
+                        f"receiving {len(headers)} tensors from group {clip(request.group)}",
+                    )
+                except (TruncatedWeights, TimeoutError, asyncio.CancelledError):
+                    # A broadcast that failed or hangs part way leaves the group out of step
+                    # with the trainer: drop it (the trainer opens a new one, we join again).
                     await self._drop(request.group)
                     raise
                 return await self._commit(stage, "collective", t0)
@@ -281,20 +291,69 @@ class WeightChanges:
     async def _drop(self, name: str) -> None:
         handle = self.groups.pop(name, None)
         if handle is not None:
-            try:
-                await self._off_loop(handle.close)
-            except Exception as exc:  # closing a broken group may fail: it is gone anyway
+            try:  # closing a broken group may fail or block: it is gone for us anyway
+                await run_bounded(handle.close, 10.0, f"closing weight group {clip(name)}")
+            except Exception as exc:
                 log.warning("closing weight group %r: %s", name, exc)
             log.info("left weight group %r", name)
 
     def close(self) -> None:
-        """Server shutdown: close every group, stop the worker threads."""
+        """Server shutdown: close every group (each in a daemon thread: a broken group's
+        close may block), stop the worker threads."""
         for name in list(self.groups):
-            try:
-                self.groups.pop(name).close()
-            except Exception as exc:
-                log.warning("closing weight group %r: %s", name, exc)
+            handle = self.groups.pop(name)
+            threading.Thread(target=_close_group, args=(handle,), daemon=True).start()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _frames(chunks: AsyncIterator[Any]) -> AsyncIterator[pb.WeightChunk]:
+    """The stream's WeightChunks; a frame that does not parse is bad input, naming it."""
+    it = aiter(chunks)
+    frame = 0
+    while True:
+        try:
+            chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:  # DecodeError from grpc's deserializer: the caller's bytes
+            raise InputError(
+                f"PushWeights frame {frame} could not be parsed as a WeightChunk "
+                f"({type(exc).__name__}); nothing was changed"
+            ) from None
+        yield chunk
+        frame += 1
+
+
+def _check_join(request: pb.JoinWeightGroupRequest) -> float:
+    """InputError naming the first bad field of a JoinWeightGroup; the timeout in seconds
+    (0 -> DEFAULT_GROUP_TIMEOUT_S)."""
+    if not request.group:
+        raise InputError("name the group", field="group")
+    if not request.address:
+        raise InputError("the trainer's store address is required", field="address")
+    if not 0 < request.port < 65536:
+        raise InputError(f"port {request.port} is not in [1, 65535]", field="port")
+    if not 2 <= request.world_size <= MAX_GROUP_SIZE:
+        raise InputError(
+            f"world_size {request.world_size} is not in [2, {MAX_GROUP_SIZE}] (the trainer "
+            "and every server)",
+            field="world_size",
+        )
+    if not 0 < request.rank < request.world_size:
+        raise InputError(
+            f"rank {request.rank} is not in [1, {request.world_size - 1}] (rank 0 is the trainer)",
+            field="rank",
+        )
+    if request.backend not in ("", "nccl", "gloo"):
+        raise InputError(f"backend {clip(request.backend)} is not nccl or gloo", "backend")
+    t = request.timeout_s
+    if not math.isfinite(t) or not 0 <= t <= MAX_GROUP_TIMEOUT_S:
+        raise InputError(
+            f"timeout_s must be a finite number of seconds in (0, {MAX_GROUP_TIMEOUT_S:g}] "
+            f"(0 = {DEFAULT_GROUP_TIMEOUT_S:g}), got {t!r}",
+            field="timeout_s",
+        )
+    return float(t) if t > 0 else DEFAULT_GROUP_TIMEOUT_S
 
 
 def require_regular_file(path: Path) -> None:
@@ -303,11 +362,11 @@ def require_regular_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
-        raise InputError(f"cannot open {str(path)!r}: {exc.strerror}", field="path") from None
+        raise InputError(f"cannot open {clip(str(path))}: {exc.strerror}", field="path") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InputError(
-                f"{str(path)!r} is not a regular file (a FIFO, device or socket is refused)",
+                f"{clip(str(path))} is not a regular file (a FIFO, device or socket is refused)",
                 field="path",
             )
     finally:
@@ -321,7 +380,7 @@ def checked_weights_path(raw: str, weights_dir: str | None, allow_anywhere: bool
       it); without `weights_dir` only when `allow_anywhere` (the development flag);
     - a regular *.safetensors file, or a directory whose *.safetensors are regular files
       that also resolve inside `weights_dir`.
-    PERMISSION_DENIED (GroupError) for a path outside, InputError for the rest. Blocking
+    PathRefused (PERMISSION_DENIED) for a path outside, InputError for the rest. Blocking
     (filesystem calls): run it off the event loop."""
     if weights_dir:
         root = Path(weights_dir).resolve()
@@ -331,9 +390,8 @@ def checked_weights_path(raw: str, weights_dir: str | None, allow_anywhere: bool
             return p == root or root in p.parents
 
         if not inside(target):
-            raise GroupError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"path {raw!r} is outside the server's --weights-dir (symlinks resolved)",
+            raise PathRefused(
+                f"path {clip(raw)} is outside the server's --weights-dir (symlinks resolved)"
             )
     elif allow_anywhere:
         target = Path(raw).resolve()
@@ -342,20 +400,18 @@ def checked_weights_path(raw: str, weights_dir: str | None, allow_anywhere: bool
             return True
 
     else:
-        raise GroupError(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PathRefused(
             "this server loads no paths: start it with --weights-dir (or push the weights "
             "with PushWeights)",
         )
     if target.is_dir():
         files = sorted(target.glob("*.safetensors"))
         if not files:
-            raise InputError(f"no .safetensors weights in {raw!r}", field="path")
+            raise InputError(f"no .safetensors weights in {clip(raw)}", field="path")
         for f in files:
             if not inside(f.resolve()):
-                raise GroupError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{f.name} in {raw!r} links outside the server's --weights-dir",
+                raise PathRefused(
+                    f"{clip(f.name)} in {clip(raw)} links outside the server's --weights-dir"
                 )
             require_regular_file(f)
     else:
@@ -363,9 +419,9 @@ def checked_weights_path(raw: str, weights_dir: str | None, allow_anywhere: bool
     return target
 
 
-def _close_if_joined(fut: Any) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        try:
-            fut.result().close()
-        except Exception as exc:
-            log.warning("closing an abandoned weight group: %s", exc)
+def _close_group(handle: Any) -> None:
+    """Close a group handle nobody uses (joined too late, or at shutdown)."""
+    try:
+        handle.close()
+    except Exception as exc:
+        log.warning("closing an abandoned weight group: %s", exc)

@@ -97,7 +97,7 @@ class SequenceResult(_message.Message):
     def __init__(self, response_len: _Optional[int] = ..., waad: _Optional[bytes] = ..., fai: _Optional[bytes] = ..., gamma: _Optional[bytes] = ..., entropy: _Optional[bytes] = ..., local_heads: _Optional[_Iterable[_Union[HeadRef, _Mapping]]] = ..., global_heads: _Optional[_Iterable[_Union[HeadRef, _Mapping]]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results", "policy_version", "model_id", "request_id", "queue_seconds", "compute_seconds", "stat_version")
+    __slots__ = ("results", "policy_version", "model_id", "request_id", "queue_seconds", "compute_seconds", "stat_version", "weights_digest")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class ScoreResponse(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SequenceResult]
     policy_version: str
     model_id: str
@@ -112,14 +113,15 @@ class ScoreResponse(_message.Message):
     queue_seconds: float
     compute_seconds: float
     stat_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., stat_version: _Optional[str] = ...) -> None: ...
+    weights_digest: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., policy_version: _Optional[str] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., stat_version: _Optional[str] = ..., weights_digest: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "revision", "architecture", "dtype", "device", "num_layers", "layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "max_batch_tokens", "max_request_sequences", "policy_version", "kernel_backend", "server_version", "stat_version", "max_request_tokens", "loaded_param_count", "total_param_count")
+    __slots__ = ("model_id", "revision", "architecture", "dtype", "device", "num_layers", "layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "max_batch_tokens", "max_request_sequences", "policy_version", "kernel_backend", "server_version", "stat_version", "max_request_tokens", "loaded_param_count", "total_param_count", "weights_digest")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,7 @@ class ModelInfo(_message.Message):
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOADED_PARAM_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PARAM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     architecture: str
@@ -162,7 +165,8 @@ class ModelInfo(_message.Message):
     max_request_tokens: int
     loaded_param_count: int
     total_param_count: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_sequences: _Optional[int] = ..., policy_version: _Optional[str] = ..., kernel_backend: _Optional[str] = ..., server_version: _Optional[str] = ..., stat_version: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., loaded_param_count: _Optional[int] = ..., total_param_count: _Optional[int] = ...) -> None: ...
+    weights_digest: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_request_sequences: _Optional[int] = ..., policy_version: _Optional[str] = ..., kernel_backend: _Optional[str] = ..., server_version: _Optional[str] = ..., stat_version: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., loaded_param_count: _Optional[int] = ..., total_param_count: _Optional[int] = ..., weights_digest: _Optional[str] = ...) -> None: ...
 
 class WeightUpdate(_message.Message):
     __slots__ = ("version", "replaces", "partial")
