@@ -12,6 +12,7 @@ from anchorcredit.experiments.countdown_tasks import (
     CountdownTask,
     completion_text,
     extract_answer,
+    make_reward,
     reward_fn,
     score,
 )
@@ -49,6 +50,15 @@ def test_reward_fn_reads_trl_columns_and_chat_completions():
     assert completion_text(chat[0]) == "<answer>3*5+7</answer>"
     assert reward_fn(chat, numbers=[[3, 5, 7], [1]], target=[22, 2]) == [1.0, FORMAT_SCORE]
     assert extract_answer("no tags") is None
+
+
+def test_make_reward_scores_the_prefill_and_the_completion_together():
+    fn = make_reward("<answer>")
+    assert fn(["3 * 5 + 7</answer>", "3 * 5</answer>", "3 * 5 + 7"], [[3, 5, 7]] * 3, [22] * 3) == [
+        1.0,
+        FORMAT_SCORE,
+        0.0,  # the tag is never closed
+    ]
 
 
 def test_reasoning_gym_tasks_are_seeded_and_solvable_by_their_own_answer():

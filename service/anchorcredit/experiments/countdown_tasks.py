@@ -116,6 +116,18 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def make_reward(prefill: str = "") -> Any:
+    """A TRL reward function that scores prefill + completion (the prompt ends with the
+    prefill, so the model's completion continues it)."""
+
+    def countdown_reward(
+        completions: list[Any], numbers: list[list[int]], target: list[int], **_: Any
+    ) -> list[float]:
+        return reward_fn([prefill + completion_text(c) for c in completions], numbers, target)
+
+    return countdown_reward
+
+
 def reward_fn(
     completions: list[Any], numbers: list[list[int]], target: list[int], **_: Any
 ) -> list[float]:

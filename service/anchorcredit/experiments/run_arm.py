@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from anchorcredit.experiments.config import ExperimentConfig
-from anchorcredit.experiments.countdown_tasks import CountdownTask, reward_fn, score
+from anchorcredit.experiments.countdown_tasks import CountdownTask, make_reward, score
 
 
 def _jsonl_lines(path: Path) -> list[dict[str, Any]]:
@@ -39,13 +39,29 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def dataset_rows(tasks: list[CountdownTask], chat: bool) -> dict[str, list[Any]]:
-    """TRL dataset columns: prompt (chat messages or text) and the verifier's fields."""
-    prompts: list[Any] = [
-        [{"role": "user", "content": t.prompt()}] if chat else t.prompt() + "\n" for t in tasks
-    ]
+def prompt_texts(tasks: list[CountdownTask], cfg: ExperimentConfig, tokenizer: Any) -> list[str]:
+    """Each task's prompt as the model sees it: through the chat template (cfg.chat) or
+    plain, then cfg.prefill (the start of the answer, e.g. "<answer>"; the reward scores
+    prefill + completion)."""
+    if cfg.chat:
+        return [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t.prompt()}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            + cfg.prefill
+            for t in tasks
+        ]
+    return [f"{t.prompt()}\n{cfg.prefill}" for t in tasks]
+
+
+def dataset_rows(
+    tasks: list[CountdownTask], cfg: ExperimentConfig, tokenizer: Any
+) -> dict[str, list[Any]]:
+    """TRL dataset columns: prompt (text) and the verifier's fields."""
     return {
-        "prompt": prompts,
+        "prompt": prompt_texts(tasks, cfg, tokenizer),
         "numbers": [list(t.numbers) for t in tasks],
         "target": [t.target for t in tasks],
     }
@@ -58,17 +74,7 @@ def evaluate(
     batched with left padding."""
     import torch
 
-    if cfg.chat:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": t.prompt()}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for t in tasks
-        ]
-    else:
-        texts = [t.prompt() + "\n" for t in tasks]
+    texts = prompt_texts(tasks, cfg, tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
@@ -77,7 +83,7 @@ def evaluate(
     try:
         for b in range(0, len(texts), 8):
             enc = tokenizer(
-                texts[b : b + 8], return_tensors="pt", padding=True, add_special_tokens=not cfg.chat
+                texts[b : b + 8], return_tensors="pt", padding=True, add_special_tokens=False
             )
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.inference_mode():
@@ -85,6 +91,7 @@ def evaluate(
                     **enc,
                     max_new_tokens=cfg.max_completion,
                     do_sample=False,
+                    use_cache=True,  # TRL turns the cache off in the config for training
                     pad_token_id=tokenizer.pad_token_id,
                     top_p=None,
                     top_k=None,
@@ -93,7 +100,7 @@ def evaluate(
             width = enc["input_ids"].shape[1]
             for i, task in enumerate(tasks[b : b + 8]):
                 text = tokenizer.decode(out[i, width:], skip_special_tokens=True)
-                rewards.append(score(text, task))
+                rewards.append(score(cfg.prefill + text, task))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -167,6 +174,8 @@ def grpo_args(run_dir: Path, cfg: ExperimentConfig, seed: int, use_cpu: bool) ->
         data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # small models: recomputing activations costs time and saves memory nobody needs
+        gradient_checkpointing=False,
     )
 
 
@@ -204,10 +213,10 @@ def train_one(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     use_cpu = not torch.cuda.is_available()
     args = grpo_args(run_dir, cfg, seed, use_cpu)
-    dataset = Dataset.from_dict(dataset_rows(train, cfg.chat))
+    dataset = Dataset.from_dict(dataset_rows(train, cfg, tokenizer))
     common = dict(
         model=model,
-        reward_funcs=reward_fn,
+        reward_funcs=make_reward(cfg.prefill),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
