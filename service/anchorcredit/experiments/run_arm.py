@@ -123,9 +123,9 @@ def _callbacks(
             self.t_step = time.perf_counter()
 
         def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
-            self.t_step = time.perf_counter()
             if state.global_step == 0 and not _jsonl_lines(run_dir / "eval.jsonl"):
                 self._eval(0, model)
+            self.t_step = time.perf_counter()  # after the eval: step 1 times only itself
 
         def on_log(self, args, state, control, logs=None, model=None, **kw):  # noqa: ANN001
             if not logs or "reward" not in logs:
