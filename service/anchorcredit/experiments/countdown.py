@@ -96,7 +96,7 @@ def _run_all(cfg: ExperimentConfig, out: Path) -> None:
                 if done.is_file() and json.loads(done.read_text())["steps"] >= cfg.steps:
                     continue
                 if arm != "grpo" and server is None:
-                    server = ServeProcess(model_dir, out / "serve.log")
+                    server = ServeProcess(model_dir, out / "serve.log", threads=cfg.threads)
                     target = server.wait_ready()
                     log(f"anchorcredit serve ready on {target}")
                 t0 = time.perf_counter()

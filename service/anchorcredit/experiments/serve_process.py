@@ -22,7 +22,9 @@ LOADED = re.compile(r"loaded in")
 class ServeProcess:
     """`anchorcredit serve --model MODEL --entropy` on 127.0.0.1, a free port, CPU or GPU."""
 
-    def __init__(self, model: str | Path, log_path: Path, device: str = "auto") -> None:
+    def __init__(
+        self, model: str | Path, log_path: Path, device: str = "auto", threads: int | None = None
+    ) -> None:
         self.admin_token = secrets.token_hex(16)
         env = {
             **os.environ,
@@ -32,6 +34,8 @@ class ServeProcess:
             "ANCHORCREDIT_METRICS_PORT": "-1",
             "ANCHORCREDIT_ADMIN_TOKEN": self.admin_token,
         }
+        if threads:  # torch's intra-op threads in the server, as in the trainer
+            env["OMP_NUM_THREADS"] = str(threads)
         cli = "import sys; from anchorcredit.cli import main; sys.exit(main())"
         cmd = [sys.executable, "-c", cli, "serve", "--model", str(model), "--entropy"]
         cmd += ["--device", device]
