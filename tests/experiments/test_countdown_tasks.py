@@ -89,6 +89,10 @@ def test_presets_and_overrides():
     cfg = build_config("cpu", {"steps": 3, "seeds": None})
     assert cfg.steps == 3 and cfg.seeds == (0, 1) and cfg.preset == "cpu"
     assert build_config("gpu", {}).n_numbers == PRESETS["gpu"]["n_numbers"] == 4
+    both = build_config("cpu", {"arms": ("grpo", "local_chunk", "global_anchor")})
+    assert both.arms == ("grpo", "local_chunk", "global_anchor")  # the paper's local/global
+    with pytest.raises(ValueError, match="unknown arm"):
+        build_config("cpu", {"arms": ("uniform",)})
     with pytest.raises(ValueError, match="unknown arm"):
         build_config("cpu", {"arms": ("grpo", "bogus")})
     with pytest.raises(ValueError, match="unknown preset"):

@@ -20,10 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anchorcredit.contract import STRATEGIES
+
 # The arms: "grpo" is plain TRL GRPO (no service); the rest are anchorcredit strategies
 # (anchorcredit.contract.STRATEGIES) with the same TopQ fraction q, so "random" boosts as
 # many tokens as "coupled_rhythm" does (the matched control).
 ARMS = ("grpo", "random", "entropy", "coupled_rhythm")
+# What --arms accepts: plain GRPO and every strategy of the contract but uniform (gamma = 1
+# everywhere is plain GRPO with a service round trip), e.g. the paper's local and global.
+KNOWN_ARMS = ("grpo", *(s for s in STRATEGIES if s != "uniform"))
 
 
 @dataclass
@@ -102,9 +107,9 @@ def build_config(preset: str, overrides: dict[str, Any]) -> ExperimentConfig:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = ExperimentConfig(preset=preset, **values)
-    bad = [a for a in cfg.arms if a not in ARMS]
+    bad = [a for a in cfg.arms if a not in KNOWN_ARMS]
     if bad:
-        raise ValueError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
+        raise ValueError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(KNOWN_ARMS)}")
     if cfg.steps < 1 or cfg.generations < 2 or cfg.eval_every < 1:
         raise ValueError("steps >= 1, generations >= 2 (GRPO needs a group), eval_every >= 1")
     return cfg
