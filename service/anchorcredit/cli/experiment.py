@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="results folder (resumed if it exists)")
     p.add_argument("--model", default=None, help="policy model folder (default: the preset's)")
     p.add_argument(
-        "--arms", type=_names, default=None, help="comma list of grpo,random,entropy,coupled_rhythm"
+        "--arms",
+        type=_names,
+        default=None,
+        help="grpo and strategies, comma-separated (default: grpo,random,entropy,coupled_rhythm)",
     )
     p.add_argument("--seeds", type=_ints, default=None, help="comma list of seeds")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
