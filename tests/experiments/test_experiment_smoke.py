@@ -46,7 +46,7 @@ def test_smoke_preset_runs_every_arm_against_a_real_server(tmp_path, capsys):
     rows = json.loads((out / "summary.json").read_text())
     assert [r["arm"] for r in rows] == ["grpo", "random", "entropy", "coupled_rhythm"]
     assert all(0.0 <= r["acc"] <= 1.0 for r in rows)
-    assert "diff" in rows[1] and "diff" not in rows[0]
+    assert "acc_diff" in rows[1] and "acc_diff" not in rows[0]
     assert (out / "curves.png").stat().st_size > 1000
     assert "<table>" in (out / "report.html").read_text()
     # a rerun of a finished experiment trains nothing and refuses a different plan

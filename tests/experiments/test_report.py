@@ -60,7 +60,10 @@ def test_summary_reads_run_folders_and_pairs_arms_on_the_last_evaluation(tmp_pat
     rows = {r["arm"]: r for r in summarize(tmp_path, cfg)}
     assert rows["grpo"]["acc"] == 0.25  # the last evaluation, 0.1 is not solved
     assert rows["coupled_rhythm"]["acc"] == 0.5
-    assert rows["coupled_rhythm"]["diff"] == 0.25 and "diff" not in rows["grpo"]
+    assert rows["coupled_rhythm"]["acc_diff"] == 0.25 and "acc_diff" not in rows["grpo"]
+    assert rows["grpo"]["reward"] == pytest.approx(1.1 / 4)
+    assert rows["coupled_rhythm"]["reward_diff"] == pytest.approx(1.0 / 4)
+    assert rows["grpo"]["eval_step"] == [4]
     assert rows["grpo"]["train_reward"] == pytest.approx(0.35)  # steps 3, 4
     assert rows["coupled_rhythm"]["gamma_mean"] == pytest.approx(1.2)
     assert rows["grpo"]["gamma_mean"] is None

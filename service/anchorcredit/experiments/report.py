@@ -4,6 +4,8 @@ Per arm, pooled over its seeds:
     final test accuracy  share of (seed, test problem) pairs solved at the last evaluation;
                          interval: percentile bootstrap resampling test problems (the same
                          problems for every arm) and seeds;
+    final test reward    the same for the mean reward (0.1 for a well-formed wrong answer:
+                         at small scale the only part that moves);
     vs grpo              the difference to the plain GRPO arm, bootstrapped *paired* (the
                          same resampled problems and seeds for both arms);
     train reward         mean reward over the second half of the steps; interval resampling
@@ -45,15 +47,18 @@ def load_runs(out: Path, cfg: ExperimentConfig) -> dict[str, dict[int, dict[str,
     return runs
 
 
-def final_matrix(seeds: dict[int, dict[str, list]], common: list[int]) -> np.ndarray | None:
-    """[seeds, problems] 0/1 solved at the last evaluation, for the given seeds."""
+def final_matrix(
+    seeds: dict[int, dict[str, list]], common: list[int], solved: bool = True
+) -> np.ndarray | None:
+    """[seeds, problems] at the last evaluation: 0/1 solved (solved=True) or the reward."""
     rows = []
     for s in common:
         ev = seeds[s]["eval"]
         if not ev:
             return None
-        rows.append([1.0 if r == 1.0 else 0.0 for r in ev[-1]["test_rewards"]])
-    return np.asarray(rows) if rows else None
+        rewards = ev[-1]["test_rewards"]
+        rows.append([1.0 if r == 1.0 else 0.0 for r in rewards] if solved else rewards)
+    return np.asarray(rows, dtype=np.float64) if rows else None
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray | None, n_boot: int = N_BOOT, seed: int = SEED):
@@ -104,19 +109,23 @@ def summarize(out: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     rows = []
     for arm, seeds in runs.items():
         common = sorted(s for s in seeds if s in base and base[s]["eval"] and seeds[s]["eval"])
-        mine = final_matrix(seeds, sorted(s for s in seeds if seeds[s]["eval"]))
         row: dict[str, Any] = {
             "arm": arm,
             "seeds": sorted(seeds),
             "steps": [len(v["steps"]) for v in seeds.values()],
         }
-        if mine is not None and mine.size:
-            row |= paired_bootstrap(mine, None)
-        if arm != "grpo" and common:
-            a, b = final_matrix(seeds, common), final_matrix(base, common)
-            if a is not None and b is not None:
-                d = paired_bootstrap(a, b)
-                row |= {"diff": d["diff"], "diff_ci": d["diff_ci"]}
+        for solved, name in ((True, "acc"), (False, "reward")):
+            evaluated = sorted(s for s in seeds if seeds[s]["eval"])
+            mine = final_matrix(seeds, evaluated, solved)
+            if mine is not None and mine.size:
+                d = paired_bootstrap(mine, None)
+                row |= {name: d["acc"], f"{name}_ci": d["acc_ci"]}
+            if arm != "grpo" and common:
+                a, b = final_matrix(seeds, common, solved), final_matrix(base, common, solved)
+                if a is not None and b is not None:
+                    d = paired_bootstrap(a, b)
+                    row |= {f"{name}_diff": d["diff"], f"{name}_diff_ci": d["diff_ci"]}
+        row["eval_step"] = [v["eval"][-1]["step"] for v in seeds.values() if v["eval"]]
         row["train_reward"], row["train_reward_ci"] = train_reward(seeds)
         for key, name in (
             ("anchorcredit/gamma_mean", "gamma_mean"),
@@ -130,29 +139,34 @@ def summarize(out: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any, ci: Any = None, pct: bool = False) -> str:
+def _fmt(v: Any, ci: Any = None, pct: bool = False, digits: int = 3) -> str:
     if v is None:
         return "-"
-    f = (lambda x: f"{x * 100:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    f = (lambda x: f"{x * 100:.1f}%") if pct else (lambda x: f"{x:.{digits}f}")
     return f(v) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table (also embedded in the HTML)."""
     head = (
-        "| arm | seeds | final test accuracy [95% CI] | vs grpo [95% CI] | train reward, "
-        "2nd half [95% CI] | gamma mean | amplified | score s/step | push s/step | step s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| arm | seeds | steps | final test accuracy [95% CI] | vs grpo [95% CI] | "
+        "final test reward [95% CI] | vs grpo [95% CI] | train reward, 2nd half [95% CI] | "
+        "gamma mean | amplified | score s/step | push s/step | step s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
+        vs = r["arm"] != "grpo"
         body += (
             f"| {r['arm']} | {','.join(map(str, r['seeds']))} | "
+            f"{','.join(map(str, r['steps']))} | "
             f"{_fmt(r.get('acc'), r.get('acc_ci'), pct=True)} | "
-            f"{_fmt(r.get('diff'), r.get('diff_ci'), pct=True) if r['arm'] != 'grpo' else '-'} | "
+            f"{_fmt(r.get('acc_diff'), r.get('acc_diff_ci'), pct=True) if vs else '-'} | "
+            f"{_fmt(r.get('reward'), r.get('reward_ci'))} | "
+            f"{_fmt(r.get('reward_diff'), r.get('reward_diff_ci')) if vs else '-'} | "
             f"{_fmt(r['train_reward'], r['train_reward_ci'])} | {_fmt(r['gamma_mean'])} | "
-            f"{_fmt(r['amplified_fraction'], pct=True)} | {_fmt(r['score_s'])} | "
-            f"{_fmt(r['push_s'])} | {_fmt(r['step_s'])} |\n"
+            f"{_fmt(r['amplified_fraction'], pct=True)} | {_fmt(r['score_s'], digits=2)} | "
+            f"{_fmt(r['push_s'], digits=2)} | {_fmt(r['step_s'], digits=1)} |\n"
         )
     return head + body
 
