@@ -172,14 +172,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(out: Path, cfg: ExperimentConfig, path: Path) -> None:
-    """Learning curves: train reward per step and test accuracy per evaluation, seed means."""
+    """Learning curves: train reward per step, test accuracy and test reward per
+    evaluation, each the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = load_runs(out, cfg)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     for arm, seeds in runs.items():
         curves = [[r["reward"] for r in v["steps"]] for v in seeds.values() if v["steps"]]
         if curves:
@@ -191,11 +192,14 @@ def plot(out: Path, cfg: ExperimentConfig, path: Path) -> None:
         if evals:
             n = min(len(e) for e in evals)
             xs = [e["step"] for e in evals[0][:n]]
-            ys = np.mean([[e["test_accuracy"] for e in ev[:n]] for ev in evals], axis=0)
-            ax2.plot(xs, ys, label=arm, marker="o")
+            for ax, key in ((ax2, "test_accuracy"), (ax3, "test_reward")):
+                ys = np.mean([[e[key] for e in ev[:n]] for ev in evals], axis=0)
+                ax.plot(xs, ys, label=arm, marker="o", alpha=0.8)
     ax1.set(xlabel="step", ylabel="mean train reward", title="train reward (mean over seeds)")
-    ax2.set(xlabel="step", ylabel="test accuracy", title="greedy test accuracy (mean over seeds)")
-    for ax in (ax1, ax2):
+    ax2.set(xlabel="step", ylabel="test accuracy", title="greedy test accuracy (solved share)")
+    ax3.set(xlabel="step", ylabel="mean test reward", title="greedy test reward (0.1 = format)")
+    for ax in (ax1, ax2, ax3):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
