@@ -49,13 +49,15 @@ def test_summary_reads_run_folders_and_pairs_arms_on_the_last_evaluation(tmp_pat
     _write(
         tmp_path / "runs" / "grpo-s0",
         steps,
-        [{"step": 0, "test_accuracy": 0, "test_rewards": [0.0, 0.1, 0.0, 1.0]}]
-        + [{"step": 4, "test_accuracy": 0.25, "test_rewards": [1.0, 0.1, 0.0, 0.0]}],
+        [{"step": 0, "test_accuracy": 0, "test_reward": 0.275, "test_rewards": [0, 0.1, 0, 1]}]
+        + [
+            {"step": 4, "test_accuracy": 0.25, "test_reward": 0.275, "test_rewards": [1, 0.1, 0, 0]}
+        ],
     )
     _write(
         tmp_path / "runs" / "coupled_rhythm-s0",
         credit,
-        [{"step": 4, "test_accuracy": 0.5, "test_rewards": [1.0, 1.0, 0.0, 0.1]}],
+        [{"step": 4, "test_accuracy": 0.5, "test_reward": 0.525, "test_rewards": [1, 1, 0, 0.1]}],
     )
     rows = {r["arm"]: r for r in summarize(tmp_path, cfg)}
     assert rows["grpo"]["acc"] == 0.25  # the last evaluation, 0.1 is not solved
