@@ -202,6 +202,19 @@ def install(
         run_id=run_id,
         **kwargs,
     )
+    _install_credit(ppo_trainer, maker)
+    if weight_sync is None:
+        install_log.note(
+            "openrlhf",
+            "no weight sync (weight_sync=None): the served version is checked before "
+            "scoring (policy_check.py)",
+        )
+        return
+    _install_weight_sync(ppo_trainer, client, weight_sync, dtype, run_id)
+
+
+def _install_credit(ppo_trainer: Any, maker: type) -> None:
+    """The experience makers (sync and async trainers) and the step summary."""
     ppo_trainer.RemoteExperienceMaker = maker
     install_log.patched(
         "openrlhf", "openrlhf.trainer.ppo_trainer.RemoteExperienceMaker", "advantages x gamma"
@@ -220,23 +233,26 @@ def install(
         install_log.not_patched(
             "openrlhf", "openrlhf.trainer.ppo_trainer_async", f"it does not import here ({e})"
         )
-    else:
-        if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
-            key = (ppo_trainer_async, "RemoteExperienceMaker")
-            _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
-            ppo_trainer_async.RemoteExperienceMaker = maker
-            install_log.patched(
-                "openrlhf",
-                "openrlhf.trainer.ppo_trainer_async.RemoteExperienceMaker",
-                "advantages x gamma",
-            )
-    if weight_sync is None:
-        install_log.note(
-            "openrlhf",
-            "no weight sync (weight_sync=None): the served version is checked before "
-            "scoring (policy_check.py)",
-        )
         return
+    if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
+        key = (ppo_trainer_async, "RemoteExperienceMaker")
+        _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
+        ppo_trainer_async.RemoteExperienceMaker = maker
+        install_log.patched(
+            "openrlhf",
+            "openrlhf.trainer.ppo_trainer_async.RemoteExperienceMaker",
+            "advantages x gamma",
+        )
+
+
+def _install_weight_sync(
+    ppo_trainer: Any,
+    client: CreditClient | None,
+    weight_sync: str,
+    dtype: str | None,
+    run_id: str | None,
+) -> None:
+    """The controller counts vLLM broadcasts; the actor ranks push after each one."""
     wrap_controller_broadcast(ppo_trainer.BasePPOTrainer)
     install_log.patched(
         "openrlhf",
