@@ -232,7 +232,7 @@ def train_one(
         from anchorcredit.client import CreditClient
         from anchorcredit.client.adapters.trl import WeightSyncCallback, make_trainer_class
 
-        client = CreditClient([target], cache=None, admin_token=admin_token)
+        client = CreditClient([target], cache=False, admin_token=admin_token)
         sync = WeightSyncCallback(client, run_id=f"{arm}-s{seed}")
         trainer = make_trainer_class()(
             **common,
