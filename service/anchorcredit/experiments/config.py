@@ -4,8 +4,9 @@ Presets (every field can be overridden by its flag):
     smoke  the tiny random debug Llama with a byte tokenizer: seconds; checks the plumbing
            (a test runs it end to end), says nothing about learning.
     cpu    SmolLM2-135M-Instruct (embedded), 3-number countdown, 2 prompts x 4 completions of
-           at most 40 tokens per step, 6 steps, 12 test problems, 2 seeds: sized for about
-           40 min on a 2-core CPU shared with other jobs;
+           at most 40 tokens per step, 6 steps, 12 test problems, 2 seeds: about 40 min on
+           two free cores (with --threads 1 at load ~8 a 4-step run took 6-15 min, so
+           docs/EXPERIMENTS.md ran it with --steps 4);
            the answer tag is prefilled ("<answer>") so that a 135M model gets any reward.
     gpu    as close to the paper's protocol (Qwen3-4B-Base, TinyZero countdown with 4 numbers)
            as a local model allows: pass --model with a Qwen3-4B-Base folder; 8 prompts x 8
