@@ -29,6 +29,7 @@ import numpy as np
 
 from anchorcredit.budget import greedy_chunks
 from anchorcredit.client import codec, push
+from anchorcredit.client.background_push import BackgroundPusher, PushRecord
 from anchorcredit.client.cache import DEFAULT_TTL_S, CreditCache, make_cache
 from anchorcredit.client.counters import count_cache
 from anchorcredit.client.errors import (
@@ -47,7 +48,7 @@ from anchorcredit.client.results import (
 )
 from anchorcredit.client.retry_policy import RetryClock
 from anchorcredit.client.transport import Transport
-from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, prepare_weights
+from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, auto_wire_dtypes, prepare_weights
 from anchorcredit.contract import DEFAULT_STRATEGY, UINT32_END, CreditParams
 from anchorcredit.v1 import credit_pb2 as pb
 
@@ -159,6 +160,8 @@ class CreditClient:
         self._weight_group: push.WeightGroupHandle | None = None
         self._group_lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
+        # pushes in a background thread (background_push.py); score() waits for them
+        self.background_pusher = BackgroundPusher(self.push_weights)
 
     @property
     def timeout_s(self) -> float:
@@ -183,6 +186,7 @@ class CreditClient:
     def close(self) -> None:
         """Leave the weight group (if open); close channels, the worker pool and the cache
         connection."""
+        self.background_pusher.close()
         with self._group_lock:
             try:
                 self._close_group()
@@ -265,7 +269,7 @@ class CreditClient:
         partial: bool = False,
         transport: str = "grpc",
         replaces: str = "",
-        dtype: str | None = None,
+        dtype: str | None = "auto",
         chunk_bytes: int = CHUNK_BYTES,
         timeout_s: float | None = None,
     ) -> dict[str, pb.UpdateWeightsResponse]:
@@ -277,8 +281,11 @@ class CreditClient:
         possibly sharded or PEFT model). A one-shot iterable is read once.
         version: the new policy version (non-empty, not the one served); replaces: empty or
         the version that must be served now; partial: True leaves tensors not sent as they
-        are. dtype: None sends each tensor as it is; "float32" / "bfloat16" / "float16"
-        casts; "auto" casts to the serving dtype (GetModelInfo).
+        are. dtype: "auto" (default) sends what the server serves (its ModelInfo dtype, asked
+        once per client): a bfloat16/float16 server gets its own dtype (half the bytes of
+        float32, rounded as the server would round them), a float32 server gets float32,
+        or a tensor's own 16-bit dtype (widened exactly on the server); None sends each
+        tensor as it is; "float32" / "bfloat16" / "float16" casts every tensor.
         chunk_bytes: data per stream message (at most CHUNK_BYTES, the servers' limit).
         transport: "grpc" streams PushWeights to each address (tensors go through the
         CPU); "collective" broadcasts over the private group (`open_weight_group`, opened
@@ -290,6 +297,7 @@ class CreditClient:
         address that failed (`.failed`), after the others finished.
         """
         _check_version(version, replaces)
+        self.background_pusher.wait()  # one push at a time; an unreported failure first
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= CHUNK_BYTES:
@@ -297,12 +305,10 @@ class CreditClient:
             raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes!r}")
         if dtype is not None and dtype != "auto" and dtype not in WIRE_DTYPES:
             raise ValueError(f"dtype must be None, 'auto' or one of {WIRE_DTYPES}, got {dtype!r}")
-        items = prepare_weights(weights, None if dtype == "auto" else dtype)
+        # "auto": checked as floating point here, each wire dtype chosen below
+        items = prepare_weights(weights, "float32" if dtype == "auto" else dtype)
         if dtype == "auto":
-            served = self.model_info(refresh=True).dtype
-            if served not in WIRE_DTYPES:
-                raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
-            items = prepare_weights([(i.name, i.value) for i in items], served)
+            items = auto_wire_dtypes(items, push.served_dtype(self.transport))
         update = pb.WeightUpdate(version=version, replaces=replaces, partial=partial)
         try:
             if transport == "grpc":
@@ -317,6 +323,15 @@ class CreditClient:
                         self._weight_group = None
         finally:
             self.invalidate_model_info()
+
+    def push_weights_background(
+        self, weights: Any, version: str, *, step: int | None = None, **kwargs: Any
+    ) -> PushRecord:
+        """push_weights(weights, version, **kwargs) in a background thread; returns at once
+        (after the previous background push ended). The next score() waits for it and
+        raises BackgroundPushError naming `step` if it failed. `weights` must not change
+        until it ends: `background_pusher.fence()` waits for that (background_push.py)."""
+        return self.background_pusher.submit(weights, version, step=step, **kwargs)
 
     def open_weight_group(
         self,
@@ -387,6 +402,7 @@ class CreditClient:
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        self.background_pusher.wait()  # never score from weights a push is replacing
         params = CreditParams.build(strategy, **credit_params)
         pairs = [
             (_ids(p, "prompts", i), _ids(r, "responses", i))

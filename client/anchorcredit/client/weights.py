@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ __all__ = [
     "CHUNK_BYTES",
     "WIRE_DTYPES",
     "WeightItem",
+    "auto_wire_dtypes",
     "decode_chunks",
     "full_state",
     "full_state_items",
@@ -135,6 +136,25 @@ def prepare_weights(
     if not items:
         raise ValueError("no tensors to send")
     return items
+
+
+def auto_wire_dtypes(items: list[WeightItem], served: str) -> list[WeightItem]:
+    """Each item's wire dtype for a server computing in `served` ("send what it serves"):
+
+    - a 16-bit server (bfloat16, float16) gets its own dtype: the server would round to it
+      anyway, and rounding here (round to nearest even, as the server's cast) halves the
+      bytes of a float32 trainer;
+    - a float32 server gets float32, except a tensor already in bfloat16 or float16, which
+      travels as it is (the server widens it exactly: half the bytes, the same values).
+    ValueError when the server reports a dtype the wire does not carry."""
+    if served not in DTYPE_ITEMSIZE:
+        raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
+    out = []
+    for item in items:
+        src = _source_dtype(item.name, item.value)
+        wire = src if served == "float32" and src in ("bfloat16", "float16") else served
+        out.append(item if wire == item.dtype else replace(item, dtype=wire))
+    return out
 
 
 def _f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
