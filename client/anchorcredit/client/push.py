@@ -27,7 +27,7 @@ import grpc
 
 from anchorcredit.client.errors import CreditServiceError, from_rpc
 from anchorcredit.client.transport import Transport
-from anchorcredit.client.weights import WeightItem, weight_chunks
+from anchorcredit.client.weights import WeightItem, weight_chunk_bytes
 from anchorcredit.v1 import credit_pb2 as pb
 
 log = logging.getLogger("anchorcredit.client")
@@ -178,8 +178,8 @@ def push_stream(
     addresses = all_addresses(transport, what)
 
     def push(address: str) -> pb.UpdateWeightsResponse:
-        return transport.address_stub(address).PushWeights(
-            weight_chunks(items, update, chunk_bytes),
+        return transport.address_stub(address).PushWeightsSerialized(
+            weight_chunk_bytes(items, update, chunk_bytes),
             timeout=timeout_s,
             metadata=transport.admin_metadata,
         )

@@ -38,6 +38,7 @@ __all__ = [
     "full_state_items",
     "prepare_weights",
     "tensor_bytes",
+    "weight_chunk_bytes",
     "weight_chunks",
 ]
 
@@ -221,6 +222,39 @@ def weight_chunks(
         yield pb.WeightChunk(tensor=item.header(), data=first)
         for start in range(len(first), len(data), chunk_bytes):
             yield pb.WeightChunk(data=data[start : start + chunk_bytes].tobytes())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_DATA_TAG = b"\x1a"  # WeightChunk.data: field 3, length-delimited
+
+
+def weight_chunk_bytes(
+    items: Iterable[WeightItem], update: pb.WeightUpdate, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """weight_chunks, serialized: the same messages as bytes, built with one copy of the
+    tensor bytes (a message's fields are its serialized fields concatenated) instead of a
+    copy to bytes, one into the message and one to serialize it."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    yield pb.WeightChunk(update=update).SerializeToString()
+    for item in items:
+        data = tensor_bytes(item)
+        if len(data) != item.nbytes:
+            raise AssertionError(f"{item.name}: {len(data)} bytes, expected {item.nbytes}")
+        header = pb.WeightChunk(tensor=item.header()).SerializeToString()
+        first = data[:chunk_bytes]
+        yield b"".join((header, _DATA_TAG, _varint(len(first)), first) if first else (header,))
+        for start in range(len(first), len(data), chunk_bytes):
+            piece = data[start : start + chunk_bytes]
+            yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
 
 
 def decode_chunks(

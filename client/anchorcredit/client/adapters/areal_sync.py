@@ -114,9 +114,12 @@ class AReaLWeightSync:
             with engine_weights(engine, rank0) as weights:
                 if rank0:
                     try:
-                        self.client.push_weights(
-                            weights, version, transport=self.transport, dtype=self.dtype
+                        # In-line (every rank waits at the barrier below), through the
+                        # client's pusher so the step's summary reports the sync's figures.
+                        self.client.push_weights_background(
+                            weights, version, step=step, transport=self.transport, dtype=self.dtype
                         )
+                        self.client.background_pusher.wait()
                     except Exception as e:  # every rank must hear of it, not wait forever
                         error = e
             failure = f"{type(error).__name__}: {error}" if error is not None else None
