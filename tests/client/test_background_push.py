@@ -56,6 +56,8 @@ def test_the_push_runs_while_the_trainer_generates_and_the_wait_comes_after():
     assert record.ok and pusher.last_done is record
     times = pusher.take_times()
     assert times.push_seconds == record.seconds and times.blocked_seconds > 0
+    # a step with no new push reports none (e.g. a later run without a sync, same client)
+    assert pusher.take_times().push_seconds is None
 
 
 def test_a_failed_push_is_raised_once_at_the_next_wait_naming_its_step():

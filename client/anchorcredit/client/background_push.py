@@ -79,7 +79,7 @@ class PushRecord:
 class SyncTimes:
     """One step's sync figures (see the module doc)."""
 
-    push_seconds: float | None  # the last finished push's wall time; None before any
+    push_seconds: float | None  # wall time of the push that finished since the last take
     blocked_seconds: float  # the trainer waited this long on syncing since the last take
     period_seconds: float | None  # wall time since the last take; None at the first
 
@@ -97,6 +97,7 @@ class BackgroundPusher:
         self._unreported: PushRecord | None = None  # failed, not raised yet
         self._blocked = 0.0
         self._last_take: float | None = None
+        self._taken: PushRecord | None = None  # the push whose seconds were last taken
 
     # -- submitting ----------------------------------------------------------------------
     def submit(
@@ -168,13 +169,16 @@ class BackgroundPusher:
             self._blocked += max(0.0, float(seconds))
 
     def take_times(self) -> SyncTimes:
-        """The figures since the last take (and reset the blocked seconds)."""
+        """The figures since the last take (and reset the blocked seconds). push_seconds is
+        None when no push succeeded since then (a step without a sync reports none)."""
         now = time.perf_counter()
         with self._lock:
             blocked, self._blocked = self._blocked, 0.0
             period = None if self._last_take is None else now - self._last_take
             self._last_take = now
-            done = self.last_done
+            done = self.last_done if self.last_done is not self._taken else None
+            if done is not None:
+                self._taken = done
         return SyncTimes(done.seconds if done is not None else None, blocked, period)
 
     def close(self) -> None:
