@@ -174,26 +174,26 @@ def test_pin_no_replica_serves_is_refused_naming_each_address(replicas: Any, mod
     for h, v in zip(HOSTS, ("q1", "q1", "q0"), strict=True):
         assert f"{h}:{port} serves '{v}'" in str(e.value)
     assert e.value.lagging == [f"{h}:{port}" for h in HOSTS]
-    assert 0.3 <= waited < 10
+    assert waited >= 0.3  # it waited replica_wait_s for a replica to catch up, then refused
 
 
 def test_pinned_call_waits_for_a_replica_mid_update(replicas: Any, models: Any, refs: Any):
     servers, port, _ = replicas
     a, b = models
     _set(replicas, (a, "w1"), (a, "w1"), (a, "w1"))
-    # w2 reaches the second replica only after the call has started
+    # w2 reaches the second replica 0.6 s after the call has started (no replica had it)
     timer = threading.Timer(0.6, _load, (servers[1], b, "w2"))
-    timer.start()
     try:
-        with CreditClient(_multi(port), cache=False, replica_wait_s=20) as client:
+        with CreditClient(_multi(port), cache=False, replica_wait_s=60) as client:
             t0 = time.monotonic()
+            timer.start()
             got = client.score(PROMPTS, RESPONSES, policy_version="w2")
             waited = time.monotonic() - t0
     finally:
         timer.join()
     assert {r.policy_version for r in got} == {"w2"}
     _same(got, refs[b])
-    assert waited >= 0.5
+    assert waited >= 0.6  # it waited for the update instead of refusing
 
 
 @pytest.mark.parametrize("form", ["multi", "dns"])
