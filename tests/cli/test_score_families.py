@@ -9,14 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
+from debug_model import save_debug_model
 
 from anchorcredit.cli import main
-from anchorcredit.offline.debug_model import save_debug_model
 
 
 @pytest.fixture(scope="module")
-def debug_model(tmp_path_factory) -> Path:
-    return save_debug_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+def debug_model(llama_model: Path) -> Path:
+    return llama_model
 
 
 def write_ids(path: Path, n: int = 3) -> None:

@@ -106,10 +106,8 @@ def test_lru_is_bounded_in_bytes_and_evicts_least_recent():
 
 # -- Redis, with a real service --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama")
+def model_dir(llama_model):
+    return llama_model
 
 
 @pytest.fixture(scope="module")

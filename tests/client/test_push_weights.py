@@ -267,13 +267,8 @@ def test_version_check_after_the_push(fakes):
 
 # -- real servers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("m")
-    return str(save_debug_model(root / "a", arch="llama")), str(
-        save_debug_model(root / "b", arch="llama", seed=1)
-    )
+def models(other_llama_model, llama_model):
+    return str(llama_model), str(other_llama_model)
 
 
 def _state(model_dir):

@@ -17,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,12 +39,11 @@ RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (24, 40, 17, 31, 12, 20)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("replicas")
-    a = save_debug_model(root / "a", arch="llama")
-    b = save_debug_model(root / "b", arch="llama", seed=1)
+def models(
+    other_llama_model: Path, llama_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, str]:
+    a = llama_model
+    b = other_llama_model
     return str(a), str(b)
 
 

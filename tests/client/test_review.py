@@ -16,12 +16,9 @@ R = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("m")
-    a = save_debug_model(root / "a", arch="llama")
-    b = save_debug_model(root / "b", arch="llama", seed=1)
+def models(other_llama_model, llama_model):
+    a = llama_model
+    b = other_llama_model
     return str(a), str(b)
 
 

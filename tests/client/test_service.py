@@ -44,10 +44,8 @@ def test_client_import_is_torch_free():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama")
+def model_dir(llama_model):
+    return llama_model
 
 
 @pytest.fixture(scope="module")

@@ -45,12 +45,11 @@ def test_bad_env_value_is_named():
         cfgmod.ServeConfig(tls_cert="a.pem")
 
 
-def test_a_bad_layers_setting_names_the_flag_and_the_scorable_layers(tmp_path):
-    from anchorcredit.offline.debug_model import save_debug_model
+def test_a_bad_layers_setting_names_the_flag_and_the_scorable_layers(llama_model, tmp_path):
     from anchorcredit.runner.layers import LayerChoiceError
     from anchorcredit.server.app import CreditServer
 
-    model = save_debug_model(tmp_path / "m", arch="llama")  # 6 layers
+    model = llama_model  # 6 layers
     cfg = cfgmod.ServeConfig(
         model=str(model), layers="99", host="127.0.0.1", port=0, metrics_port=-1,
         device="cpu", dtype="float32",

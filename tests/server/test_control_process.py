@@ -13,14 +13,15 @@ import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from debug_model import build_debug_model
 
 from anchorcredit.client import CreditClient
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc
 
@@ -30,8 +31,8 @@ EXIT_SLACK_S = 5.0  # the issue: SIGTERM exits within --grace-s plus a few secon
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama"))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 def _serve(serve_process: Any, model_dir: str, **env: str) -> tuple[Any, int, int]:

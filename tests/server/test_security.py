@@ -23,10 +23,10 @@ from typing import Any
 
 import grpc
 import pytest
+from debug_model import save_debug_model
 from grpc_health.v1 import health_pb2
 
 from anchorcredit.client import CreditClient, CreditServiceError
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server import config as cfgmod
 from anchorcredit.server.app import MalformedFrameLog

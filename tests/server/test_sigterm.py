@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc
 
@@ -55,8 +54,8 @@ def _sequences_for(seconds: float, per_sequence_s: float) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_inflight_request(tmp_path: Path, serve_process):
-    model = save_debug_model(tmp_path / "llama", arch="llama")
+def test_sigterm_drains_inflight_request(llama_model: Path, tmp_path: Path, serve_process):
+    model = llama_model
     # A short shutdown delay: long enough to observe NOT_SERVING, far shorter than the request.
     server = serve_process(
         "--model",

@@ -10,16 +10,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 from grpc_health.v1 import health_pb2
 
 from anchorcredit import weight_group
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server.config import SERVICE_NAME
 from anchorcredit.server.convert import from_f32_bytes
@@ -84,8 +85,8 @@ def _fails(code: grpc.StatusCode, call: Any, *args: Any, **kw: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("w") / "llama", arch="llama", seed=0))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 @pytest.fixture(scope="module")
@@ -262,9 +263,11 @@ def test_version_rules_are_failed_precondition(server: Any, refs: dict):
     assert s.sample("anchorcredit_request_failures_total", {"reason": "weight_version"}) == 2
 
 
-def test_update_weights_path_follows_the_same_rules(server: Any, refs: dict, tmp_path: Any):
+def test_update_weights_path_follows_the_same_rules(
+    other_llama_model: Path, server: Any, refs: dict, tmp_path: Any
+):
     s = server
-    other = str(save_debug_model(tmp_path / "s1", arch="llama", seed=1))
+    other = str(other_llama_model)
     details = _fails(
         grpc.StatusCode.FAILED_PRECONDITION,
         s.stub.UpdateWeights,
@@ -341,7 +344,7 @@ TRAINER = r"""
 import json, sys
 import grpc
 from anchorcredit import weight_group
-from anchorcredit.offline.debug_model import build_debug_model
+from debug_model import build_debug_model
 from anchorcredit.v1 import credit_pb2 as pb, credit_pb2_grpc
 
 target, out = sys.argv[1], sys.argv[2]

@@ -373,7 +373,7 @@ class _RolloutCallbacks:
 
 def _model_with_tokenizer(path):
     """The debug model plus the test tokenizer (AReaL's engine loads both)."""
-    from anchorcredit.offline.debug_model import save_debug_model
+    from debug_model import save_debug_model
 
     model = save_debug_model(path)
     _tokenizer().save_pretrained(model)
@@ -479,7 +479,7 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
 
 
 @pytest.mark.slow
-def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_port):
+def test_weight_sync_covers_archon(qwen2_model, tmp_path, start_server, monkeypatch, free_port):
     """Issue 21: AReaL's ArchonEngine.update_weights was not wrapped, so with the Archon
     backend scores came from whatever the service held. A real ArchonPPOActor (AReaL's own
     initialize: Archon's Qwen2 model, FSDP on a one-process gloo group, the HF checkpoint
@@ -493,10 +493,9 @@ def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_por
     from areal.utils import name_resolve
 
     from anchorcredit.client.adapters.areal_sync import install_weight_sync
-    from anchorcredit.offline.debug_model import save_debug_model
     from anchorcredit.runner import Scorer
 
-    model = save_debug_model(tmp_path / "qwen2", arch="qwen2")
+    model = qwen2_model
     _tokenizer().save_pretrained(model)
     server = start_server(model)
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
