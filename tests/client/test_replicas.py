@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fake_servicer import FakeServicer
 
 from anchorcredit.client import CreditClient, CreditServiceError, StalePolicyVersionError
 from anchorcredit.client.resolve import expand_target
@@ -232,43 +233,14 @@ def test_weight_changes_reach_every_address_and_name_the_dead_one(
         _same(client.score(PROMPTS, RESPONSES, policy_version="d1"), refs[b])
 
 
-class _IgnoresPin(pb_grpc.CreditServiceServicer):
-    """An old server: answers from its own weights whatever version the request names."""
-
-    def __init__(self, version: str, value: float):
-        self.version, self.value, self.calls = version, value, 0
-
-    def GetModelInfo(self, request: Any, context: Any) -> Any:
-        return pb.ModelInfo(model_id="fake", policy_version=self.version, max_request_sequences=1)
-
-    def Score(self, request: Any, context: Any) -> Any:
-        self.calls += 1
-        out = []
-        for s in request.sequences:
-            g = np.full(len(s.response_ids), self.value, "<f4").tobytes()
-            out.append(pb.SequenceResult(response_len=len(s.response_ids), waad=g, fai=g, gamma=g))
-        return pb.ScoreResponse(results=out, policy_version=self.version, model_id="fake")
-
-
-def test_an_answer_from_other_weights_is_never_used():
-    from concurrent import futures
-
-    impls = [_IgnoresPin("7", 1.0), _IgnoresPin("8", 2.0)]
-    servers, ports = [], []
-    for impl in impls:
-        srv = grpc.server(futures.ThreadPoolExecutor(4))
-        pb_grpc.add_CreditServiceServicer_to_server(impl, srv)
-        ports.append(srv.add_insecure_port("127.0.0.1:0"))
-        srv.start()
-        servers.append(srv)
-    try:
-        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-        with CreditClient(target, cache=None) as client:
-            for _ in range(3):  # one sequence per request: 4 requests round-robin over both
-                got = client.score([[1]] * 4, [[2, 3]] * 4, policy_version="7")
-                assert [r.policy_version for r in got] == ["7"] * 4
-                assert all((r.gamma == 1.0).all() for r in got)
-        assert impls[1].calls > 0  # the other replica answered, and was not used
-    finally:
-        for srv in servers:
-            srv.stop(0)
+def test_an_answer_from_other_weights_is_never_used(fake_server: Any):
+    # old servers: each answers from its own weights whatever version the request names
+    impls = [FakeServicer(v, value=x, max_request_sequences=1) for v, x in (("7", 1.0), ("8", 2.0))]
+    ports = [fake_server(impl) for impl in impls]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    with CreditClient(target, cache=None) as client:
+        for _ in range(3):  # one sequence per request: 4 requests round-robin over both
+            got = client.score([[1]] * 4, [[2, 3]] * 4, policy_version="7")
+            assert [r.policy_version for r in got] == ["7"] * 4
+            assert all((r.gamma == 1.0).all() for r in got)
+    assert impls[1].calls  # the other replica answered, and was not used
