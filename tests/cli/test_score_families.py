@@ -1,5 +1,5 @@
 """`anchorcredit score` errors for layers that cannot be scored, and inputs from another
-tokenizer (issue 15): one-line errors naming the flag, exit 2, no output file touched."""
+tokenizer: one-line errors naming the flag, exit 2, no output file touched."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14, replicas in step: several real servers behind one logical target.
+"""Replicas in step: several real servers behind one logical target.
 
 Three CreditServers listen on the same port at 127.0.0.1, 127.0.0.2 and 127.0.0.3 (Linux
 routes all of 127.0.0.0/8 to loopback). They are reached as one target in gRPC's

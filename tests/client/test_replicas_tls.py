@@ -1,4 +1,4 @@
-"""Issue 14 with TLS: the per-address channels (weight changes, the replica survey, pinned
+"""Replicas over TLS: the per-address channels (weight changes, the replica survey, pinned
 calls routed around a lagging replica) dial an IP, but the server's certificate names only
 the dns name the addresses came from. They must check it for that name, as the round-robin
 channel does; without it every weight change over TLS to a dns target failed verification.

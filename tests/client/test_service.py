@@ -206,3 +206,44 @@ def test_every_effective_parameter_is_sent_and_keyed_once(fake_target):
     assert first.params.HasField("head_quantile") and not first.params.h_hi_to_end
     assert not first.params.HasField("tau_waad")  # None: the median, the server's default
     assert to_end.params.h_hi_to_end and not to_end.params.HasField("h_hi")
+
+
+# -- weight loads on several targets, and errors that name the caller's sequence -------------
+def test_update_weights_calls_each_target_once_and_names_the_dead_one(
+    server, llama_model, free_port
+):
+    dead = f"127.0.0.1:{free_port()}"
+    reg = server.server.metrics.registry
+    n0 = reg.get_sample_value("anchorcredit_weight_updates_total") or 0.0
+    try:
+        with CreditClient([dead, server.target], cache=False, timeout_s=5) as client:
+            with pytest.raises(CreditServiceError) as e:
+                client.update_weights(str(llama_model), "7")
+            assert dead in str(e.value) and list(e.value.failed) == [dead]
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            # the live server loaded exactly once: no failover of the dead target's load to it
+            assert (reg.get_sample_value("anchorcredit_weight_updates_total") or 0.0) == n0 + 1
+            assert client.model_info().policy_version == "7"
+    finally:
+        with CreditClient([server.target], cache=False) as client:
+            client.update_weights(str(llama_model), "0")
+
+
+def test_bad_input_error_names_the_callers_index(llama_model, start_server):
+    s = start_server(str(llama_model), max_request_sequences=2)  # split the misses into chunks
+    try:
+        with CreditClient([s.target]) as client:
+            good_p, good_r = [[1, 2]] * 4, [[3, 4], [3, 5], [3, 6], [3, 7]]
+            client.score(good_p, good_r)  # cached: removed from what is sent next
+            prompts = [*good_p, [1, 2], [1, 2], [1, 2]]
+            responses = [*good_r, [4, 4], [4, 5], [4, 999]]  # caller 6 = chunk 1, index 0
+            with pytest.raises(CreditServiceError) as e:
+                client.score(prompts, responses)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.index == 6
+            assert str(e.value).count("sequence 6 (sent as 0): ") == 1
+            with pytest.raises(CreditServiceError) as e:
+                client.score([[1, 2]] * 3, [[3, 4], [9, 999], [3, 5]])  # 0 and 2 are hits
+            assert e.value.index == 1 and "sequence 1 (sent as 0)" in str(e.value)
+    finally:
+        s.stop()

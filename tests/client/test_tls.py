@@ -1,4 +1,4 @@
-"""Issue 12, failure 3: the client could not talk to a TLS server (insecure channels only), so
+"""TLS: the client once could not talk to a TLS server (insecure channels only), so
 the bearer token travelled in cleartext. Now CreditClient(tls=True, root_certificates=...)
 and mutual TLS (certificate_chain + private_key) against a server with --tls-client-ca;
 a token about to go in cleartext to a target off this machine logs a warning."""

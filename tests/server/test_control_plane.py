@@ -1,4 +1,4 @@
-"""Issue 22 against a real server on loopback (the debug model): one status table, bounded
+"""The control plane against a real server on loopback (the debug model): one status table, bounded
 messages, version labels that name one set of weights for good, garbage on every method,
 path refusals counted as permission_denied, a device OOM no split fixes answered once.
 (The hung collective, SIGTERM and restarts run real processes: test_control_process.py.)"""

@@ -1,4 +1,4 @@
-"""Issue 22 with `anchorcredit serve` as a real process: joins to a trainer store that
+"""`anchorcredit serve` as a real process: joins to a trainer store that
 never answers cannot hang the server (a weight push still lands, SIGTERM still ends it
 within the grace period), and a SIGTERM drain answers or refuses with UNAVAILABLE what it
 accepted, never CANCELLED, while a client retries the refused calls on another address."""
@@ -211,7 +211,7 @@ def test_a_drain_answers_or_refuses_unavailable_never_cancelled(
 def test_the_default_client_rides_out_a_restart_on_the_same_port(
     model_dir: str, serve_process: Any, free_port: Any
 ):
-    """Issue 25 item 6: the server is stopped, and a new process is started on the same
+    """The server is stopped, and a new process is started on the same
     port a few seconds later; a call made meanwhile with the default client settings waits
     for it (it gave up after 4 attempts in 0.07-0.23 s)."""
     port = free_port()

@@ -1,6 +1,7 @@
-"""Overload, stream framing, cancellation and fairness against a real server (issue 12).
+"""Overload, stream framing, cancellation and fairness against a real server.
 
-Each test reproduces one of issue 12's reliability failures against a real grpc.aio
+Each test reproduces a reliability failure (an overloaded queue, a garbage stream frame,
+a caller that gave up, a small call behind a large one) against a real grpc.aio
 server on loopback (conftest's `start_server`) with the tiny debug model on the CPU.
 Assertions are on orderings and counts, never on tight latencies (CI boxes are busy).
 """
@@ -42,7 +43,7 @@ def _request(pairs: list, **kw: Any) -> pb.ScoreRequest:
     )
 
 
-# ---------------------------------------------------------------- failure 4: overload
+# ---------------------------------------------------------------- overload
 
 
 def test_burst_50x_the_queue_completes_with_default_client_settings(
@@ -109,7 +110,7 @@ class _FakeParsed:
         self.num_tokens = tokens
 
 
-# ---------------------------------------------------------------- failure 5: stream framing
+# ---------------------------------------------------------------- stream framing
 
 
 def _raw_stream(srv: Any) -> Any:
@@ -155,7 +156,7 @@ def test_stream_answers_carry_request_ids_in_order(shared: Any):
     assert [len(r.results) for r in got] == [1 + i % 3 for i in range(12)]
 
 
-# ---------------------------------------------------------------- failure 6: cancellation
+# ---------------------------------------------------------------- cancellation
 
 
 def _dropped(srv: Any, reason: str) -> float:
@@ -227,7 +228,7 @@ def scorer(model_dir: str) -> Any:
     return Scorer.from_pretrained(model_dir, device="cpu", dtype="float32")
 
 
-# ---------------------------------------------------------------- failure 7: fairness
+# ---------------------------------------------------------------- fairness
 
 
 def test_small_call_is_not_held_behind_a_large_one(model_dir: str, start_server: Any):

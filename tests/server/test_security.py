@@ -1,4 +1,4 @@
-"""Issue 12, the security half, each failure reproduced against a real server on loopback.
+"""Security, each past failure reproduced against a real server on loopback.
 
 1. anyone could replace the weights (no token by default, one token for both roles, any
    path, symlinks followed): two roles, PERMISSION_DENIED by default, --weights-dir;

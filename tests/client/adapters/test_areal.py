@@ -384,7 +384,7 @@ def _model_with_tokenizer(path):
 def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
     tmp_path, start_server, monkeypatch, check_step_summary
 ):
-    """Issue 21: with a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
+    """With a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
     PPOActorController and compute_advantages / update_weights are RPCs to worker processes:
     the hooks ran 0 times. Here AReaL's real LocalScheduler starts a real worker process
     (its RPC server, a real FSDP2 engine on the CPU), and the controller only calls it."""
@@ -480,8 +480,8 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
 
 @pytest.mark.slow
 def test_weight_sync_covers_archon(qwen2_model, tmp_path, start_server, monkeypatch, free_port):
-    """Issue 21: AReaL's ArchonEngine.update_weights was not wrapped, so with the Archon
-    backend scores came from whatever the service held. A real ArchonPPOActor (AReaL's own
+    """AReaL's ArchonEngine.update_weights is wrapped (unwrapped, the Archon backend's
+    scores came from whatever the service held). A real ArchonPPOActor (AReaL's own
     initialize: Archon's Qwen2 model, FSDP on a one-process gloo group, the HF checkpoint
     loaded through its state-dict adapter) pushes under Hugging Face names; the service
     then scores exactly as the checkpoint AReaL itself writes for its rollout engines."""

@@ -249,7 +249,7 @@ def _one_step_trainer(tmp_path, model_dir, client, **credit):
 def test_a_run_without_weight_sync_is_told_it_scores_another_runs_weights(
     tmp_path, start_server, monkeypatch, caplog
 ):
-    """Issue 21: a second run against the same service, without WeightSyncCallback, scored
+    """A second run against the same service, without WeightSyncCallback, scored
     with the first run's final weights (`step-3-<first run>`) and said nothing."""
     from debug_model import save_debug_model
     from safetensors.torch import load_file
