@@ -5,6 +5,7 @@ debug model. The trainer side is written here with raw gRPC stubs and weight_gro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -377,12 +378,21 @@ with open(out, "w") as f:
 """
 
 
+def _with_test_support(pythonpath: str | None) -> str:
+    """PYTHONPATH for a child that imports debug_model (tests/support, pytest's pythonpath)."""
+    import debug_model
+
+    support = str(Path(debug_model.__file__).parent)
+    return os.pathsep.join([support, *([pythonpath] if pythonpath else [])])
+
+
 @pytest.mark.slow
 def test_collective_gloo_between_two_processes(server: Any, refs: dict, tmp_path: Any):
     s = server
     out = tmp_path / "trainer.json"
     proc = subprocess.run(
         [sys.executable, "-c", TRAINER, s.target, str(out)],
+        env={**os.environ, "PYTHONPATH": _with_test_support(os.environ.get("PYTHONPATH"))},
         capture_output=True,
         text=True,
         timeout=240,
