@@ -95,6 +95,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_shape_arguments(ap)
+    _add_run_arguments(ap)
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # CPU: one measurement
+    for name in LAUNCH_OPTIONS:
+        ap.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=None, help="CUDA: kernel launch option"
+        )
+    args = ap.parse_args(argv)
+    args.h_hi = [parse_h_hi(h) for h in args.h_hi]
+    return args  # fmt: skip
+
+
+def _add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """What is measured: devices, sizes, dtype and the span parameters."""
     ap.add_argument(
         "--device",
         nargs="+",
@@ -138,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[str(DEFAULTS.h_hi)],
         help=f"one or more horizons: an int or '{H_HI_END}'",
     )
+
+
+def _add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """How it is measured: repetitions, budgets and which rows."""
     ap.add_argument(
         "--err-max-n",
         type=int,
@@ -185,14 +203,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CUDA: add triton_fold / triton_kernel_fold (band='fold', finite h_hi)",
     )
-    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # CPU: one measurement
-    for name in LAUNCH_OPTIONS:
-        ap.add_argument(
-            f"--{name.replace('_', '-')}", type=int, default=None, help="CUDA: kernel launch option"
-        )
-    args = ap.parse_args(argv)
-    args.h_hi = [parse_h_hi(h) for h in args.h_hi]
-    return args  # fmt: skip
 
 
 # -- shared pieces --------------------------------------------------------------------------
