@@ -173,7 +173,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from anchorcredit.offline.debug_model import save_debug_model
+            from tiny_model import save_debug_model  # tests/support/debug_model.py
 
             model = str(save_debug_model(Path(tmp) / "llama", arch="llama"))
         from anchorcredit.runner import Scorer

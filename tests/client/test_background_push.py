@@ -81,12 +81,10 @@ def test_the_next_push_waits_for_the_one_in_flight_and_reports_its_failure():
 
 
 # -- through the client ------------------------------------------------------------------------
-def test_a_failed_background_push_is_reported_at_the_next_score_call(start_server, tmp_path):
+def test_a_failed_background_push_is_reported_at_the_next_score_call(start_server, llama_model):
     """A push the server refuses (a tensor the model does not have) fails in the background;
     the next score call raises it, naming the step, and scores nothing."""
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    server = start_server(str(save_debug_model(tmp_path / "m", arch="llama")))
+    server = start_server(str(llama_model))
     with CreditClient(server.target, cache=False) as client:
         record = client.push_weights_background({"no.such.tensor": torch.ones(2)}, "s7", step=7)
         assert record.finished.wait(60) and record.error is not None
@@ -99,17 +97,17 @@ def test_a_failed_background_push_is_reported_at_the_next_score_call(start_serve
         assert {r.policy_version for r in client.score(P, R)} == {"0"}
 
 
-def test_scores_after_background_pushes_equal_a_scorer_on_the_final_weights(start_server, tmp_path):
+def test_scores_after_background_pushes_equal_a_scorer_on_the_final_weights(
+    start_server, tmp_path, llama_model, other_llama_model
+):
     """Two background pushes in a row, each scored pinned to its version: the numbers equal a
     fresh Scorer on the weights last pushed."""
     from transformers import AutoModelForCausalLM
 
     from anchorcredit.client.weights import full_state_items
-    from anchorcredit.offline.debug_model import save_debug_model
     from anchorcredit.runner import Scorer
 
-    a = str(save_debug_model(tmp_path / "a", arch="llama"))
-    b = str(save_debug_model(tmp_path / "b", arch="llama", seed=1))
+    a, b = str(llama_model), str(other_llama_model)
     server = start_server(a)
     model = AutoModelForCausalLM.from_pretrained(b, torch_dtype=torch.float32)
     with CreditClient(server.target, cache=False) as client:

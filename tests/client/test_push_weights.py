@@ -7,12 +7,10 @@ with a Scorer freshly loaded with the same weights.
 
 from __future__ import annotations
 
-import threading
-from concurrent import futures
-
 import grpc
 import numpy as np
 import pytest
+from fake_servicer import FakeServicer
 
 from anchorcredit.client import CreditClient, CreditServiceError
 from anchorcredit.client.transport import expand_target
@@ -24,7 +22,6 @@ from anchorcredit.client.weights import (
     weight_chunks,
 )
 from anchorcredit.v1 import credit_pb2 as pb
-from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 torch = pytest.importorskip("torch")
 
@@ -131,68 +128,18 @@ def test_expand_target_forms():
 
 
 # -- fake servers -----------------------------------------------------------------------------
-class FakeWeights(pb_grpc.CreditServiceServicer):
-    """Decodes PushWeights streams and path updates; serves the version it last took."""
-
-    def __init__(
-        self,
-        fail: str | None = None,
-        report: str | None = None,
-        ack: str | None = None,
-        dtype: str = "bfloat16",
-    ):
-        self.dtype = dtype  # what GetModelInfo says the server computes in
-        self.version = "0"
-        self.report = report  # a version GetModelInfo claims instead of the real one
-        self.ack = ack  # a version the push's answer names instead ("" like an old server)
-        self.info_calls = 0
-        self.pushes: list[tuple[pb.WeightUpdate, dict]] = []
-        self.paths: list[str] = []
-        self.fail = fail
-        self.lock = threading.Lock()
-
-    def GetModelInfo(self, request, context):
-        self.info_calls += 1
-        version = self.report or self.version
-        return pb.ModelInfo(model_id="fake", dtype=self.dtype, policy_version=version)
-
-    def PushWeights(self, request_iterator, context):
-        update, tensors = decode_chunks(request_iterator)
-        if self.fail:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.fail)
-        with self.lock:
-            self.pushes.append((update, tensors))
-            self.version = update.version
-        n = sum(len(d) for _, _, d in tensors.values())
-        acked = update.version if self.ack is None else self.ack
-        return pb.UpdateWeightsResponse(policy_version=acked, tensors=len(tensors), bytes=n)
-
-    def UpdateWeights(self, request, context):
-        with self.lock:
-            self.paths.append(request.path)
-            self.version = request.version
-        return pb.UpdateWeightsResponse(policy_version=request.version)
-
-
 @pytest.fixture
-def fakes():
-    started = []
+def fakes(fake_server):
+    """fakes(n, **knobs) -> [(FakeServicer serving version "0", port)] * n."""
 
     def start(n=1, **kw):
         out = []
         for _ in range(n):
-            impl = FakeWeights(**kw)
-            server = grpc.server(futures.ThreadPoolExecutor(4))
-            pb_grpc.add_CreditServiceServicer_to_server(impl, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            server.start()
-            started.append(server)
-            out.append((impl, port))
+            impl = FakeServicer("0", **{"dtype": "bfloat16", **kw})
+            out.append((impl, fake_server(impl)))
         return out
 
-    yield start
-    for s in started:
-        s.stop(0)
+    return start
 
 
 def test_multi_address_target_reaches_every_address(fakes):
@@ -329,13 +276,8 @@ def test_an_acknowledgement_without_a_version_is_checked_with_model_info(fakes):
 
 # -- real servers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("m")
-    return str(save_debug_model(root / "a", arch="llama")), str(
-        save_debug_model(root / "b", arch="llama", seed=1)
-    )
+def models(other_llama_model, llama_model):
+    return str(llama_model), str(other_llama_model)
 
 
 def _state(model_dir):

@@ -57,8 +57,7 @@ def fake_gguf(tmp_path, monkeypatch):
     calls = {"model": 0, "tok_fail": False}
 
     import transformers
-
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
 
     def fake_model(path, gguf_file=None, **kw):
         assert gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -44,9 +44,8 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
     tmp_path, start_server, check_step_summary
 ):
     from datasets import Dataset
+    from debug_model import save_debug_model
     from transformers import AutoModelForCausalLM
-
-    from anchorcredit.offline.debug_model import save_debug_model
 
     model_dir = save_debug_model(tmp_path / "policy0", arch="llama")
     tokenizer = _tokenizer()
@@ -272,12 +271,12 @@ def _one_step_trainer(tmp_path, model_dir, client, **credit):
 def test_a_run_without_weight_sync_is_told_it_scores_another_runs_weights(
     tmp_path, start_server, monkeypatch, caplog
 ):
-    """Issue 21: a second run against the same service, without WeightSyncCallback, scored
+    """A second run against the same service, without WeightSyncCallback, scored
     with the first run's final weights (`step-3-<first run>`) and said nothing."""
+    from debug_model import save_debug_model
     from safetensors.torch import load_file
 
     from anchorcredit.client.adapters.policy_check import StalePolicyError, StalePolicyWarning
-    from anchorcredit.offline.debug_model import save_debug_model
 
     monkeypatch.delenv("ANCHORCREDIT_STALE_POLICY", raising=False)
     monkeypatch.delenv("ANCHORCREDIT_RUN_ID", raising=False)
