@@ -41,7 +41,7 @@ from anchorcredit.contract import (
     CreditParams,
 )
 from anchorcredit.errors import InputError
-from anchorcredit.model_source import ModelNotFound, local_model_dir
+from anchorcredit.models.source import ModelNotFound, local_model_dir
 
 HELP = "score a JSONL file of (prompt, response) pairs: per-token WAAD, FAI, gamma (+entropy)"
 
@@ -266,7 +266,7 @@ def _answer_early(
     no model): an exit code, or None to go on."""
     known = dict(settings)
     if not args.target:  # what the local model will record, known without loading it
-        from anchorcredit.offline.models import EMBEDDED_MODEL_ID
+        from anchorcredit.models.packaged import EMBEDDED_MODEL_ID
 
         known |= {
             "model": args.model or EMBEDDED_MODEL_ID,
@@ -292,7 +292,7 @@ def _answer_early(
 
 
 def _run(args: argparse.Namespace, progress: _Progress) -> int:
-    from anchorcredit.offline.models import EmbeddedModelUnavailable
+    from anchorcredit.models.packaged import EmbeddedModelUnavailable
 
     params = _check_options(args)
     if params is None:

@@ -133,7 +133,7 @@ class Scorer:
 
         path_or_model: a directory, an already built transformers model (the Scorer takes it
         over: eval mode, our attention implementation, moved to device/dtype), or None for the
-        embedded default model (anchorcredit.offline.models).
+        embedded default model (anchorcredit.models.packaged).
 
         entropy: keep entropy available (every layer and the LM head are loaded). False loads
         from a folder only the layers up to the last selected one and no LM head (about 2/3

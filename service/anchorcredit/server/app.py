@@ -37,7 +37,8 @@ from anchorcredit.server.bounded import abandoned_threads, observe_abandoned
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.frames import MalformedFrameInterceptor
 from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
-from anchorcredit.server.servicer import CreditServicer, ServerState
+from anchorcredit.server.servicer import CreditServicer
+from anchorcredit.server.state import ServerState
 from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
 
 log = logging.getLogger(__name__)
