@@ -1,6 +1,7 @@
 """Scorer: (prompt, response) token IDs -> per-token WAAD, FAI, gamma (and entropy).
 
-The runner's side of the server seam (anchorcredit.backend.ScoringBackend): `validate`
+The runner's side of the server seam (anchorcredit.backend: ScoringBackend and
+WeightLifecycle, together ServingBackend): `validate`
 checks ids once, `score_batch` runs ONE packed forward (forward.py: attention capture,
 statistics, early exit) and the credit stage for the batch (credit_stage.py), returning the
 results with per-stage seconds. How much goes into one forward is the caller's choice: the

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from anchorcredit.backend import ScoringBackend
+from anchorcredit.backend import ServingBackend
 from anchorcredit.errors import StartupError
 from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
@@ -65,10 +65,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def default_backend_factory(config: ServeConfig) -> Callable[[], ScoringBackend]:
+def default_backend_factory(config: ServeConfig) -> Callable[[], ServingBackend]:
     """A zero-argument callable building the runner's Scorer from the config (blocking)."""
 
-    def build() -> ScoringBackend:
+    def build() -> ServingBackend:
         from anchorcredit.runner import Scorer
         from anchorcredit.runner.layers import LayerChoiceError
 
@@ -270,8 +270,8 @@ class CreditServer:
     def __init__(
         self,
         config: ServeConfig,
-        backend: ScoringBackend | None = None,
-        backend_factory: Callable[[], ScoringBackend] | None = None,
+        backend: ServingBackend | None = None,
+        backend_factory: Callable[[], ServingBackend] | None = None,
     ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
@@ -452,8 +452,8 @@ class CreditServer:
 
 async def serve(
     config: ServeConfig,
-    backend: ScoringBackend | None = None,
-    backend_factory: Callable[[], ScoringBackend] | None = None,
+    backend: ServingBackend | None = None,
+    backend_factory: Callable[[], ServingBackend] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load.
     backend / backend_factory: as CreditServer (default: the runner's Scorer)."""

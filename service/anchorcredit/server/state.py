@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass, field
 
-from anchorcredit.backend import ModelInfo, ScoringBackend
+from anchorcredit.backend import ModelInfo, ServingBackend
 from anchorcredit.server.batcher import Batcher
 from anchorcredit.server.config import ServeConfig
 from anchorcredit.server.metrics import ServerMetrics
@@ -21,7 +21,7 @@ class ServerState:
 
     config: ServeConfig
     metrics: ServerMetrics
-    backend: ScoringBackend | None = None
+    backend: ServingBackend | None = None  # the batcher scores, weights.py changes weights
     batcher: Batcher | None = None
     info: ModelInfo | None = None
     # Every version label this server has served -> the digest of its weights (the backend
