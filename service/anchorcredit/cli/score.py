@@ -42,12 +42,12 @@ from anchorcredit.contract import (
 )
 from anchorcredit.errors import InputError
 from anchorcredit.models.source import ModelNotFound, local_model_dir
+from anchorcredit.server.config import DEFAULT_LIMITS
 
 HELP = "score a JSONL file of (prompt, response) pairs: per-token WAAD, FAI, gamma (+entropy)"
 
 # The SPEC.md parameters, as CreditParams names them (flags: --gamma-amp for gamma_amp).
 SPEC_PARAMS = tuple(f.name for f in fields(CreditParams) if f.name != "strategy")
-DEFAULT_MAX_BATCH_TOKENS = 16384
 CPU_GROUP_TOKENS = 1024  # a few seconds of the embedded model on two CPU cores
 
 
@@ -151,9 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=DEFAULT_MAX_BATCH_TOKENS,
-        help="tokens per model batch; results are flushed after each "
-        f"(default: {DEFAULT_MAX_BATCH_TOKENS})",
+        default=DEFAULT_LIMITS.max_batch_tokens,
+        help="tokens per model batch (the server's default budget); results are flushed "
+        "after each "
+        f"(default: {DEFAULT_LIMITS.max_batch_tokens})",
     )
     r.add_argument(
         "--skip-bad", action="store_true", help="report bad lines and score the rest (default: off)"

@@ -281,6 +281,16 @@ class Scorer:
         InputError names the field and sequence index."""
         return validate_pairs(pairs, self.vocab_size, self.max_positions)
 
+    def _check_validated(self, pairs: Sequence[Any]) -> None:
+        """The seam's promise, not a second validation: what reaches the forward went
+        through validate() (a TokenPair of this vocabulary) at the caller's edge."""
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, TokenPair) or pair.vocab_size != self.vocab_size:
+                raise TypeError(
+                    f"score_batch takes the TokenPairs that validate() returns "
+                    f"(sequences[{i}] is {type(pair).__name__}); use score() for raw ids"
+                )
+
     def check_heads(
         self, local_heads: Sequence[Head] | None, global_heads: Sequence[Head] | None
     ) -> None:
@@ -310,9 +320,10 @@ class Scorer:
         local_heads: Sequence[Head] | None = None,
         global_heads: Sequence[Head] | None = None,
     ) -> BatchScores:
-        """ONE packed forward over `pairs` and the credit of each; no budget, no OOM split
+        """ONE packed forward over `pairs` (TokenPairs from `validate`, which checked the
+        ids once at the caller's edge) and the credit of each; no budget, no OOM split
         (a torch.OutOfMemoryError propagates to the caller, who splits)."""
-        pairs = self.validate(pairs)  # TokenPairs of this vocabulary pass straight through
+        self._check_validated(pairs)
         self.check_heads(local_heads, global_heads)
         with_entropy = bool(with_entropy) or params.needs_entropy
         if with_entropy and self.lm_head is None:
@@ -388,7 +399,7 @@ class Scorer:
         """
         credit_params = CreditParams.build(strategy, **params)
         return self.score_batch(
-            pairs,
+            self.validate(pairs),  # the Python caller's edge: ids checked here, once
             credit_params,
             with_entropy=with_entropy,
             local_heads=local_heads,

@@ -354,15 +354,7 @@ class CreditServer:
         if backend is None:
             backend = await loop.run_in_executor(self._executor, self._factory)
         cfg = self.config
-        batcher = Batcher(
-            backend,
-            self._executor,
-            self.metrics,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_wait_s=cfg.max_wait_ms / 1000.0,
-            max_batch_requests=cfg.max_batch_requests,
-            max_queue=cfg.max_queue,
-        )
+        batcher = Batcher(backend, self._executor, self.metrics, cfg.limits)
         batcher.start()
         self.state.backend = backend
         info = self.state.refresh_info()

@@ -8,11 +8,12 @@ runs in ONE worker thread (`run_in_executor`), so model calls never overlap and 
 reload (`run_exclusive`) is ordered with the batches around it: no request is ever answered
 by weights other than the ones it was checked against.
 
-The budget is applied here and only here: a batch's sequences go to the backend in
-budget-sized forwards (anchorcredit.budget.greedy_chunks; a request larger than the budget
-is cut the same way), and a forward that runs out of device memory is halved
-(anchorcredit.budget.halve_on_oom) down to one sequence, which then fails alone with
-DeviceOutOfMemory (RESOURCE_EXHAUSTED).
+The budget is applied here and only here, once: `_take` forms each batch within the token
+budget (a request larger than the budget is cut into budget-sized pieces; one sequence
+larger than it goes alone) and the backend runs that batch as ONE forward; a forward that
+runs out of device memory is halved (anchorcredit.budget.halve_on_oom) down to one
+sequence, which then fails alone with DeviceOutOfMemory (RESOURCE_EXHAUSTED). The limits
+are the serve config's (server/config.py BatchLimits).
 
 Failure isolation: if a merged batch raises, its requests are retried one by one so a bad
 request fails alone.
@@ -27,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from anchorcredit.backend import (
@@ -39,7 +40,7 @@ from anchorcredit.backend import (
     cancellable,
     check_cancelled,
 )
-from anchorcredit.budget import greedy_chunks, halve_on_oom
+from anchorcredit.budget import halve_on_oom
 from anchorcredit.contract import CreditParams
 from anchorcredit.errors import (  # QueueFull & co. are re-exported (their old home)
     DeadlineExpired,
@@ -47,6 +48,7 @@ from anchorcredit.errors import (  # QueueFull & co. are re-exported (their old 
     QueueFull,
     ShuttingDown,
 )
+from anchorcredit.server.config import DEFAULT_LIMITS, BatchLimits
 from anchorcredit.server.convert import ParsedRequest
 from anchorcredit.server.metrics import ServerMetrics
 
@@ -97,18 +99,18 @@ class _Control:
     future: asyncio.Future
 
 
-def run_budgeted(
+def run_forward(
     backend: ScoringBackend,
     pairs: list[TokenPair],
     params: CreditParams,
     with_entropy: bool,
-    max_batch_tokens: int,
     should_stop: Callable[[], bool] | None = None,
 ) -> BatchScores:
-    """Score `pairs` in budget-sized forwards, halving any that runs out of device memory
-    (blocking: runs on the device thread). Stage seconds add up over the forwards.
+    """Score one batch the batcher already sized (`Batcher._take`: within the token budget,
+    or one sequence larger than it, alone), halving a forward that runs out of device
+    memory (blocking: runs on the device thread). Stage seconds add up over the halves.
 
-    `should_stop`: checked between forwards and (through anchorcredit.backend.cancellable)
+    `should_stop`: checked before each forward and (through anchorcredit.backend.cancellable)
     between the layers of each; true -> Cancelled, the rest is not computed."""
     stages: Counter[str] = Counter()
 
@@ -118,10 +120,8 @@ def run_budgeted(
         stages.update(got.stage_seconds)
         return got.results
 
-    results: list[ScoreResult] = []
     with cancellable(should_stop or (lambda: False)):
-        for idx in greedy_chunks([p.num_tokens for p in pairs], max_batch_tokens):
-            results += halve_on_oom(forward, [pairs[i] for i in idx])
+        results = halve_on_oom(forward, pairs)
     return BatchScores(results, dict(stages))
 
 
@@ -133,18 +133,30 @@ class Batcher:
         backend: ScoringBackend,
         executor: Executor,
         metrics: ServerMetrics,
-        max_batch_tokens: int = 16384,
-        max_wait_s: float = 0.005,
-        max_batch_requests: int = 64,
-        max_queue: int = 256,
+        limits: BatchLimits = DEFAULT_LIMITS,
+        *,
+        max_batch_tokens: int | None = None,
+        max_wait_s: float | None = None,
+        max_batch_requests: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
+        """`limits` come from the serve config (ServeConfig.limits); the keywords override
+        one limit each (tests and embedders that set one and keep the other defaults)."""
+        given = {
+            "max_batch_tokens": max_batch_tokens,
+            "max_wait_s": max_wait_s,
+            "max_batch_requests": max_batch_requests,
+            "max_queue": max_queue,
+        }
+        limits = replace(limits, **{k: v for k, v in given.items() if v is not None})
         self._backend = backend
         self._executor = executor
         self._metrics = metrics
-        self.max_batch_tokens = max_batch_tokens
-        self.max_wait_s = max_wait_s
-        self.max_batch_requests = max_batch_requests
-        self.max_queue = max_queue
+        self.limits = limits
+        self.max_batch_tokens = limits.max_batch_tokens
+        self.max_wait_s = limits.max_wait_s
+        self.max_batch_requests = limits.max_batch_requests
+        self.max_queue = limits.max_queue
         self._queue: collections.deque[_Work | _Control] = collections.deque()
         self._rest: list[_Work] = []  # split requests whose piece is running (_take)
         self._wakeup = asyncio.Event()
@@ -401,13 +413,8 @@ class Batcher:
         try:
             scored = await loop.run_in_executor(
                 self._executor,
-                lambda: run_budgeted(
-                    self._backend,
-                    pairs,
-                    head.params,
-                    head.with_entropy,
-                    self.max_batch_tokens,
-                    should_stop,
+                lambda: run_forward(
+                    self._backend, pairs, head.params, head.with_entropy, should_stop
                 ),
             )
         except Cancelled:
