@@ -95,6 +95,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_shape_args(ap)
+    _add_measure_args(ap)
+    _add_cuda_rows_args(ap)
+    args = ap.parse_args(argv)
+    args.h_hi = [parse_h_hi(h) for h in args.h_hi]
+    return args  # fmt: skip
+
+
+def _add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """What is measured: devices, lengths, heads, dtype, the horizon."""
     ap.add_argument(
         "--device",
         nargs="+",
@@ -138,6 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[str(DEFAULTS.h_hi)],
         help=f"one or more horizons: an int or '{H_HI_END}'",
     )
+
+
+def _add_measure_args(ap: argparse.ArgumentParser) -> None:
+    """How it is measured: error bound, repetitions, time budget, threads."""
     ap.add_argument(
         "--err-max-n",
         type=int,
@@ -163,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CPU: add the triton kernel under TRITON_INTERPRET=1 (slow; error only)",
     )
+
+
+def _add_cuda_rows_args(ap: argparse.ArgumentParser) -> None:
+    """Which CUDA rows and kernel launch options."""
     ap.add_argument("--no-eager", action="store_true", help="CUDA: skip the eager row")
     ap.add_argument(
         "--backends",
@@ -190,9 +208,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=None, help="CUDA: kernel launch option"
         )
-    args = ap.parse_args(argv)
-    args.h_hi = [parse_h_hi(h) for h in args.h_hi]
-    return args  # fmt: skip
 
 
 # -- shared pieces --------------------------------------------------------------------------

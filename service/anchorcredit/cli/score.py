@@ -78,6 +78,14 @@ def _with_default(text: str, default: Any) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `anchorcredit score`; the SPEC.md parameters, their help and defaults come
     from anchorcredit.contract."""
+    _add_files(p)
+    _add_source(p)
+    _add_credit(p)
+    _add_runtime(p)
+
+
+def _add_files(p: argparse.ArgumentParser) -> None:
+    """What is read and where results go."""
     p.add_argument("input", type=Path, help="JSONL with prompt_ids/response_ids or prompt/response")
     p.add_argument(
         "-o", "--output", type=Path, required=True, help="JSONL to append (resume) results to"
@@ -87,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="empty the output first and score every line (default: resume into it)",
     )
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    """Which model scores: a local folder, the embedded default, or a running server."""
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--model",
@@ -102,6 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer folder for text input and token text (default: the model's; with "
         "--target the embedded model's when the server serves it)",
     )
+
+
+def _add_credit(p: argparse.ArgumentParser) -> None:
+    """The credit asked for: strategy, entropy, the SPEC.md parameters, layers, ids or text."""
     p.add_argument(
         "--strategy",
         default=DEFAULT_STRATEGY,
@@ -141,6 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "re-tokenises the text with the model's tokenizer (default: check that the ids are "
         "this tokenizer's tokens of the text and refuse the line when they are not)",
     )
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, batch size, bad lines, progress."""
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     r.add_argument(

@@ -393,43 +393,67 @@ class Batcher:
                 ctl.future.set_result(result)
 
     async def _run_batch(self, batch: list[_Piece]) -> None:
-        m = self._metrics
+        """Score one batch on the device thread, then hand each request its results."""
         start = time.monotonic()
-        for w, _, _ in batch:
-            if w.started is None:  # once per request: pieces and _recover re-runs keep it
-                w.started = start
-                m.queue_duration.observe(start - w.enqueued)
+        self._mark_started(batch, start)
         pairs = [p for w, lo, hi in batch for p in w.parsed.pairs[lo:hi]]
-        head = batch[0][0].parsed
         works = [w for w, _, _ in batch]
-
-        def should_stop() -> bool:  # device thread: every caller of this batch gave up
-            now = time.monotonic()
-            return all(w.dead(now) for w in works)
-
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         self._busy_since = time.monotonic()
         try:
-            scored = await loop.run_in_executor(
-                self._executor,
-                lambda: run_forward(
-                    self._backend, pairs, head.params, head.with_entropy, should_stop
-                ),
-            )
-        except Cancelled:
-            self._busy_since = None
-            now = time.monotonic()
-            for w in works:  # in flight: counted like queued drops, by reason
-                deadline = w.deadline is not None and now >= w.deadline
-                self._settle(w, "deadline" if deadline else "cancelled")
-            return
+            scored = await self._score_on_device(batch, pairs)
         except Exception as exc:
             self._busy_since = None
-            await self._recover(batch, exc)
+            if isinstance(exc, Cancelled):  # every caller gave up: dropped, by reason
+                self._settle_stopped(works)
+            else:
+                await self._recover(batch, exc)
             return
         self._busy_since = None
         elapsed = time.perf_counter() - t0
+        self._record(batch, pairs, scored, elapsed)
+        if len(scored.results) != len(pairs):
+            err = RuntimeError(f"runner returned {len(scored.results)} results for {len(pairs)}")
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        self._deliver(batch, scored.results, elapsed, start)
+
+    def _mark_started(self, batch: list[_Piece], start: float) -> None:
+        """Time queued: once per request (its later pieces and _recover re-runs keep it)."""
+        for w, _, _ in batch:
+            if w.started is None:
+                w.started = start
+                self._metrics.queue_duration.observe(start - w.enqueued)
+
+    async def _score_on_device(self, batch: list[_Piece], pairs: list[TokenPair]) -> BatchScores:
+        """The batch's one forward on the device thread; it stops early (Cancelled) once
+        every caller of the batch gave up."""
+        head = batch[0][0].parsed
+        works = [w for w, _, _ in batch]
+
+        def should_stop() -> bool:  # device thread
+            now = time.monotonic()
+            return all(w.dead(now) for w in works)
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            lambda: run_forward(self._backend, pairs, head.params, head.with_entropy, should_stop),
+        )
+
+    def _settle_stopped(self, works: list[_Work]) -> None:
+        """A batch stopped in flight: counted like queued drops, by reason."""
+        now = time.monotonic()
+        for w in works:
+            deadline = w.deadline is not None and now >= w.deadline
+            self._settle(w, "deadline" if deadline else "cancelled")
+
+    def _record(
+        self, batch: list[_Piece], pairs: list[TokenPair], scored: BatchScores, elapsed: float
+    ) -> None:
+        """The batch's metrics, and the moving averages behind the retry hint."""
+        m = self._metrics
         ntok = sum(p.num_tokens for p in pairs)
         m.inference_duration.observe(elapsed)
         m.batch_size.observe(len(batch))
@@ -438,7 +462,6 @@ class Batcher:
         m.sequences.inc(len(pairs))
         for stage, seconds in scored.stage_seconds.items():
             m.stage_duration.labels(stage).observe(float(seconds))
-        results = scored.results
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         per_token = elapsed / max(1, ntok)
         self._ema_s_per_token = (
@@ -446,12 +469,12 @@ class Batcher:
             if self._ema_s_per_token == 0
             else 0.8 * self._ema_s_per_token + 0.2 * per_token
         )
-        if len(results) != len(pairs):
-            err = RuntimeError(f"runner returned {len(results)} results for {len(pairs)}")
-            for w in works:
-                if not w.future.done():
-                    w.future.set_exception(err)
-            return
+
+    def _deliver(
+        self, batch: list[_Piece], results: list[ScoreResult], elapsed: float, start: float
+    ) -> None:
+        """Each piece's results to its request; a request whose last piece this was is
+        answered (never with numbers from weights other than the one version it asked for)."""
         offset = 0
         for w, lo, hi in batch:
             mine = results[offset : offset + hi - lo]
