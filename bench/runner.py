@@ -142,30 +142,36 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                     agg = aggregate(stats, 0.3, layer_ids=layers)
                     credit("coupled_rhythm", waad=agg.waad, fai=agg.fai)
 
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     try:
-        # Peak memory counts from before the first call (the allocator keeps what a warm-up
-        # took, so measuring after it would only see growth beyond it).
-        base = _reset_peak(args.device)
-        step()  # warm-up (allocator, kernels)
-        sync()
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        dt = min(times)  # min: the least disturbed run on a shared machine
-        peak = _peak(args.device, base)
+        dt, peak = _time_steps(step, args.device, args.reps)
     except torch.OutOfMemoryError:
         return {"method": args.method, "n": args.n, "batch": b, "oom": True}
     return {
         "method": args.method, "n": args.n, "batch": b, "seconds": dt,
         "tokens_per_s": b * args.n / dt, "peak_bytes": peak, "oom": False,
     }  # fmt: skip
+
+
+def _time_steps(step: Any, device: str, reps: int) -> tuple[float, int]:
+    """The fastest of `reps` calls after a warm-up, and the peak memory they took."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    # Peak memory counts from before the first call (the allocator keeps what a warm-up
+    # took, so measuring after it would only see growth beyond it).
+    base = _reset_peak(device)
+    step()  # warm-up (allocator, kernels)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times), _peak(device, base)  # min: the least disturbed run on a shared machine
 
 
 def main() -> None:

@@ -95,16 +95,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_shape_args(ap)
-    _add_measure_args(ap)
-    _add_cuda_rows_args(ap)
+    _add_shape_arguments(ap)
+    _add_run_arguments(ap)
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # CPU: one measurement
+    for name in LAUNCH_OPTIONS:
+        ap.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=None, help="CUDA: kernel launch option"
+        )
     args = ap.parse_args(argv)
     args.h_hi = [parse_h_hi(h) for h in args.h_hi]
     return args  # fmt: skip
 
 
-def _add_shape_args(ap: argparse.ArgumentParser) -> None:
-    """What is measured: devices, lengths, heads, dtype, the horizon."""
+def _add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """What is measured: devices, sizes, dtype and the span parameters."""
     ap.add_argument(
         "--device",
         nargs="+",
@@ -150,8 +154,8 @@ def _add_shape_args(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_measure_args(ap: argparse.ArgumentParser) -> None:
-    """How it is measured: error bound, repetitions, time budget, threads."""
+def _add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """How it is measured: repetitions, budgets and which rows."""
     ap.add_argument(
         "--err-max-n",
         type=int,
@@ -177,10 +181,6 @@ def _add_measure_args(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CPU: add the triton kernel under TRITON_INTERPRET=1 (slow; error only)",
     )
-
-
-def _add_cuda_rows_args(ap: argparse.ArgumentParser) -> None:
-    """Which CUDA rows and kernel launch options."""
     ap.add_argument("--no-eager", action="store_true", help="CUDA: skip the eager row")
     ap.add_argument(
         "--backends",
@@ -203,11 +203,6 @@ def _add_cuda_rows_args(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CUDA: add triton_fold / triton_kernel_fold (band='fold', finite h_hi)",
     )
-    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # CPU: one measurement
-    for name in LAUNCH_OPTIONS:
-        ap.add_argument(
-            f"--{name.replace('_', '-')}", type=int, default=None, help="CUDA: kernel launch option"
-        )
 
 
 # -- shared pieces --------------------------------------------------------------------------

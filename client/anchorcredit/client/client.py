@@ -5,77 +5,35 @@
     res = client.score(prompts, responses, strategy="coupled_rhythm")   # token-id lists
     res[0].gamma                                                          # float32 [len(r0)]
 
-Flow of one `score` call: validated parameters (anchorcredit.contract) and ids -> model info
--> one cache key per sequence -> batched cache read -> the misses only, split to the
-server's limits (anchorcredit.budget) and spread round-robin over the targets (in parallel
-when there are several chunks), every piece pinned to one policy version (a piece that
-reaches a replica on other weights is re-sent to the replicas serving it: replicas.py) ->
-cache write of what came back -> results in the caller's order. The calls themselves are
-transport.py's; errors errors.py's. Torch-free: numpy, grpcio, protobuf, redis, cachetools.
+A thin facade: the settings are a ClientConfig (config.py), the calls transport.py's, the
+scoring part scoring.py's (cache, version pins, pieces over the targets), the weights part
+weight_updates.py's (every address, the collective group; push.py does the work), the
+replicas replicas.py's, the counters counters.py's. Torch-free: numpy, grpcio, protobuf,
+redis, cachetools.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import threading
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import numpy as np
 
-from anchorcredit.budget import greedy_chunks
-from anchorcredit.client import codec, push
-from anchorcredit.client.cache import DEFAULT_TTL_S, CreditCache, make_cache
-from anchorcredit.client.counters import count_cache
-from anchorcredit.client.errors import (
-    CreditServiceError,
-    StalePolicyVersionError,
-    caller_index_error,
-)
-from anchorcredit.client.keys import DEFAULT_NAMESPACE, KeyBuilder, ModelKey
+from anchorcredit.client import push
+from anchorcredit.client.cache import CreditCache, make_cache
+from anchorcredit.client.config import ClientConfig
+from anchorcredit.client.counters import ClientCounters
+from anchorcredit.client.errors import StalePolicyVersionError
 from anchorcredit.client.replicas import Replica, ReplicaSet, disagreement
-from anchorcredit.client.results import (
-    CreditResult,
-    arrays_wanted,
-    from_arrays,
-    from_cache,
-    wire_arrays,
-)
-from anchorcredit.client.retry_policy import RetryClock
+from anchorcredit.client.results import CreditResult
+from anchorcredit.client.scoring import ModelInfoCache, Scoring
 from anchorcredit.client.transport import Transport
-from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, prepare_weights
-from anchorcredit.contract import DEFAULT_STRATEGY, UINT32_END, CreditParams
+from anchorcredit.client.weight_updates import TRANSPORTS, WeightUpdates
+from anchorcredit.client.weights import CHUNK_BYTES
+from anchorcredit.contract import DEFAULT_STRATEGY
 from anchorcredit.v1 import credit_pb2 as pb
 
-log = logging.getLogger("anchorcredit.client")
-
-Pairs = list[tuple[np.ndarray, np.ndarray]]
-TRANSPORTS = ("grpc", "collective")
-
-
-def _check_version(version: Any, replaces: Any) -> None:
-    if not isinstance(version, str) or not version:
-        raise ValueError(f"version must be a non-empty string, got {version!r}")
-    if not isinstance(replaces, str):
-        raise ValueError(f"replaces must be a string, got {replaces!r}")
-    if replaces == version:
-        raise ValueError(f"version {version!r} cannot replace itself")
-
-
-def _ids(x: Any, what: str, i: int) -> np.ndarray:
-    """The client's edge: a non-empty 1-D list of integer ids in uint32 range, as uint32."""
-    a = np.asarray(x)
-    if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"{what}[{i}] must be a non-empty 1-D list of token ids")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{what}[{i}] must hold integer token ids, got dtype {a.dtype}")
-    if a.min() < 0 or a.max() >= UINT32_END:
-        raise ValueError(f"{what}[{i}] has ids outside [0, 2**32)")
-    return a.astype(np.uint32, copy=False)
+__all__ = ["TRANSPORTS", "ClientConfig", "CreditClient"]
 
 
 class CreditClient:
@@ -101,64 +59,31 @@ class CreditClient:
     TLS, trusting root_certificates (PEM bytes/text or a file; None: the system roots);
     certificate_chain + private_key add a client certificate (mutual TLS). A token sent in
     cleartext to a target off this machine logs a warning.
+
+    Settings: `CreditClient(targets, cache, timeout_s, retries, **settings)` takes
+    ClientConfig's fields as arguments (the same names, order and defaults), or
+    `CreditClient(config=ClientConfig(...))` / `config=ClientConfig.from_env()` (settings
+    given beside `config` override it). `counters()` returns what this client did.
     """
 
-    def __init__(
-        self,
-        targets: Sequence[str] | str,
-        cache: Any = None,
-        timeout_s: float = 60.0,
-        retries: int | None = None,
-        *,
-        cache_ttl_s: int = DEFAULT_TTL_S,
-        cache_dtype: str = "float32",
-        namespace: str = DEFAULT_NAMESPACE,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 5.0,
-        retry_budget_s: float = 120.0,
-        reconnect_budget_s: float = 60.0,
-        token: str | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-        admin_token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | None = None,
-        certificate_chain: bytes | str | None = None,
-        private_key: bytes | str | None = None,
-        replica_wait_s: float = 10.0,
-    ):
-        if isinstance(targets, str):
-            targets = [targets]
-        if cache_dtype not in codec.DTYPES:
-            raise ValueError(f"cache_dtype must be one of {tuple(codec.DTYPES)}")
-        self.transport = Transport(
-            targets,
-            timeout_s,
-            retries,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s,
-            retry_budget_s=retry_budget_s,
-            reconnect_budget_s=reconnect_budget_s,
-            token=token,
-            channel_options=channel_options,
-            admin_token=admin_token,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-        )
+    def __init__(self, *args: Any, config: ClientConfig | None = None, **settings: Any):
+        if config is None:
+            config = ClientConfig(*args, **settings)
+        elif args:
+            raise TypeError("give the settings in config= or as arguments, not both")
+        elif settings:
+            config = config.replace(**settings)
+        self.config = config
+        self.stats = ClientCounters(config.metrics_registry)
+        self.transport = Transport(config, self.stats)
         self.targets = self.transport.targets
-        self.replica_set = ReplicaSet(self.transport)
-        self.replica_wait_s = float(replica_wait_s)
-        self.cache: CreditCache | None = make_cache(cache, ttl_s=cache_ttl_s)
-        self.cache_dtype = cache_dtype
-        self.namespace = namespace
-        self._info: pb.ModelInfo | None = None
-        self._info_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        self._weight_group: push.WeightGroupHandle | None = None
-        self._group_lock = threading.RLock()
-        self.last_stats: dict[str, float] = {}
+        self.replica_set = ReplicaSet(self.transport, self.stats)
+        self.cache: CreditCache | None = make_cache(config.cache, ttl_s=config.cache_ttl_s)
+        self._model = ModelInfoCache(self.transport)
+        self.scoring = Scoring(
+            config, self.transport, self.replica_set, self.cache, self._model, self.stats
+        )
+        self.weights = WeightUpdates(self.transport, self._model, self.stats)
 
     @property
     def timeout_s(self) -> float:
@@ -179,17 +104,23 @@ class CreditClient:
     def retries(self, value: int | None) -> None:
         self.transport.retries = None if value is None else int(value)
 
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The last score() call's cache {"hits": n, "misses": m}."""
+        return self.scoring.last_stats
+
+    def counters(self) -> dict[str, float]:
+        """Everything this client counted so far, as {name: value} (counters.FIELDS: cache
+        hits/misses by layer, retries, replica waits, stale-version refusals, score and
+        push calls and seconds); also Prometheus metrics when prometheus_client imports."""
+        return self.stats.snapshot()
+
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
         """Leave the weight group (if open); close channels, the worker pool and the cache
         connection."""
-        with self._group_lock:
-            try:
-                self._close_group()
-            except Exception as exc:  # closing must not fail
-                log.warning("leaving the weight group: %s", exc)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        self.weights.close()
+        self.scoring.close()
         self.transport.close()
         close = getattr(self.cache, "close", None)
         if callable(close):
@@ -201,16 +132,17 @@ class CreditClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- model info and weights ----------------------------------------------------------
+    # -- model info and replicas ---------------------------------------------------------
     def model_info(self, refresh: bool = False) -> pb.ModelInfo:
         """The served model's info (GetModelInfo), cached until refresh or a stale version.
 
         It comes from whichever replica answered: its policy_version is that replica's.
         `served_version()` checks that every replica agrees; `replicas()` lists them."""
-        with self._info_lock:
-            if self._info is None or refresh:
-                self._info = self.transport.call("GetModelInfo", pb.GetModelInfoRequest())
-            return self._info
+        return self._model.get(refresh)
+
+    def invalidate_model_info(self) -> None:
+        """Forget the cached model info (next call asks the server again)."""
+        self._model.invalidate()
 
     def replicas(self) -> list[Replica]:
         """Every concrete address behind every target (resolved now: a dns name's records,
@@ -233,11 +165,7 @@ class CreditClient:
             raise err
         return str(replicas[0].policy_version)
 
-    def invalidate_model_info(self) -> None:
-        """Forget the cached model info (next call asks the server again)."""
-        with self._info_lock:
-            self._info = None
-
+    # -- weights (weight_updates.py) -----------------------------------------------------
     def update_weights(
         self, path: str, version: str, *, replaces: str = ""
     ) -> dict[str, pb.UpdateWeightsResponse]:
@@ -251,11 +179,7 @@ class CreditClient:
         {address: error}) after the others have loaded; then every address must report the
         new version (GetModelInfo).
         """
-        _check_version(version, replaces)
-        try:
-            return push.update_from_path(self.transport, path, version, replaces)
-        finally:
-            self.invalidate_model_info()
+        return self.weights.update_weights(path, version, replaces)
 
     def push_weights(
         self,
@@ -289,34 +213,16 @@ class CreditClient:
         once every address serves `version`; else one CreditServiceError names every
         address that failed (`.failed`), after the others finished.
         """
-        _check_version(version, replaces)
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= CHUNK_BYTES:
-            # servers accept messages of CHUNK_BYTES of data (plus framing), no more
-            raise ValueError(f"chunk_bytes must be in [1, {CHUNK_BYTES}], got {chunk_bytes!r}")
-        if dtype is not None and dtype != "auto" and dtype not in WIRE_DTYPES:
-            raise ValueError(f"dtype must be None, 'auto' or one of {WIRE_DTYPES}, got {dtype!r}")
-        items = prepare_weights(weights, None if dtype == "auto" else dtype)
-        if dtype == "auto":
-            served = self.model_info(refresh=True).dtype
-            if served not in WIRE_DTYPES:
-                raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
-            items = prepare_weights([(i.name, i.value) for i in items], served)
-        update = pb.WeightUpdate(version=version, replaces=replaces, partial=partial)
-        try:
-            if transport == "grpc":
-                timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-                return push.push_stream(self.transport, items, update, chunk_bytes, timeout)
-            with self._group_lock:
-                group = self._group_for_push()
-                try:
-                    return group.push(items, update)
-                finally:
-                    if group.closed:  # aborted: the next push opens a fresh group
-                        self._weight_group = None
-        finally:
-            self.invalidate_model_info()
+        return self.weights.push_weights(
+            weights,
+            version,
+            partial=partial,
+            transport=transport,
+            replaces=replaces,
+            dtype=dtype,
+            chunk_bytes=chunk_bytes,
+            timeout_s=timeout_s,
+        )
 
     def open_weight_group(
         self,
@@ -331,35 +237,9 @@ class CreditClient:
         joins as rank 1..N (JoinWeightGroup, concurrently). backend "" = nccl when every
         server and this process have CUDA, else gloo. Replaces an open group; `close()`
         leaves it."""
-        with self._group_lock:
-            self._close_group()
-            addresses = push.all_addresses(self.transport, "JoinWeightGroup")
-            self._weight_group = push.WeightGroupHandle(
-                self.transport, addresses, address, port, backend, timeout_s
-            )
-            return self._weight_group
+        return self.weights.open_weight_group(address, port, backend, timeout_s)
 
-    def _group_for_push(self) -> push.WeightGroupHandle:
-        group = self._weight_group
-        if group is not None and not group.closed:
-            addresses, failed = self.transport.addresses()
-            if not failed and addresses == group.addresses:
-                return group
-            log.info("the address set changed (%s); opening a new weight group", addresses)
-            self._close_group()
-            kw = group.open_args
-        else:
-            kw = {}
-        addresses = push.all_addresses(self.transport, "JoinWeightGroup")
-        self._weight_group = push.WeightGroupHandle(self.transport, addresses, **kw)
-        return self._weight_group
-
-    def _close_group(self) -> None:
-        if self._weight_group is not None:
-            group, self._weight_group = self._weight_group, None
-            group.close()
-
-    # -- scoring -------------------------------------------------------------------------
+    # -- scoring (scoring.py) ------------------------------------------------------------
     def score(
         self,
         prompts: Sequence[Any],
@@ -385,204 +265,11 @@ class CreditClient:
         default. Validated by CreditParams.build (a ValueError naming the parameter, before
         any RPC); every effective value is sent and keyed.
         """
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        params = CreditParams.build(strategy, **credit_params)
-        pairs = [
-            (_ids(p, "prompts", i), _ids(r, "responses", i))
-            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-        ]
-        if not pairs:
-            return []
-        clock = RetryClock(self.transport.retry_budget_s)
-        for attempt in itertools.count():
-            # policy_version=None: re-read the served version on every call, so cache keys
-            # never name a version the server has since replaced (another process may have
-            # called UpdateWeights). One small GetModelInfo per score() call.
-            info = self.model_info(refresh=policy_version is None)
-            version = info.policy_version if policy_version is None else policy_version
-            try:
-                return self._score(
-                    pairs, params, version, info, with_entropy, policy_version is not None
-                )
-            except StalePolicyVersionError:
-                # Weights changed under us: what we know of the server is stale.
-                self.invalidate_model_info()
-                if policy_version is not None:
-                    raise
-                # While a weight change rolls out, targets serve two versions for a
-                # moment: ask again (at once twice, then with the retry policy's backoff
-                # within retry_budget_s).
-                if attempt >= 2 and clock.left <= 0:
-                    raise
-                log.info("server policy version moved on from %r; asking again", version)
-                if attempt >= 2:
-                    clock.sleep(self.transport.policy.wait(attempt - 2))
-        raise AssertionError("unreachable")
-
-    def _score(
-        self,
-        pairs: Pairs,
-        params: CreditParams,
-        version: str,
-        info: pb.ModelInfo,
-        with_entropy: bool,
-        pinned: bool,
-    ) -> list[CreditResult]:
-        """Cache read -> compute the misses -> cache write. pinned: the caller chose
-        `version`."""
-        results: list[CreditResult | None] = [None] * len(pairs)
-        keys: list[str] = []
-        if self.cache is not None:
-            keys = self._keys(pairs, params, version, info, with_entropy)
-            try:
-                values = self.cache.get_many(keys)
-            except Exception as exc:  # a custom cache failing is a miss, not a failed call
-                log.warning("cache read failed (%s); computing everything", exc)
-                values = [None] * len(keys)
-            need = arrays_wanted(with_entropy)
-            for i, v in enumerate(values):
-                results[i] = from_cache(v, len(pairs[i][1]), need, self.cache_dtype, version)
-        misses = [i for i, r in enumerate(results) if r is None]
-        if self.cache is not None:
-            count_cache(len(pairs) - len(misses), len(misses))
-        self.last_stats = {"hits": len(pairs) - len(misses), "misses": len(misses)}
-        if misses:
-            writes = self._compute(
-                pairs, misses, results, params, version, info, with_entropy, pinned
-            )
-            if writes and self.cache is not None:
-                try:
-                    self.cache.set_many([(keys[i], value) for i, value in writes])
-                except Exception as exc:
-                    log.warning("cache write failed (%s); results are fine", exc)
-        return results  # type: ignore[return-value]
-
-    def _keys(
-        self,
-        pairs: Pairs,
-        params: CreditParams,
-        version: str,
-        info: pb.ModelInfo,
-        with_entropy: bool,
-    ) -> list[str]:
-        model = ModelKey(
-            info.model_id,
-            info.revision,
-            info.dtype,
-            tuple(info.layers),
-            info.stat_version,
-            info.weights_digest,
+        return self.scoring.score(
+            prompts,
+            responses,
+            strategy,
+            policy_version,
+            with_entropy=with_entropy,
+            **credit_params,
         )
-        kb = KeyBuilder(
-            model,
-            version,
-            params,
-            ("entropy",) if with_entropy else (),
-            self.namespace,
-            value_dtype=self.cache_dtype,
-        )
-        return [kb.key(p, r) for p, r in pairs]
-
-    def _compute(
-        self,
-        pairs: Pairs,
-        misses: list[int],
-        results: list[CreditResult | None],
-        params: CreditParams,
-        version: str,
-        info: pb.ModelInfo,
-        with_entropy: bool,
-        pinned: bool,
-    ) -> list[tuple[int, bytes]]:
-        """Score the misses on the service, filling `results`; returns the cache values to
-        write, as (caller index, value)."""
-        lengths = [len(pairs[i][0]) + len(pairs[i][1]) for i in misses]
-        # A request never exceeds the server's request limit (it answers INVALID_ARGUMENT
-        # beyond it) nor its batch budget (the server scores larger ones in pieces anyway).
-        limits = [int(x) for x in (info.max_batch_tokens, info.max_request_tokens) if x > 0]
-        max_tokens = min(limits) if limits else 0
-        if len(self.targets) > 1:
-            # Several targets: cut the work into at least one piece per target.
-            share = -(-sum(lengths) // len(self.targets))
-            max_tokens = min(max_tokens, share) if max_tokens else share
-        chunks = [
-            [misses[j] for j in group]
-            for group in greedy_chunks(lengths, max_tokens, int(info.max_request_sequences))
-        ]
-        cparams = pb.CreditParams(**params.proto_fields())
-        outputs = pb.Outputs(waad=True, fai=True, gamma=True, entropy=with_entropy)
-        # pinned by the caller: wait for a lagging replica set to catch up; pinned by us
-        # (policy_version=None): score() re-reads the version instead of waiting
-        wait_s = self.replica_wait_s if pinned else 0.0
-
-        def run(chunk: list[int]) -> tuple[list[int], pb.ScoreResponse]:
-            req = pb.ScoreRequest(
-                sequences=[
-                    pb.Sequence(prompt_ids=pairs[i][0].tolist(), response_ids=pairs[i][1].tolist())
-                    for i in chunk
-                ],
-                strategy=params.strategy,
-                params=cparams,
-                outputs=outputs,
-                expected_policy_version=version,
-                request_id=uuid.uuid4().hex,
-            )
-            try:
-                try:
-                    resp = self.transport.call("Score", req)
-                    if resp.policy_version in ("", version):
-                        return chunk, resp
-                    # a server that ignored the pin: its numbers are never used
-                except StalePolicyVersionError:
-                    pass  # a replica on other weights: send it where `version` is served
-                resp = self.replica_set.call_on_version("Score", req, version, wait_s)
-                if resp.policy_version not in ("", version):
-                    raise StalePolicyVersionError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"asked for policy version {version!r}, got {resp.policy_version!r}",
-                    )
-                return chunk, resp
-            except StalePolicyVersionError:
-                raise
-            except CreditServiceError as err:
-                raise caller_index_error(err, chunk) from None
-
-        if len(chunks) == 1:
-            done = [run(chunks[0])]
-        else:
-            done = list(self._executor().map(run, chunks))
-
-        names = arrays_wanted(with_entropy)
-        writes: list[tuple[int, bytes]] = []
-        for chunk, resp in done:
-            if len(resp.results) != len(chunk):
-                raise CreditServiceError(
-                    grpc.StatusCode.INTERNAL,
-                    f"{len(resp.results)} results for {len(chunk)} sequences",
-                )
-            # Only cache what provably matches the key: same model, statistic definition,
-            # version and weights (a replica given other weights under this label differs).
-            cacheable = self.cache is not None and (
-                resp.model_id in ("", info.model_id)
-                and resp.stat_version in ("", info.stat_version)
-                and resp.policy_version in ("", version)
-                and resp.weights_digest == info.weights_digest
-            )
-            if not cacheable and self.cache is not None:
-                self.invalidate_model_info()
-            for i, r in zip(chunk, resp.results, strict=True):
-                n = len(pairs[i][1])
-                arrays = wire_arrays(r, n, names, i)
-                results[i] = from_arrays(arrays, resp.policy_version or version)
-                if cacheable:
-                    writes.append((i, codec.encode(arrays, n, self.cache_dtype)))
-        return writes
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=2 * len(self.targets), thread_name_prefix="anchorcredit"
-                )
-            return self._pool

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from anchorcredit.client.counters import ClientCounters
 from anchorcredit.client.errors import CreditServiceError, StalePolicyVersionError
 from anchorcredit.client.push import on_every_address
 from anchorcredit.client.retry_policy import RetryClock
@@ -105,8 +106,9 @@ def lagging_error(
 class ReplicaSet:
     """Version-aware calls over every address behind a Transport's targets."""
 
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, counters: ClientCounters | None = None):
         self.transport = transport
+        self.counters = counters  # replica waits and stale-version refusals, when given
         self._warned: set[tuple[str, frozenset[str]]] = set()
         self._lock = threading.Lock()
 
@@ -129,10 +131,15 @@ class ReplicaSet:
                 try:
                     return self.transport.call(method, request, addresses=serving)
                 except StalePolicyVersionError:
-                    pass  # it moved on since the survey: look again
+                    # it moved on since the survey: look again
+                    if self.counters is not None:
+                        self.counters.stale_refusal()
             # the one retry policy's backoff, within wait_s (replicas mid-update)
+            before = clock.elapsed
             if not clock.sleep(self.transport.policy.wait(attempt)):
                 raise lagging_error(version, replicas, clock.elapsed)
+            if self.counters is not None:
+                self.counters.replica_wait(clock.elapsed - before)
             attempt += 1
 
     def _note_lag(self, version: str, replicas: list[Replica]) -> None:

@@ -34,6 +34,8 @@ from typing import Any
 import grpc
 
 from anchorcredit import status
+from anchorcredit.client.config import ClientConfig
+from anchorcredit.client.counters import ClientCounters
 from anchorcredit.client.errors import CreditServiceError, from_rpc
 from anchorcredit.client.resolve import dns_name, expand_target, split_hostport
 from anchorcredit.client.retry_policy import RetryClock, RetryPolicy
@@ -181,45 +183,41 @@ class _AddressStub:
 
 
 class Transport:
-    """One channel and stub per target ("host:port", "dns:///name:port")."""
+    """One channel and stub per target ("host:port", "dns:///name:port"), set up from a
+    ClientConfig (config.py: the settings are declared there, once)."""
 
     def __init__(
         self,
-        targets: Sequence[str],
-        timeout_s: float = 60.0,
-        retries: int | None = None,
-        *,
-        backoff_base_s: float = 0.05,
-        backoff_max_s: float = 5.0,
-        retry_budget_s: float = 120.0,
-        reconnect_budget_s: float = 60.0,
-        token: str | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-        admin_token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | None = None,
-        certificate_chain: bytes | str | None = None,
-        private_key: bytes | str | None = None,
+        config: ClientConfig | Sequence[str] | str,
+        counters: ClientCounters | None = None,
+        **settings: Any,
     ):
-        if not targets:
-            raise ValueError("give at least one target")
-        self.targets = list(targets)
-        self.timeout_s = float(timeout_s)
-        self.retries = None if retries is None else int(retries)
+        """config: a ClientConfig, or targets plus ClientConfig's settings as keywords.
+        counters: where retries are counted (None: nowhere)."""
+        if not isinstance(config, ClientConfig):
+            config = ClientConfig(config, **settings)
+        elif settings:
+            config = config.replace(**settings)
+        self.config = config
+        self.counters = counters
+        self.targets = list(config.targets)
+        self.timeout_s = float(config.timeout_s)
+        self.retries = None if config.retries is None else int(config.retries)
         self.policy = RetryPolicy(
-            float(backoff_base_s), float(backoff_max_s), float(retry_budget_s),
-            float(reconnect_budget_s),
+            float(config.backoff_base_s), float(config.backoff_max_s),
+            float(config.retry_budget_s), float(config.reconnect_budget_s),
         )  # fmt: skip
+        token, admin_token = config.token, config.admin_token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         # The admin token goes on weight-changing calls only (admin_metadata).
         self._admin_metadata = (
             (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
         )
         self._credentials = channel_credentials(
-            tls, root_certificates, certificate_chain, private_key
+            config.tls, config.root_certificates, config.certificate_chain, config.private_key
         )
         if self._credentials is None and (token or admin_token):
-            for t in targets:
+            for t in self.targets:
                 if not is_loopback_target(t):
                     log.warning(
                         "a token will be sent in cleartext to %s: use tls=True "
@@ -234,8 +232,8 @@ class Transport:
         ]
         # dns:/// targets with several addresses: spread over all of them
         base += RECONNECT_OPTIONS
-        options = [*base, ("grpc.lb_policy_name", "round_robin"), *channel_options]
-        self._address_options = [*base, *channel_options]
+        options = [*base, ("grpc.lb_policy_name", "round_robin"), *config.channel_options]
+        self._address_options = [*base, *config.channel_options]
         self._address_channels: dict[str, _AddressChannel] = {}
         self._address_lock = threading.Lock()
         # address -> the dns name it was resolved from (TLS checks the certificate for it)
@@ -424,6 +422,8 @@ class Transport:
                     "%s on %s: %s; retry %d in %.3f s",
                     method, names[ti], err.code().name, attempt + 1, min(delay, clock.left),
                 )  # fmt: skip
+                if self.counters is not None:
+                    self.counters.retry(err.code().name)
                 clock.sleep(delay)
                 attempt += 1
 

@@ -568,15 +568,15 @@ def test_client_from_env(monkeypatch, target):
 
 
 def test_sync_settings_from_env(monkeypatch):
-    for var in ("WEIGHT_SYNC", "POLICY_VERSION", "RUN_ID", "WEIGHT_DTYPE"):
+    for var in ("WEIGHT_SYNC", "POLICY_VERSION", "PINNED_VERSION", "RUN_ID", "WEIGHT_DTYPE"):
         monkeypatch.delenv(f"ANCHORCREDIT_{var}", raising=False)
     assert ac_orl._sync_from_env() == ("grpc", "auto", None)
-    monkeypatch.setenv("ANCHORCREDIT_POLICY_VERSION", "fixed")  # a fixed pin: no sync
+    monkeypatch.setenv("ANCHORCREDIT_PINNED_VERSION", "fixed")  # a fixed pin: no sync
     assert ac_orl._sync_from_env()[0] is None
     monkeypatch.setenv("ANCHORCREDIT_WEIGHT_SYNC", "collective")
-    with pytest.raises(ValueError, match="ANCHORCREDIT_POLICY_VERSION"):
+    with pytest.raises(ValueError, match="ANCHORCREDIT_PINNED_VERSION"):
         ac_orl._sync_from_env()  # a fixed pin and a sync exclude each other
-    monkeypatch.delenv("ANCHORCREDIT_POLICY_VERSION")
+    monkeypatch.delenv("ANCHORCREDIT_PINNED_VERSION")
     monkeypatch.setenv("ANCHORCREDIT_RUN_ID", "r7")
     monkeypatch.setenv("ANCHORCREDIT_WEIGHT_DTYPE", "none")
     assert ac_orl._sync_from_env() == ("collective", None, "r7")
@@ -617,12 +617,12 @@ def test_the_documented_launch(orl, monkeypatch):
     for key, value in runtime_env["env_vars"].items():
         assert f"`{key}`" in doc  # every variable is in the table
         monkeypatch.setenv(key, value)
-    for var in ("ANCHORCREDIT_POLICY_VERSION", "ANCHORCREDIT_RUN_ID", "ANCHORCREDIT_WEIGHT_DTYPE"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("POLICY_VERSION", "PINNED_VERSION", "RUN_ID", "WEIGHT_DTYPE"):
+        monkeypatch.delenv(f"ANCHORCREDIT_{var}", raising=False)
     assert ac_orl._sync_from_env() == ("grpc", "auto", None)
-    monkeypatch.setattr(ac_orl, "CreditClient", lambda targets, **kw: (targets, kw))
-    (targets, kw), params = ac_orl._client_from_env()
-    assert targets == ["credit-svc:50051"] and kw["cache"] == "redis://redis:6379/0"
+    monkeypatch.setattr(ac_orl, "CreditClient", lambda config: config)
+    config, params = ac_orl._client_from_env()
+    assert config.targets == ("credit-svc:50051",) and config.cache == "redis://redis:6379/0"
     assert params == {"q": 0.4, "gamma_amp": 1.5, "strategy": "coupled_rhythm", "sign": "both"}
 
 

@@ -124,7 +124,7 @@ def install(
     the actor's engine put on the service (areal_sync.py), else whatever the service holds
     (checked first: policy_check.py).
     """
-    if actor_class is None and _single_controller():
+    if actor_class is None and single_controller():
         from anchorcredit.client.adapters import areal_controller
 
         return areal_controller.install_credit(client, policy_version=policy_version, **kwargs)
@@ -133,7 +133,8 @@ def install(
     )
 
 
-def _single_controller() -> bool:
+def single_controller() -> bool:
+    """True in AReaL's single-controller mode (the actor workers are separate processes)."""
     from areal.utils.environ import is_single_controller
 
     return bool(is_single_controller())

@@ -49,9 +49,8 @@ from typing import Any
 
 from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.areal import VERSION_ATTR
-from anchorcredit.client.adapters.trl import _same_on_every_rank
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
-from anchorcredit.client.adapters.versions import note_run, version_name
+from anchorcredit.client.adapters.versions import note_run, same_on_every_rank, version_name
 from anchorcredit.client.client import CreditClient
 
 __all__ = [
@@ -104,7 +103,7 @@ class AReaLWeightSync:
         dist = _dist()
         if self.run_id is None:
             own = os.environ.get("ANCHORCREDIT_RUN_ID") or uuid.uuid4().hex[:8]
-            self.run_id = _same_on_every_rank(own)
+            self.run_id = same_on_every_rank(own)
         note_run(self.run_id)
         version = version_name(step, self.run_id)
         t0 = time.perf_counter()
@@ -199,9 +198,9 @@ def install_weight_sync(
     if transport not in SYNC_TRANSPORTS:
         raise ValueError(f"transport must be one of {SYNC_TRANSPORTS}, got {transport!r}")
     if engine_class is None:
-        from anchorcredit.client.adapters.areal import _single_controller
+        from anchorcredit.client.adapters.areal import single_controller
 
-        if _single_controller():
+        if single_controller():
             from anchorcredit.client.adapters import areal_controller
 
             undo = areal_controller.install_sync(

@@ -4,30 +4,25 @@
 the command AReaL's single-controller scheduler runs for the actor workers once
 `install` / `install_weight_sync` were called in the controller (areal_controller.py). The
 settings come from ANCHORCREDIT_AREAL; the client from them (targets) and the worker's
-ANCHORCREDIT_CACHE / _TOKEN / _ADMIN_TOKEN / _TIMEOUT_S. Then AReaL's own
+ANCHORCREDIT_* client settings (ClientConfig.from_env: _CACHE, _TOKEN, _ADMIN_TOKEN,
+_TIMEOUT_S, ...). Then AReaL's own
 `areal.infra.rpc.rpc_server` runs as its `__main__`, with the same arguments.
 """
 
 from __future__ import annotations
 
-import os
 import runpy
 from collections.abc import Callable
 
 from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.areal_controller import SETTINGS_ENV, settings_from_env
 from anchorcredit.client.client import CreditClient
+from anchorcredit.client.config import ClientConfig
 
 
 def client_from_env(targets: list[str]) -> CreditClient:
-    env = os.environ
-    return CreditClient(
-        targets,
-        cache=env.get("ANCHORCREDIT_CACHE") or None,
-        timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
-        token=env.get("ANCHORCREDIT_TOKEN") or None,
-        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
-    )
+    """The worker's client: the controller's targets, the rest ClientConfig.from_env()."""
+    return CreditClient(config=ClientConfig.from_env(targets=tuple(targets)))
 
 
 def install_from_env() -> list[Callable[[], None]]:

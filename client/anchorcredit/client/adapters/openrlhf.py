@@ -27,7 +27,7 @@ from the environment:
       -- python -m openrlhf.cli.train_ppo_ray ...
 
 ANCHORCREDIT_WEIGHT_SYNC: grpc (default), collective, or off (the service keeps its
-weights; also the default when ANCHORCREDIT_POLICY_VERSION pins a fixed version);
+weights; also the default when ANCHORCREDIT_PINNED_VERSION pins a fixed version);
 ANCHORCREDIT_WEIGHT_DTYPE (default auto: the serving dtype); ANCHORCREDIT_RUN_ID (default
 random). In a single process, `install(client, ...)` does the same without Ray.
 
@@ -41,7 +41,6 @@ OpenRLHF, their advantages untouched); the prompt is every attended token before
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -55,8 +54,14 @@ from anchorcredit.client.adapters.openrlhf_sync import (
     unwrap_controller_broadcast,
     wrap_controller_broadcast,
 )
+from anchorcredit.client.adapters.settings import (
+    PINNED_VERSION_ENV,
+    credit_settings_from_env,
+    pinned_version_from_env,
+)
 from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.client import CreditClient
+from anchorcredit.client.config import ClientConfig
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = [
@@ -197,6 +202,19 @@ def install(
         run_id=run_id,
         **kwargs,
     )
+    _install_credit(ppo_trainer, maker)
+    if weight_sync is None:
+        install_log.note(
+            "openrlhf",
+            "no weight sync (weight_sync=None): the served version is checked before "
+            "scoring (policy_check.py)",
+        )
+        return
+    _install_weight_sync(ppo_trainer, client, weight_sync, dtype, run_id)
+
+
+def _install_credit(ppo_trainer: Any, maker: type) -> None:
+    """The experience makers (sync and async trainers) and the step summary."""
     ppo_trainer.RemoteExperienceMaker = maker
     install_log.patched(
         "openrlhf", "openrlhf.trainer.ppo_trainer.RemoteExperienceMaker", "advantages x gamma"
@@ -215,23 +233,26 @@ def install(
         install_log.not_patched(
             "openrlhf", "openrlhf.trainer.ppo_trainer_async", f"it does not import here ({e})"
         )
-    else:
-        if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
-            key = (ppo_trainer_async, "RemoteExperienceMaker")
-            _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
-            ppo_trainer_async.RemoteExperienceMaker = maker
-            install_log.patched(
-                "openrlhf",
-                "openrlhf.trainer.ppo_trainer_async.RemoteExperienceMaker",
-                "advantages x gamma",
-            )
-    if weight_sync is None:
-        install_log.note(
-            "openrlhf",
-            "no weight sync (weight_sync=None): the served version is checked before "
-            "scoring (policy_check.py)",
-        )
         return
+    if hasattr(ppo_trainer_async, "RemoteExperienceMaker"):
+        key = (ppo_trainer_async, "RemoteExperienceMaker")
+        _ORIGINALS.setdefault(key, ppo_trainer_async.RemoteExperienceMaker)
+        ppo_trainer_async.RemoteExperienceMaker = maker
+        install_log.patched(
+            "openrlhf",
+            "openrlhf.trainer.ppo_trainer_async.RemoteExperienceMaker",
+            "advantages x gamma",
+        )
+
+
+def _install_weight_sync(
+    ppo_trainer: Any,
+    client: CreditClient | None,
+    weight_sync: str,
+    dtype: str | None,
+    run_id: str | None,
+) -> None:
+    """The controller counts vLLM broadcasts; the actor ranks push after each one."""
     wrap_controller_broadcast(ppo_trainer.BasePPOTrainer)
     install_log.patched(
         "openrlhf",
@@ -291,31 +312,20 @@ def uninstall() -> None:
 
 
 def _client_from_env() -> tuple[CreditClient, dict[str, Any]]:
-    env = os.environ
-    targets = [t for t in env.get("ANCHORCREDIT_TARGETS", "").split(",") if t]
-    if not targets:
-        raise RuntimeError("set ANCHORCREDIT_TARGETS (comma-separated host:port list)")
-    client = CreditClient(
-        targets,
-        cache=env.get("ANCHORCREDIT_CACHE") or None,
-        timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
-        token=env.get("ANCHORCREDIT_TOKEN") or None,
-        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
-    )
-    kwargs: dict[str, Any] = dict(json.loads(env.get("ANCHORCREDIT_PARAMS", "{}")))
-    kwargs["strategy"] = env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY)
-    kwargs["sign"] = env.get("ANCHORCREDIT_SIGN", "both")
-    if env.get("ANCHORCREDIT_POLICY_VERSION"):
-        kwargs["policy_version"] = env["ANCHORCREDIT_POLICY_VERSION"]
-    return client, kwargs
+    """The client (ClientConfig.from_env) and the credit settings (settings.py)."""
+    kwargs = credit_settings_from_env()
+    pinned = pinned_version_from_env()
+    if pinned:
+        kwargs["policy_version"] = pinned
+    return CreditClient(config=ClientConfig.from_env()), kwargs
 
 
 def _sync_from_env() -> tuple[str | None, str | None, str | None]:
     """(transport or None, dtype, run_id) from ANCHORCREDIT_WEIGHT_SYNC (grpc by default;
-    off when ANCHORCREDIT_POLICY_VERSION pins a fixed version, which excludes a sync),
+    off when ANCHORCREDIT_PINNED_VERSION pins a fixed version, which excludes a sync),
     ANCHORCREDIT_WEIGHT_DTYPE and ANCHORCREDIT_RUN_ID."""
     env = os.environ
-    pinned = bool(env.get("ANCHORCREDIT_POLICY_VERSION"))
+    pinned = bool(pinned_version_from_env())
     transport = env.get("ANCHORCREDIT_WEIGHT_SYNC", "off" if pinned else "grpc").strip().lower()
     if transport in ("off", "none", ""):
         return None, None, None
@@ -325,7 +335,7 @@ def _sync_from_env() -> tuple[str | None, str | None, str | None]:
         )
     if pinned:
         raise ValueError(
-            "ANCHORCREDIT_POLICY_VERSION pins one version, which the weight sync would replace "
+            f"{PINNED_VERSION_ENV} pins one version, which the weight sync would replace "
             "after the first step: unset it or set ANCHORCREDIT_WEIGHT_SYNC=off"
         )
     dtype = env.get("ANCHORCREDIT_WEIGHT_DTYPE", "auto")

@@ -38,7 +38,6 @@ advantages change only where `loss_mask` is set.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -50,9 +49,11 @@ import numpy as np
 from anchorcredit.client.adapters import install_log, skyrl_sync
 from anchorcredit.client.adapters.common import gammas_for_rows
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.settings import credit_settings_from_env, pinned_version_from_env
 from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
+from anchorcredit.client.config import ClientConfig
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
 
@@ -266,37 +267,25 @@ def install(
 
 
 def _client_from_env() -> CreditClient:
-    env = os.environ
-    targets = [t for t in env.get("ANCHORCREDIT_TARGETS", "").split(",") if t]
-    if not targets:
-        raise RuntimeError("set ANCHORCREDIT_TARGETS (comma-separated host:port list)")
-    return CreditClient(
-        targets,
-        cache=env.get("ANCHORCREDIT_CACHE") or None,
-        timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
-        token=env.get("ANCHORCREDIT_TOKEN") or None,
-        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
-    )
+    return CreditClient(config=ClientConfig.from_env())
 
 
 def install_from_env() -> None:
     """Ray `worker_process_setup_hook`: `install()` with settings from the environment.
 
-    ANCHORCREDIT_TARGETS (required), _CACHE, _TIMEOUT_S, _TOKEN, _ADMIN_TOKEN, _STRATEGY,
-    _SIGN, _PARAMS (JSON object of credit parameters), _POLICY_VERSION (a fixed pin: no
-    sync), _SYNC ("0": no weight sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID,
+    The client's settings are ClientConfig.from_env()'s (ANCHORCREDIT_TARGETS required,
+    _CACHE, _TIMEOUT_S, _TOKEN, _ADMIN_TOKEN, ...: docs/CLIENT.md); the credit settings
+    settings.py's (_STRATEGY, _SIGN, _PARAMS, _PINNED_VERSION: a fixed pin, no sync); then
+    _SYNC ("0": no weight sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID,
     _STALE_POLICY. Nothing of SkyRL is imported here: each module is patched when the
     process imports it.
     """
     env = os.environ
-    params = json.loads(env.get("ANCHORCREDIT_PARAMS", "{}"))
-    pinned = env.get("ANCHORCREDIT_POLICY_VERSION") or None
+    pinned = pinned_version_from_env()
     install(
         None,
-        strategy=env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY),
-        sign=env.get("ANCHORCREDIT_SIGN", "both"),
         policy_version=pinned,
         sync=pinned is None and env.get("ANCHORCREDIT_SYNC", "1") not in ("0", "false", "no"),
         sync_transport=env.get("ANCHORCREDIT_SYNC_TRANSPORT", "grpc"),
-        **params,
+        **credit_settings_from_env(),
     )

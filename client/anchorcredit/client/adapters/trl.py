@@ -31,7 +31,6 @@ version: results from any other weights are refused, never used.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +40,7 @@ from anchorcredit.client.adapters import install_log
 from anchorcredit.client.adapters.common import credit_for_batch
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
 from anchorcredit.client.adapters.summary import StepSummary, log_version
-from anchorcredit.client.adapters.versions import note_run, version_name
+from anchorcredit.client.adapters.versions import note_run, same_on_every_rank, version_name
 from anchorcredit.client.client import CreditClient
 from anchorcredit.contract import DEFAULT_STRATEGY
 
@@ -194,7 +193,7 @@ def _weight_sync_callback_class() -> type:
         def on_train_begin(
             self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
-            self.run_id = _same_on_every_rank(self.run_id)
+            self.run_id = same_on_every_rank(self.run_id)
             note_run(self.run_id)
             if self.sync_on_train_begin and model is not None:
                 self._sync(state, model)
@@ -230,18 +229,6 @@ def _weight_sync_callback_class() -> type:
             self.version = version
 
     return _WeightSync
-
-
-def _same_on_every_rank(value: str) -> str:
-    """Rank 0's value on every rank (the run id that names versions), when distributed."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return value
-    if dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return str(box[0])
 
 
 def WeightSyncCallback(

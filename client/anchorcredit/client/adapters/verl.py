@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -43,9 +42,11 @@ from typing import Any
 
 from anchorcredit.client.adapters import install_log, verl_sync
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
+from anchorcredit.client.adapters.settings import credit_settings_from_env, pinned_version_from_env
 from anchorcredit.client.adapters.verl_credit import credit_padded, credit_transfer_queue
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
+from anchorcredit.client.config import ClientConfig
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "install", "install_from_env", "wrap_compute_advantage"]
@@ -341,47 +342,22 @@ def install(
 
 
 def _client_from_env() -> CreditClient:
-    env = os.environ
-    targets = [t for t in env.get("ANCHORCREDIT_TARGETS", "").split(",") if t]
-    if not targets:
-        raise RuntimeError("set ANCHORCREDIT_TARGETS (comma-separated host:port list)")
-    return CreditClient(
-        targets,
-        cache=env.get("ANCHORCREDIT_CACHE") or None,
-        timeout_s=float(env.get("ANCHORCREDIT_TIMEOUT_S", "60")),
-        token=env.get("ANCHORCREDIT_TOKEN") or None,
-        admin_token=env.get("ANCHORCREDIT_ADMIN_TOKEN") or None,
-    )
+    return CreditClient(config=ClientConfig.from_env())
 
 
 def install_from_env() -> None:
     """Ray `worker_process_setup_hook`: `install()` with settings from the environment.
 
-    ANCHORCREDIT_TARGETS (required), _CACHE, _TIMEOUT_S, _TOKEN, _ADMIN_TOKEN, _STRATEGY,
-    _SIGN, _PARAMS (JSON object of credit parameters), _POLICY_VERSION, _SYNC ("0": no
-    weight sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID (version names).
+    The client's settings are ClientConfig.from_env()'s (ANCHORCREDIT_TARGETS required,
+    _CACHE, _TIMEOUT_S, _TOKEN, _ADMIN_TOKEN, ...: docs/CLIENT.md); the credit settings
+    settings.py's (_STRATEGY, _SIGN, _PARAMS, _PINNED_VERSION); then _SYNC ("0": no weight
+    sync), _SYNC_TRANSPORT ("grpc" | "collective"), _RUN_ID (version names).
     """
     env = os.environ
-    params = json.loads(env.get("ANCHORCREDIT_PARAMS", "{}"))
-    own = {
-        "strategy": "ANCHORCREDIT_STRATEGY",
-        "sign": "ANCHORCREDIT_SIGN",
-        "policy_version": "ANCHORCREDIT_POLICY_VERSION",
-        "sync": "ANCHORCREDIT_SYNC",
-        "sync_transport": "ANCHORCREDIT_SYNC_TRANSPORT",
-    }
-    clash = {k: v for k, v in own.items() if k in params}
-    if clash:
-        raise ValueError(
-            "ANCHORCREDIT_PARAMS holds credit parameters only; set "
-            + ", ".join(f"{k!r} with {v}" for k, v in clash.items())
-        )
     install(
         None,
-        strategy=env.get("ANCHORCREDIT_STRATEGY", DEFAULT_STRATEGY),
-        sign=env.get("ANCHORCREDIT_SIGN", "both"),
-        policy_version=env.get("ANCHORCREDIT_POLICY_VERSION") or None,
+        policy_version=pinned_version_from_env(),
         sync=env.get("ANCHORCREDIT_SYNC", "1") not in ("0", "false", "no"),
         sync_transport=env.get("ANCHORCREDIT_SYNC_TRANSPORT", "grpc"),
-        **params,
+        **credit_settings_from_env(),
     )

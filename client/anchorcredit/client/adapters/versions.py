@@ -20,6 +20,7 @@ __all__ = [
     "note_run",
     "parse_version",
     "ray_job_run_id",
+    "same_on_every_rank",
     "this_run_ids",
     "version_name",
 ]
@@ -93,3 +94,15 @@ def default_run_id() -> str:
         if not _PROCESS_RUN_ID:
             _PROCESS_RUN_ID.append(uuid.uuid4().hex[:8])
         return _PROCESS_RUN_ID[0]
+
+
+def same_on_every_rank(value: str) -> str:
+    """Rank 0's value on every rank (the run id that names versions), when distributed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return value
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
