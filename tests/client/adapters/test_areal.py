@@ -453,6 +453,9 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
             # commits each step (the controller's export_stats RPC); new weights: no hits
             stats = actor.export_stats()
             check_step_summary(stats, gammas, hit_ratio=0.0, policy_step=step, cast=_f32)
+            # the sync's figures: the pinned push's seconds, the trainer's wait for it
+            assert stats["anchorcredit/push_seconds"] > 0
+            assert stats["anchorcredit/sync_seconds"] >= 0
             actor.update_weights(meta.with_version(step + 1))  # AReaL's order, over RPC
             actor.set_version(step + 1)
             assert checker.model_info(refresh=True).policy_version == f"step-{step + 1}-sc1"

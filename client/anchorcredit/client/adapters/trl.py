@@ -31,6 +31,7 @@ version: results from any other weights are refused, never used.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -171,6 +172,7 @@ def _weight_sync_callback_class() -> type:
             dtype: str | None = "auto",
             run_id: str | None = None,
             sync_on_train_begin: bool = True,
+            background: bool | None = None,
         ):
             transport = transport or ("disk" if path is not None else "grpc")
             if transport not in SYNC_TRANSPORTS:
@@ -184,8 +186,21 @@ def _weight_sync_callback_class() -> type:
             self.dtype = dtype
             self.run_id = run_id or uuid.uuid4().hex[:8]
             self.sync_on_train_begin = sync_on_train_begin
-            self.version: str | None = None  # the version the service serves for this run
-            self.seconds: list[float] = []  # wall time of each sync
+            self.background = background
+            # the version pushed last (in the background: maybe still committing; the next
+            # score() waits for it and raises if it failed)
+            self.version: str | None = None
+            self.seconds: list[float] = []  # the trainer's foreground time of each sync
+
+        def in_background(self) -> bool:
+            """Push in the background? Default (None): yes for a gRPC or collective push
+            from a single process; a distributed run's other ranks score without waiting
+            for rank 0's push, and a disk sync writes a folder, so those stay in-line."""
+            if self.transport == "disk":
+                return False
+            if self.background is not None:
+                return bool(self.background)
+            return _world_size() == 1
 
         def version_for(self, step: int) -> str:
             return version_name(step, self.run_id)
@@ -205,6 +220,14 @@ def _weight_sync_callback_class() -> type:
                 return
             self._sync(state, model)
 
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # A background push sends the parameters by reference: it must end before the
+            # optimizer changes them (it has, unless no score call waited for it).
+            self.client.background_pusher.fence()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.client.background_pusher.wait()  # the last push: its failure is not lost
+
         def _sync(self, state: Any, model: Any) -> None:
             version = self.version_for(state.global_step)
             if version == self.version:
@@ -217,18 +240,36 @@ def _weight_sync_callback_class() -> type:
                     model.save_pretrained(self.path, safe_serialization=True)
                     self.client.update_weights(str(self.path), version)
             else:
-                from anchorcredit.client.weights import full_state
+                from anchorcredit.client.weights import full_state_items
 
-                # Every rank gathers (sharded models need all of them); rank 0 pushes.
-                with full_state(model) as weights:
-                    if rank0:
-                        self.client.push_weights(
-                            weights, version, transport=self.transport, dtype=self.dtype
-                        )
+                # Every rank gathers (sharded models need all of them); rank 0 pushes. The
+                # items stay valid after the gather: references to a plain model's
+                # parameters (fenced before the optimizer step), copies of gathered ones.
+                weights = list(full_state_items(model))
+                if rank0:
+                    pusher = self.client.background_pusher
+                    pusher.add_blocked(time.perf_counter() - t0)
+                    self.client.push_weights_background(
+                        weights,
+                        version,
+                        step=int(state.global_step),
+                        transport=self.transport,
+                        dtype=self.dtype,
+                    )
+                    if not self.in_background():
+                        pusher.wait()  # in-line: its time is the trainer's, its error now
+                del weights
             self.seconds.append(time.perf_counter() - t0)
             self.version = version
 
     return _WeightSync
+
+
+def _world_size() -> int:
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return int(dist.get_world_size())
 
 
 def WeightSyncCallback(
@@ -240,6 +281,7 @@ def WeightSyncCallback(
     dtype: str | None = "auto",
     run_id: str | None = None,
     sync_on_train_begin: bool = True,
+    background: bool | None = None,
 ) -> Any:
     """A TrainerCallback that keeps the service on the trainer's current policy.
 
@@ -252,6 +294,15 @@ def WeightSyncCallback(
     random run id unless given, the same on every rank), so a rerun never reuses a label
     whose cached results came from other weights. `.version` is the version the service
     serves; AnchorCreditGRPOTrainer passes it to score(), so a stale answer is refused.
+
+    background (default: on in a single process, for gRPC and collective pushes): the push
+    of step n runs in a background thread while the trainer generates step n+1's rollouts;
+    the scoring of step n+1 pins step n's version and waits only if that push has not
+    committed yet; a push that failed is raised there (BackgroundPushError naming the step),
+    never a silent stale score. The optimizer step waits for a push still running
+    (on_pre_optimizer_step), since a plain model's parameters are sent by reference.
+    Distributed runs push in-line by default (the other ranks would score before rank 0's
+    push committed); so does a disk sync.
     """
     return _weight_sync_callback_class()(
         client,
@@ -261,6 +312,7 @@ def WeightSyncCallback(
         dtype=dtype,
         run_id=run_id,
         sync_on_train_begin=sync_on_train_begin,
+        background=background,
     )
 
 
