@@ -169,7 +169,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     logging.getLogger("anchorcredit").setLevel(logging.WARNING)
     if args.model is None:
-        from anchorcredit.offline.models import embedded_default_path
+        from anchorcredit.models.packaged import embedded_default_path
 
         args.model = embedded_default_path()
     target, stop = _start_process(args.model, "cpu", args.dtype)

@@ -309,7 +309,7 @@ def main() -> None:
     if args.preset is not None:
         args.model = random_model_dir(args.preset)
     elif args.model is None:
-        from anchorcredit.offline.models import embedded_default_path
+        from anchorcredit.models.packaged import embedded_default_path
 
         args.model = embedded_default_path()
     if args.stages:

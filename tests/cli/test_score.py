@@ -406,7 +406,7 @@ def test_target_bad_token_names_the_line_and_keeps_earlier_batches(
 def test_target_text_input_uses_the_embedded_tokenizer(llama_model, tmp_path, start_server, capsys):
     """--target with text: the embedded model's tokenizer when the server serves that model;
     for any other model the error names --tokenizer and the served model."""
-    from anchorcredit.offline import models
+    from anchorcredit.models import packaged as models
     from anchorcredit.runner import Scorer
 
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:

