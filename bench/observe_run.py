@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from anchorcredit.offline.models import embedded_default_path
+        from anchorcredit.models.packaged import embedded_default_path
 
         model_dir = embedded_default_path()
     admin = "bench-admin"

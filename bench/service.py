@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from anchorcredit.server.config import DEFAULT_LIMITS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +99,7 @@ def start_server(model: str, device: str, args: argparse.Namespace) -> tuple:
         "--max-wait-ms",
         str(args.max_wait_ms),
         "--max-queue",
-        str(max(256, args.clients * 4)),
+        str(max(DEFAULT_LIMITS.max_queue, args.clients * 4)),
     ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -165,15 +167,16 @@ def main() -> int:
     ap.add_argument("--sequences", type=int, default=4, help="sequences per request")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--response", type=int, default=96)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    # The server's own defaults (server/config.py), so the bench measures what `serve` runs.
+    ap.add_argument("--max-batch-tokens", type=int, default=DEFAULT_LIMITS.max_batch_tokens)
+    ap.add_argument("--max-wait-ms", type=float, default=DEFAULT_LIMITS.max_wait_s * 1000.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from anchorcredit.offline.debug_model import save_debug_model
+            from tiny_model import save_debug_model  # tests/support/debug_model.py
 
             model = str(save_debug_model(Path(tmp) / "llama", arch="llama"))
         from anchorcredit.runner import Scorer

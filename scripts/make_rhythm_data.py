@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from anchorcredit.offline.models import embedded_default_path, load_tokenizer
+    from anchorcredit.models.packaged import embedded_default_path, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

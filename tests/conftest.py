@@ -3,6 +3,10 @@
 - GPU-marked tests skip on machines without CUDA (CI has none); in CI nothing else may skip.
 - `free_port`, `redis_process` and `start_server` give tests a loopback port, a private
   redis-server and a real CreditServer in its own thread, each stopped at teardown.
+- `llama_model`, `qwen2_model`, `qwen3_model` (seed 0) and `other_llama_model` (seed 1: the
+  same shapes, other values) are the tiny debug models (tests/support/debug_model.py), saved
+  once per session. Read them, never write into them: a test that needs a modified copy
+  saves its own with `debug_model.save_debug_model`.
 """
 
 from __future__ import annotations
@@ -225,6 +229,36 @@ def _logging_reaches_the_root() -> Iterator[None]:
     _restore_logging()
     yield
     _restore_logging()
+
+
+def _saved_debug_model(factory: pytest.TempPathFactory, arch: str, seed: int = 0) -> Path:
+    from debug_model import save_debug_model
+
+    return save_debug_model(factory.mktemp(f"{arch}-{seed}") / arch, arch=arch, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def llama_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama debug model (seed 0), saved once per session; read-only."""
+    return _saved_debug_model(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def other_llama_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama debug model with other weights (seed 1): a second policy version."""
+    return _saved_debug_model(tmp_path_factory, "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2 debug model (seed 0), saved once per session; read-only."""
+    return _saved_debug_model(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3 debug model (seed 0), saved once per session; read-only."""
+    return _saved_debug_model(tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(name="free_port", scope="session")

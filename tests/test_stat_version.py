@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from anchorcredit import contract
 from anchorcredit.client import CreditClient
-from anchorcredit.offline.debug_model import save_debug_model
 
 
 class KeyLog:
@@ -29,8 +28,10 @@ def _keys_and_version(target: str) -> tuple[list[str], str]:
         return log.keys, client.model_info().stat_version
 
 
-def test_changing_the_contracts_stat_version_changes_every_key(tmp_path, start_server, monkeypatch):
-    model = save_debug_model(tmp_path / "m", arch="llama")
+def test_changing_the_contracts_stat_version_changes_every_key(
+    llama_model, tmp_path, start_server, monkeypatch
+):
+    model = llama_model
     first = start_server(model)
     keys, served = _keys_and_version(first.target)
     assert served == contract.STAT_VERSION and len(keys) == 1

@@ -1,19 +1,21 @@
-"""The one seam between the server and compute: a Protocol and its torch-free types.
+"""The seam between the server and compute: two Protocols and their torch-free types.
 
-The server (batcher, servicer) sees compute only through `ScoringBackend`; the runner's
-`Scorer` implements it. Everything crossing the seam is numpy or plain Python, so the
-server never imports torch and a test can stand in a fake backend.
+The server sees compute only through these; the runner's `Scorer` implements both.
+Everything crossing the seam is numpy or plain Python, so the server never imports torch
+and a test can stand in a fake backend (a fake for the batcher needs `ScoringBackend` only).
+
+`ScoringBackend`: scoring (the batcher, the Score handlers)
 
     validate(pairs)                 ids checked once, at the edge -> list[TokenPair]
     score_batch(pairs, params, ...) ONE packed forward over what it is given (the batcher
                                     sized it) -> BatchScores (results + per-stage seconds);
                                     it may stop early at `check_cancelled()` (Cancelled)
                                     when run inside `cancellable(...)`
-    load_weights(source, version)   swap weights; later results carry `version`
-    info()                          -> ModelInfo
+    info(), policy_version          -> ModelInfo, the version served now
 
-Weight changes (docs/SERVICE.md "Changing the weights") stage beside the live model and
-commit in one step on the device thread:
+`WeightLifecycle`: weight changes (the weight RPCs, server/weights.py; docs/SERVICE.md
+"Changing the weights") stage beside the live model and commit in one step on the device
+thread:
 
     stage = backend.stage_weights(update)   a WeightStage (checks the version rules now)
     stage.begin/write | put/load | receive  fill it off the device thread (scoring goes on)
@@ -21,6 +23,8 @@ commit in one step on the device thread:
     backend.commit_weights(stage)           device thread: version rules again, staged ->
                                             live under the scoring lock, the new version
     backend.join_weight_group(...)          a collective group handle for stage.receive
+
+`ServingBackend` is both: what `anchorcredit serve` is given.
 """
 
 from __future__ import annotations
@@ -175,7 +179,8 @@ class WeightGroupHandle(Protocol):
 
 @runtime_checkable
 class ScoringBackend(Protocol):
-    """What the server needs from compute. Calls come from one device thread, one at a time."""
+    """Scoring: what the batcher and the Score handlers need from compute. Calls come from
+    one device thread, one at a time (validate and info excepted: read-only)."""
 
     @property
     def policy_version(self) -> str: ...
@@ -196,9 +201,10 @@ class ScoringBackend(Protocol):
         """One packed forward over `pairs` (no budget, no OOM handling: the caller's job)."""
         ...
 
-    def load_weights(self, source: str | Path | Mapping[str, Any], version: str) -> None:
-        """Swap in new weights (staged and checked first); a failure changes nothing."""
-        ...
+
+@runtime_checkable
+class WeightLifecycle(Protocol):
+    """Weight changes: what the weight RPCs need from compute (module docstring)."""
 
     def stage_weights(self, update: WeightUpdateSpec) -> WeightStage:
         """An empty staging buffer for `update` (its version rules checked now)."""
@@ -220,3 +226,9 @@ class ScoringBackend(Protocol):
     ) -> WeightGroupHandle:
         """Join the trainer's private broadcast group (blocks until every rank joined)."""
         ...
+
+
+@runtime_checkable
+class ServingBackend(ScoringBackend, WeightLifecycle, Protocol):
+    """Both protocols: what the server is given (the runner's Scorer and
+    TensorParallelScorer)."""

@@ -20,7 +20,7 @@ def _chaos():
     return mod
 
 
-def test_defaults_meet_the_issue():
+def test_defaults_are_at_least_10k_requests_32_callers_and_a_50x_burst():
     args = _chaos().parse_args([])
     assert args.requests >= 10_000 and args.callers >= 32 and args.burst_x >= 50
 

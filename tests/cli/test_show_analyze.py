@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 
 from anchorcredit.cli import main
-from anchorcredit.offline.debug_model import save_debug_model
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory) -> Path:
+def scored(llama_model: Path, tmp_path_factory) -> Path:
     """Debug-model scores (with entropy) of 4 random id sequences."""
     d = tmp_path_factory.mktemp("scored")
-    model = save_debug_model(d / "llama", arch="llama")
+    model = llama_model
     rng = random.Random(0)
     rows = [
         {

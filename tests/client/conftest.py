@@ -1,6 +1,7 @@
 """Fixtures of the client tests: `stub_dns`, a DNS server on loopback for dns targets with
 several addresses (gRPC's c-ares resolver and the client's resolver both ask it when the
-target names it: `dns://127.0.0.1:<port>/name:P`)."""
+target names it: `dns://127.0.0.1:<port>/name:P`); `fake_server`, which serves the one
+fake CreditService (tests/support/fake_servicer.py) a test configured; `make_pki`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
+from fake_servicer import FakeServicer
+
+from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 
 class StubDNS:
@@ -145,3 +151,24 @@ def make_pki() -> Callable[..., Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not available to make test certificates")
     return _make_pki
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., int]]:
+    """fake_server(servicer, address="127.0.0.1:0") serves a FakeServicer; its port (a
+    RuntimeError when the address is taken). Held calls are released and the servers
+    stopped after the test."""
+    started: list[tuple[FakeServicer, grpc.Server]] = []
+
+    def start(servicer: FakeServicer, address: str = "127.0.0.1:0") -> int:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_CreditServiceServicer_to_server(servicer, server)
+        started.append((servicer, server))
+        port = server.add_insecure_port(address)
+        server.start()
+        return port
+
+    yield start
+    for servicer, server in started:
+        servicer.release.set()
+        server.stop(0)

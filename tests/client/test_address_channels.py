@@ -6,63 +6,35 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
+from fake_servicer import FakeServicer
 
 from anchorcredit.client.transport import Transport
 from anchorcredit.v1 import credit_pb2 as pb
-from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 NAME = "pods.anchorcredit.test"
 HOSTS = ("127.0.0.1", "127.0.0.2")
 
 
-class _Pod(pb_grpc.CreditServiceServicer):
-    """GetModelInfo answers at once, or waits for `release` when `hold` is set."""
-
-    def __init__(self) -> None:
-        self.hold = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def GetModelInfo(self, request: Any, context: Any) -> Any:
-        if self.hold:
-            self.entered.set()
-            self.release.wait(10)
-        return pb.ModelInfo(model_id="fake", policy_version="v1")
-
-
 @pytest.fixture()
-def pods() -> Iterator[tuple[int, list[_Pod]]]:
-    """One fake server per HOSTS address, all on one port."""
+def pods(fake_server: Any) -> tuple[int, list[FakeServicer]]:
+    """One fake server per HOSTS address, all on one port (GetModelInfo held on demand)."""
     for _ in range(20):
         with socket.socket() as s:
             s.bind((HOSTS[0], 0))
             port = s.getsockname()[1]
-        servers, impls = [], []
+        impls = [FakeServicer("v1") for _ in HOSTS]
         try:
-            for h in HOSTS:
-                impl, srv = _Pod(), grpc.server(futures.ThreadPoolExecutor(4))
-                pb_grpc.add_CreditServiceServicer_to_server(impl, srv)
-                servers.append(srv)
-                srv.add_insecure_port(f"{h}:{port}")
-                srv.start()
-                impls.append(impl)
-            break
+            for h, impl in zip(HOSTS, impls, strict=True):
+                fake_server(impl, f"{h}:{port}")
+            return port, impls
         except RuntimeError:  # the port was taken on the other address
-            for srv in servers:
-                srv.stop(0)
-    else:
-        pytest.fail("no port free on both loopback addresses")
-    yield port, impls
-    for impl in impls:
-        impl.release.set()
-    for srv in servers:
-        srv.stop(0)
+            continue
+    pytest.fail("no port free on both loopback addresses")
 
 
 @pytest.fixture()
@@ -131,7 +103,7 @@ def test_a_call_in_flight_keeps_its_channel_until_it_ends(pods: Any, stub_dns: A
     transport = Transport([f"dns://127.0.0.1:{dns.port}/{NAME}:{port}"])
     try:
         transport.addresses()
-        impls[1].hold = True
+        impls[1].hold = "GetModelInfo"
         pool = futures.ThreadPoolExecutor(1)
         answer = pool.submit(_ask, transport, leaving)
         assert impls[1].entered.wait(10)
@@ -156,7 +128,7 @@ def test_a_future_in_flight_keeps_its_channel_until_it_ends(
     transport = Transport([f"dns://127.0.0.1:{dns.port}/{NAME}:{port}"])
     try:
         transport.addresses()
-        impls[1].hold = True
+        impls[1].hold = "GetModelInfo"
         fut = transport.address_stub(leaving).GetModelInfo.future(
             pb.GetModelInfoRequest(), timeout=10
         )

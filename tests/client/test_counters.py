@@ -23,10 +23,8 @@ RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (20, 33, 26)]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("counters") / "llama", arch="llama")
+def model_dir(llama_model):
+    return llama_model
 
 
 @pytest.fixture(scope="module")

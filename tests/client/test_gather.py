@@ -20,7 +20,7 @@ from anchorcredit.client.weights import full_state, full_state_items  # noqa: E4
 
 
 def _model(**overrides):
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
 
     return build_debug_model("llama", **overrides)
 

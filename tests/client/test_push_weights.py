@@ -7,12 +7,10 @@ with a Scorer freshly loaded with the same weights.
 
 from __future__ import annotations
 
-import threading
-from concurrent import futures
-
 import grpc
 import numpy as np
 import pytest
+from fake_servicer import FakeServicer
 
 from anchorcredit.client import CreditClient, CreditServiceError
 from anchorcredit.client.transport import expand_target
@@ -24,7 +22,6 @@ from anchorcredit.client.weights import (
     weight_chunks,
 )
 from anchorcredit.v1 import credit_pb2 as pb
-from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 torch = pytest.importorskip("torch")
 
@@ -131,59 +128,18 @@ def test_expand_target_forms():
 
 
 # -- fake servers -----------------------------------------------------------------------------
-class FakeWeights(pb_grpc.CreditServiceServicer):
-    """Decodes PushWeights streams and path updates; serves the version it last took."""
-
-    def __init__(self, fail: str | None = None, report: str | None = None):
-        self.version = "0"
-        self.report = report  # a version GetModelInfo claims instead of the real one
-        self.pushes: list[tuple[pb.WeightUpdate, dict]] = []
-        self.paths: list[str] = []
-        self.fail = fail
-        self.lock = threading.Lock()
-
-    def GetModelInfo(self, request, context):
-        version = self.report or self.version
-        return pb.ModelInfo(model_id="fake", dtype="bfloat16", policy_version=version)
-
-    def PushWeights(self, request_iterator, context):
-        update, tensors = decode_chunks(request_iterator)
-        if self.fail:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.fail)
-        with self.lock:
-            self.pushes.append((update, tensors))
-            self.version = update.version
-        n = sum(len(d) for _, _, d in tensors.values())
-        return pb.UpdateWeightsResponse(
-            policy_version=update.version, tensors=len(tensors), bytes=n
-        )
-
-    def UpdateWeights(self, request, context):
-        with self.lock:
-            self.paths.append(request.path)
-            self.version = request.version
-        return pb.UpdateWeightsResponse(policy_version=request.version)
-
-
 @pytest.fixture
-def fakes():
-    started = []
+def fakes(fake_server):
+    """fakes(n, **knobs) -> [(FakeServicer serving version "0", port)] * n."""
 
     def start(n=1, **kw):
         out = []
         for _ in range(n):
-            impl = FakeWeights(**kw)
-            server = grpc.server(futures.ThreadPoolExecutor(4))
-            pb_grpc.add_CreditServiceServicer_to_server(impl, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            server.start()
-            started.append(server)
-            out.append((impl, port))
+            impl = FakeServicer("0", **{"dtype": "bfloat16", **kw})
+            out.append((impl, fake_server(impl)))
         return out
 
-    yield start
-    for s in started:
-        s.stop(0)
+    return start
 
 
 def test_multi_address_target_reaches_every_address(fakes):
@@ -191,7 +147,7 @@ def test_multi_address_target_reaches_every_address(fakes):
     w = {"x": torch.arange(10, dtype=torch.float32), "y": np.ones((2, 2), np.float16)}
     gen = iter(w.items())  # one-shot: read once, sent to both
     with CreditClient(f"ipv4:127.0.0.1:{pa},127.0.0.1:{pb_}", cache=False) as client:
-        out = client.push_weights(gen, "v1", chunk_bytes=8, replaces="0")
+        out = client.push_weights(gen, "v1", chunk_bytes=8, replaces="0", dtype=None)
         assert list(out) == [f"127.0.0.1:{pa}", f"127.0.0.1:{pb_}"]
         assert all(r.policy_version == "v1" and r.tensors == 2 for r in out.values())
     for impl in (a, b):
@@ -257,23 +213,71 @@ def test_bad_input_is_refused_before_any_rpc(fakes):
     assert a.pushes == [] and a.paths == []
 
 
-def test_version_check_after_the_push(fakes):
-    """An address that answers the push but serves another version is an error."""
-    ((a, port),) = fakes(1, report="other")
+def test_version_check_rides_on_the_push_acknowledgement(fakes):
+    """An address whose answer to the push names another version is an error, found
+    without asking GetModelInfo; a push acknowledged with the new version asks nothing."""
+    ((a, port),) = fakes(1, ack="other")
     with CreditClient(f"127.0.0.1:{port}", cache=False) as client:
         with pytest.raises(CreditServiceError, match="serves policy version 'other'"):
-            client.push_weights({"w": torch.ones(2)}, "v6")
+            client.push_weights({"w": torch.ones(2)}, "v6", dtype="float32")
+        assert a.info_calls == 0
+    ((b, port),) = fakes(1)
+    with CreditClient(f"127.0.0.1:{port}", cache=False) as client:
+        client.push_weights({"w": torch.ones(2)}, "v7", dtype="float32")
+        assert b.info_calls == 0
+
+
+def test_a_bfloat16_server_gets_bfloat16_by_default_rounded_as_torch_rounds(fakes):
+    """The default push sends what the server serves: float32 tensors arrive as bfloat16
+    bits equal to torch's own cast (half the bytes); the dtype is asked once per client."""
+    ((a, port),) = fakes(1)
+    w = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with CreditClient(f"127.0.0.1:{port}", cache=False) as client:
+        out = client.push_weights({"w": w, "n": w.numpy().astype(np.float64)}, "v1")
+        client.push_weights({"w": w}, "v2", partial=True)
+    assert a.info_calls == 1
+    assert out[f"127.0.0.1:{port}"].bytes == 2 * 64 * 2
+    (_, first), _ = a.pushes
+    want = w.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    assert first["w"] == ("bfloat16", (64,), want)
+    assert first["n"] == ("bfloat16", (64,), want)  # numpy float64: the same rounding
+
+
+def test_a_float32_server_gets_float32_and_16_bit_tensors_as_they_are(fakes):
+    """A float32 server gets float32, but a tensor already in bfloat16 or float16 travels
+    as it is (the server widens it exactly); float64 is cast to float32."""
+    ((a, port),) = fakes(1, dtype="float32")
+    w = {
+        "f32": torch.ones(3),
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "f16": np.ones(3, np.float16),
+        "f64": np.ones(3, np.float64),
+    }
+    with CreditClient(f"127.0.0.1:{port}", cache=False) as client:
+        client.push_weights(w, "v1")
+    ((_, got),) = a.pushes
+    assert {k: v[0] for k, v in got.items()} == {
+        "f32": "float32",
+        "bf16": "bfloat16",
+        "f16": "float16",
+        "f64": "float32",
+    }
+
+
+def test_an_acknowledgement_without_a_version_is_checked_with_model_info(fakes):
+    """An older server's answer names no version: the client asks GetModelInfo, and an
+    address that serves another version is an error."""
+    ((a, port),) = fakes(1, ack="", report="other")
+    with CreditClient(f"127.0.0.1:{port}", cache=False) as client:
+        with pytest.raises(CreditServiceError, match="serves policy version 'other'"):
+            client.push_weights({"w": torch.ones(2)}, "v6", dtype="float32")
+    assert a.info_calls == 1
 
 
 # -- real servers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("m")
-    return str(save_debug_model(root / "a", arch="llama")), str(
-        save_debug_model(root / "b", arch="llama", seed=1)
-    )
+def models(other_llama_model, llama_model):
+    return str(llama_model), str(other_llama_model)
 
 
 def _state(model_dir):
@@ -377,3 +381,26 @@ def test_collective_push_over_gloo(models, start_server):
             assert client.model_info().policy_version == "c3"
     finally:
         s.stop()
+
+
+def test_serialized_chunks_are_the_messages_of_weight_chunks():
+    """The pre-serialized stream parses, message by message, to exactly the WeightChunks of
+    weight_chunks (the reference), for tensors of every wire dtype, empty ones and pieces
+    that split elements."""
+    from anchorcredit.client.weights import prepare_weights, weight_chunk_bytes, weight_chunks
+
+    g = torch.Generator().manual_seed(0)
+    w = {
+        "a": torch.randn(300, generator=g),
+        "b": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0),
+        "c": np.arange(1000, dtype=np.float16),
+    }
+    update = pb.WeightUpdate(version="v9", replaces="v8", partial=True)
+    for chunk_bytes in (1, 5, 128, 200_000):
+        items = prepare_weights(w)
+        want = [m.SerializeToString() for m in weight_chunks(items, update, chunk_bytes)]
+        got = list(weight_chunk_bytes(items, update, chunk_bytes))
+        assert len(got) == len(want)
+        for g_bytes, w_bytes in zip(got, want, strict=True):
+            assert pb.WeightChunk.FromString(g_bytes) == pb.WeightChunk.FromString(w_bytes)

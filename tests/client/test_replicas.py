@@ -1,4 +1,4 @@
-"""Issue 14, replicas in step: several real servers behind one logical target.
+"""Replicas in step: several real servers behind one logical target.
 
 Three CreditServers listen on the same port at 127.0.0.1, 127.0.0.2 and 127.0.0.3 (Linux
 routes all of 127.0.0.0/8 to loopback). They are reached as one target in gRPC's
@@ -17,11 +17,13 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from fake_servicer import FakeServicer
 
 from anchorcredit.client import CreditClient, CreditServiceError, StalePolicyVersionError
 from anchorcredit.client.resolve import expand_target
@@ -38,12 +40,11 @@ RESPONSES = [RNG.integers(0, 256, n).tolist() for n in (24, 40, 17, 31, 12, 20)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    root = tmp_path_factory.mktemp("replicas")
-    a = save_debug_model(root / "a", arch="llama")
-    b = save_debug_model(root / "b", arch="llama", seed=1)
+def models(
+    other_llama_model: Path, llama_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, str]:
+    a = llama_model
+    b = other_llama_model
     return str(a), str(b)
 
 
@@ -174,26 +175,26 @@ def test_pin_no_replica_serves_is_refused_naming_each_address(replicas: Any, mod
     for h, v in zip(HOSTS, ("q1", "q1", "q0"), strict=True):
         assert f"{h}:{port} serves '{v}'" in str(e.value)
     assert e.value.lagging == [f"{h}:{port}" for h in HOSTS]
-    assert 0.3 <= waited < 10
+    assert waited >= 0.3  # it waited replica_wait_s for a replica to catch up, then refused
 
 
 def test_pinned_call_waits_for_a_replica_mid_update(replicas: Any, models: Any, refs: Any):
     servers, port, _ = replicas
     a, b = models
     _set(replicas, (a, "w1"), (a, "w1"), (a, "w1"))
-    # w2 reaches the second replica only after the call has started
+    # w2 reaches the second replica 0.6 s after the call has started (no replica had it)
     timer = threading.Timer(0.6, _load, (servers[1], b, "w2"))
-    timer.start()
     try:
-        with CreditClient(_multi(port), cache=False, replica_wait_s=20) as client:
+        with CreditClient(_multi(port), cache=False, replica_wait_s=60) as client:
             t0 = time.monotonic()
+            timer.start()
             got = client.score(PROMPTS, RESPONSES, policy_version="w2")
             waited = time.monotonic() - t0
     finally:
         timer.join()
     assert {r.policy_version for r in got} == {"w2"}
     _same(got, refs[b])
-    assert waited >= 0.5
+    assert waited >= 0.6  # it waited for the update instead of refusing
 
 
 @pytest.mark.parametrize("form", ["multi", "dns"])
@@ -232,43 +233,14 @@ def test_weight_changes_reach_every_address_and_name_the_dead_one(
         _same(client.score(PROMPTS, RESPONSES, policy_version="d1"), refs[b])
 
 
-class _IgnoresPin(pb_grpc.CreditServiceServicer):
-    """An old server: answers from its own weights whatever version the request names."""
-
-    def __init__(self, version: str, value: float):
-        self.version, self.value, self.calls = version, value, 0
-
-    def GetModelInfo(self, request: Any, context: Any) -> Any:
-        return pb.ModelInfo(model_id="fake", policy_version=self.version, max_request_sequences=1)
-
-    def Score(self, request: Any, context: Any) -> Any:
-        self.calls += 1
-        out = []
-        for s in request.sequences:
-            g = np.full(len(s.response_ids), self.value, "<f4").tobytes()
-            out.append(pb.SequenceResult(response_len=len(s.response_ids), waad=g, fai=g, gamma=g))
-        return pb.ScoreResponse(results=out, policy_version=self.version, model_id="fake")
-
-
-def test_an_answer_from_other_weights_is_never_used():
-    from concurrent import futures
-
-    impls = [_IgnoresPin("7", 1.0), _IgnoresPin("8", 2.0)]
-    servers, ports = [], []
-    for impl in impls:
-        srv = grpc.server(futures.ThreadPoolExecutor(4))
-        pb_grpc.add_CreditServiceServicer_to_server(impl, srv)
-        ports.append(srv.add_insecure_port("127.0.0.1:0"))
-        srv.start()
-        servers.append(srv)
-    try:
-        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-        with CreditClient(target, cache=None) as client:
-            for _ in range(3):  # one sequence per request: 4 requests round-robin over both
-                got = client.score([[1]] * 4, [[2, 3]] * 4, policy_version="7")
-                assert [r.policy_version for r in got] == ["7"] * 4
-                assert all((r.gamma == 1.0).all() for r in got)
-        assert impls[1].calls > 0  # the other replica answered, and was not used
-    finally:
-        for srv in servers:
-            srv.stop(0)
+def test_an_answer_from_other_weights_is_never_used(fake_server: Any):
+    # old servers: each answers from its own weights whatever version the request names
+    impls = [FakeServicer(v, value=x, max_request_sequences=1) for v, x in (("7", 1.0), ("8", 2.0))]
+    ports = [fake_server(impl) for impl in impls]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    with CreditClient(target, cache=None) as client:
+        for _ in range(3):  # one sequence per request: 4 requests round-robin over both
+            got = client.score([[1]] * 4, [[2, 3]] * 4, policy_version="7")
+            assert [r.policy_version for r in got] == ["7"] * 4
+            assert all((r.gamma == 1.0).all() for r in got)
+    assert impls[1].calls  # the other replica answered, and was not used

@@ -1,4 +1,4 @@
-"""Issue 14 with TLS: the per-address channels (weight changes, the replica survey, pinned
+"""Replicas over TLS: the per-address channels (weight changes, the replica survey, pinned
 calls routed around a lagging replica) dial an IP, but the server's certificate names only
 the dns name the addresses came from. They must check it for that name, as the round-robin
 channel does; without it every weight change over TLS to a dns target failed verification.
@@ -25,11 +25,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory, make_pki: Any) -> Path:
 
 
 def test_tls_dns_target_reaches_every_address(
-    start_server: Any, stub_dns: Any, pki: Path, tmp_path_factory: pytest.TempPathFactory
+    llama_model: Path,
+    start_server: Any,
+    stub_dns: Any,
+    pki: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    model = save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama")
+    model = llama_model
     tls = dict(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
     for _ in range(20):
         with socket.socket() as s:

@@ -1,9 +1,12 @@
-"""The client's retry policy (issue 12, failure 4): a busy server is retried within a time
-budget after its hint plus exponential backoff with full jitter; a down one by count."""
+"""The client's retry policy: a busy server is retried within a time budget after its hint
+plus exponential backoff with full jitter; a down one by count or by the reconnect budget.
+
+Budgets are checked on a fake clock that moves only when the client sleeps, so the counts
+and times asserted are exact however loaded the machine is (a real clock flaked here)."""
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -31,6 +34,38 @@ def _transport(**kw: Any) -> Transport:
     return Transport(["127.0.0.1:1"], **kw)
 
 
+class _FakeClock:
+    """Monotonic time that passes only when the client sleeps (at least a microsecond, as
+    real time would: a sleep of what is left of a budget always reaches its end)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(1e-6, seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _FakeClock:
+    """The transport's and the retry policy's clock and sleep, faked."""
+    from anchorcredit.client import retry_policy, transport
+
+    fake = _FakeClock()
+    fake_time = SimpleNamespace(monotonic=fake.monotonic, sleep=fake.sleep)
+    monkeypatch.setattr(retry_policy, "time", fake_time)
+    monkeypatch.setattr(transport, "time", fake_time)
+    # RetryClock's start defaults to the real clock (bound when the class was made)
+    monkeypatch.setattr(
+        transport,
+        "RetryClock",
+        lambda budget_s: retry_policy.RetryClock(budget_s, started=fake.monotonic()),
+    )
+    return fake
+
+
 def test_waits_are_at_least_the_hint_and_spread_over_it():
     t = _transport(backoff_base_s=0.05, backoff_max_s=5.0)
     err = _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=400)
@@ -42,28 +77,30 @@ def test_waits_are_at_least_the_hint_and_spread_over_it():
     assert max(late) > 1.0  # the backoff window grows past the hint with the attempts
 
 
-def test_busy_is_bounded_by_time_and_down_by_count(monkeypatch: pytest.MonkeyPatch):
+def test_busy_is_bounded_by_time_and_down_by_count(
+    monkeypatch: pytest.MonkeyPatch, clock: _FakeClock
+):
     t = _transport(retries=2, backoff_base_s=0.001, backoff_max_s=0.01, retry_budget_s=0.3)
     calls: list[float] = []
 
     def busy(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
-        calls.append(time.monotonic())
+        calls.append(clock.monotonic())
         raise _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, hint_ms=20)
 
     monkeypatch.setattr(t, "_invoke", busy)
-    began = time.monotonic()  # the budget runs from just before the first attempt
+    began = clock.monotonic()
     with pytest.raises(CreditServiceError) as e:
         t.call("Score", None)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert len(calls) > 3  # more than `retries`: a busy server is retried by time
-    # The last attempt starts at the budget; measure from `began`, not from calls[0]: the
-    # first attempt starts a few microseconds after the budget's clock does.
-    assert 0.3 <= calls[-1] - began < 2.0
+    # waits of 20-40 ms in a 0.3 s budget: more than `retries`, a busy server is retried by
+    # time; the last wait is cut to the budget, so the last attempt starts exactly at it
+    assert 0.3 / 0.04 <= len(calls) - 1 <= 0.3 / 0.02 + 1
+    assert calls[-1] - began == pytest.approx(0.3, abs=1e-4)
 
     calls.clear()
 
     def down(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
-        calls.append(time.monotonic())
+        calls.append(clock.monotonic())
         raise _Err(grpc.StatusCode.UNAVAILABLE)
 
     monkeypatch.setattr(t, "_invoke", down)
@@ -92,10 +129,10 @@ def test_the_status_tables_verdict_decides_and_messages_are_never_parsed(
 ):
     t = _transport(backoff_base_s=0.001, backoff_max_s=0.01, retry_budget_s=5.0)
     assert t._delay(_Verdict(grpc.StatusCode.RESOURCE_EXHAUSTED, "1"), 0, False) < 0.05
-    calls: list[float] = []
+    calls: list[str] = []
 
     def oom(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
-        calls.append(time.monotonic())
+        calls.append(method)
         raise _Verdict(grpc.StatusCode.RESOURCE_EXHAUSTED, "0")
 
     monkeypatch.setattr(t, "_invoke", oom)
@@ -105,21 +142,24 @@ def test_the_status_tables_verdict_decides_and_messages_are_never_parsed(
     t.close()
 
 
-def test_no_target_answering_is_retried_for_the_reconnect_budget(monkeypatch: pytest.MonkeyPatch):
+def test_no_target_answering_is_retried_for_the_reconnect_budget(
+    monkeypatch: pytest.MonkeyPatch, clock: _FakeClock
+):
     t = _transport(backoff_base_s=0.001, backoff_max_s=0.02, reconnect_budget_s=0.3)
     assert t.retries is None  # the default: time, not a count, bounds reconnection
     calls: list[float] = []
 
     def down(ti: int, method: str, request: Any, timeout: float | None = None) -> Any:
-        calls.append(time.monotonic())
+        calls.append(clock.monotonic())
         raise _Err(grpc.StatusCode.UNAVAILABLE)
 
     monkeypatch.setattr(t, "_invoke", down)
-    began = time.monotonic()
+    began = clock.monotonic()
     with pytest.raises(CreditServiceError) as e:
         t.call("Score", None)
     assert "reconnect_budget_s=0.3" in str(e.value)
-    assert len(calls) > 4 and 0.3 <= calls[-1] - began < 5.0
+    # waits of at most 20 ms (full jitter; the window starts at 1 ms) in a 0.3 s budget
+    assert len(calls) - 1 >= 0.3 / 0.02 and calls[-1] - began == pytest.approx(0.3, abs=1e-4)
     t.close()
 
 

@@ -1,4 +1,4 @@
-"""Issue 12, failure 3: the client could not talk to a TLS server (insecure channels only), so
+"""TLS: the client once could not talk to a TLS server (insecure channels only), so
 the bearer token travelled in cleartext. Now CreditClient(tls=True, root_certificates=...)
 and mutual TLS (certificate_chain + private_key) against a server with --tls-client-ca;
 a token about to go in cleartext to a target off this machine logs a warning."""
@@ -30,10 +30,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory, make_pki: Any) -> dict[str, Pa
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama")
+def model_dir(llama_model: Path) -> Path:
+    return llama_model
 
 
 PROMPTS, RESPONSES = [[1, 2, 3]], [[4, 5, 6, 7]]

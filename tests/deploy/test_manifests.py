@@ -179,7 +179,7 @@ def test_server_deployment_invariants(docs: list[dict]):
 
 
 def test_both_tokens_come_from_a_required_secret(docs: list[dict]):
-    # Issue 12, failure 1: the Secret was `optional: true`, so a missing one left the
+    # The Secret was `optional: true`, so a missing one left the
     # server open. Now the pod needs it, and it carries both roles as files.
     from anchorcredit.server.config import ServeConfig
 

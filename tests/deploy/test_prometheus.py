@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from anchorcredit.client import CreditClient
-from anchorcredit.offline.debug_model import save_debug_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -161,11 +160,11 @@ def _traffic(target: str, model: Path) -> None:
 
 @pytest.mark.slow
 def test_metrics_dashboard_and_alerts_through_a_real_prometheus(
-    tmp_path: Path, serve_process: Any, prometheus: Any
+    llama_model: Path, tmp_path: Path, serve_process: Any, prometheus: Any
 ) -> None:
     _tool("prometheus")
     promtool = _tool("promtool")
-    model = save_debug_model(tmp_path / "llama", arch="llama")
+    model = llama_model
     server = serve_process(
         "--model",
         str(model),

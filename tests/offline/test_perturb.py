@@ -108,10 +108,10 @@ def test_perturb_end_to_end_on_the_debug_model(tmp_path, capsys):
     scorer's FAI extremes, each alternative differs from the original token, and the
     rollout from an unperturbed prefix reproduces the (greedy) original continuation."""
     pytest.importorskip("torch")
+    from debug_model import save_debug_model
     from transformers import AutoModelForCausalLM
 
     from anchorcredit.cli import main
-    from anchorcredit.offline.debug_model import save_debug_model
     from anchorcredit.offline.perturb_rollout import greedy_rollouts
     from anchorcredit.runner import Scorer
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model, save_debug_model
 
 from anchorcredit import Scorer, ScoreResult
 from anchorcredit.contract import DEFAULTS, STAT_VERSION
 from anchorcredit.errors import InputError
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 
 PAIRS_SHAPES = [(1, 12), (9, 1), (20, 30), (4, 7)]
 
@@ -234,9 +234,9 @@ def test_tied_embeddings_reload(tmp_path):
         np.testing.assert_allclose(x.entropy, y.entropy, atol=1e-5, rtol=0)
 
 
-def test_default_model_goes_through_anchorcredit_models(tmp_path, monkeypatch):
-    models = pytest.importorskip("anchorcredit.offline.models")
-    path = save_debug_model(tmp_path / "default", arch="llama", seed=0)
+def test_default_model_goes_through_anchorcredit_models(llama_model, tmp_path, monkeypatch):
+    models = pytest.importorskip("anchorcredit.models.packaged")
+    path = llama_model
     monkeypatch.setattr(models, "embedded_default_path", lambda *a, **k: path)
     scorer = Scorer.from_pretrained(None)
     assert scorer.info().model_id == models.EMBEDDED_MODEL_ID

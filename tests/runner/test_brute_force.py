@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from debug_model import ARCHITECTURES, build_debug_model
 
 from anchorcredit import Scorer
 from anchorcredit.engine import aggregate, credit
 from anchorcredit.engine.span.reference import stats_from_attention
-from anchorcredit.offline.debug_model import ARCHITECTURES, build_debug_model, save_debug_model
 
 # (prompt_len, response_len): P=1, R=1, R < h_lo, and two ordinary ones.
 SHAPES = [(1, 40), (7, 1), (12, 5), (30, 64), (3, 23)]
@@ -48,9 +48,9 @@ def brute_force(model, pairs, layers, strategy, window=10, h_lo=10, h_hi=100):
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
-def arch_models(request, tmp_path_factory):
+def arch_models(request):
     arch = request.param
-    path = save_debug_model(tmp_path_factory.mktemp(arch) / "model", arch=arch, seed=0)
+    path = request.getfixturevalue(f"{arch}_model")  # tests/conftest.py, seed 0
     scorer = Scorer.from_pretrained(path, device="cpu", dtype="float32")
     eager = build_debug_model(arch, seed=0)
     eager.set_attn_implementation("eager")

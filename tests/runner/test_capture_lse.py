@@ -64,7 +64,7 @@ def test_the_captured_lse_is_the_layers_own(family):
     """llama: plain causal GQA (the CPU flash kernel); gemma2: soft-capped, gpt_oss: sinks
     (the eager softmax); the stop layer (3) gets none."""
     if family == "llama":
-        from anchorcredit.offline.debug_model import build_debug_model
+        from debug_model import build_debug_model
 
         model = Scorer(build_debug_model("llama", seed=0)).model
         layers = [1, 2, 3]
@@ -85,7 +85,7 @@ def test_the_captured_lse_is_the_layers_own(family):
 
 
 def test_no_lse_unless_asked():
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
 
     model = Scorer(build_debug_model("llama", seed=0)).model
     seen, _ = captured_lse(model, [1, 2], stop_after=None, want_lse=False)
@@ -97,8 +97,9 @@ def test_runner_scores_h_hi_end_in_one_pass_where_the_lse_is(monkeypatch):
     take the one-pass path, the stop layer 4 the two-pass one; the same numbers as chunked."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from debug_model import build_debug_model
+
     from anchorcredit.engine.span import fallback, triton_kernel
-    from anchorcredit.offline.debug_model import build_debug_model
 
     model = build_debug_model("qwen3", seed=0)
     want = Scorer.from_pretrained(model, backend="chunked").score(pairs(), h_hi="end")
@@ -126,8 +127,9 @@ def test_runner_scores_h_hi_end_in_one_pass_where_the_lse_is(monkeypatch):
 def test_gpu_runner_one_pass_equals_chunked():
     """bf16 on the GPU, h_hi=end: the triton scorer (one pass where the flash LSE is, two at
     the stop layer) against the chunked scorer on the same model."""
+    from debug_model import build_debug_model
+
     from anchorcredit.engine.span import fallback
-    from anchorcredit.offline.debug_model import build_debug_model
 
     model = build_debug_model("qwen3", seed=0, head_dim=64)
     kw = dict(device="cuda", dtype="bfloat16")

@@ -125,7 +125,8 @@ def test_one_host_transfer_per_batch(count_reads, batch):
 def test_score_batch_reads_do_not_grow_with_the_batch(count_reads):
     """The whole scoring call: the forward's own reads (transformers) and the credit
     stage's one, the same for 2 and 12 sequences (it was 3 or more per sequence)."""
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
+
     from anchorcredit.runner.scorer import Scorer
 
     scorer = Scorer.from_pretrained(build_debug_model("llama", seed=0))
@@ -172,7 +173,8 @@ def test_gpu_credit_stage_makes_no_other_sync(sync_debug):
 
 @pytest.mark.gpu
 def test_gpu_scoring_syncs_do_not_grow_with_the_batch(sync_debug):
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
+
     from anchorcredit.runner.scorer import Scorer
 
     scorer = Scorer.from_pretrained(build_debug_model("llama", head_dim=64), device="cuda",

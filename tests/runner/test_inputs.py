@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 
 from anchorcredit import Scorer
 from anchorcredit.errors import InputError
-from anchorcredit.offline.debug_model import build_debug_model
 from anchorcredit.runner import select_layers
 
 

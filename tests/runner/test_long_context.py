@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 
 import anchorcredit.runner.forward as forward
 from anchorcredit.contract import CreditParams
 from anchorcredit.engine import aggregate
-from anchorcredit.offline.debug_model import build_debug_model
 from anchorcredit.runner import Scorer
 
 N = 32768

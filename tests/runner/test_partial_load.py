@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model, save_debug_model
 
 from anchorcredit.errors import InputError
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.loading import load_model
 from anchorcredit.weight_wire import WeightUpdateSpec

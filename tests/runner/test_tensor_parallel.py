@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from debug_model import debug_config, save_debug_model
 
 from anchorcredit.engine import PackedStats
-from anchorcredit.offline.debug_model import debug_config, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.forward import Horizon
 from anchorcredit.runner.tensor_parallel import check_divisible, launch
@@ -136,13 +136,13 @@ def test_heads_must_divide():
 
 
 @pytest.mark.slow
-def test_serve_tensor_parallel_end_to_end(tmp_path: Path, serve_process):
+def test_serve_tensor_parallel_end_to_end(llama_model: Path, tmp_path: Path, serve_process):
     """`anchorcredit serve --tensor-parallel 2` as a real process: a gRPC Score answers what
     one process computes; SIGTERM stops rank 0 and the rank it spawned, exit 0."""
     from anchorcredit.v1 import credit_pb2 as pb
     from anchorcredit.v1 import credit_pb2_grpc
 
-    model = save_debug_model(tmp_path / "llama", arch="llama")
+    model = llama_model
     server = serve_process(
         "--model", str(model), "--device", "cpu", "--tensor-parallel", "2",
         "--port", "0", "--host", "127.0.0.1", "--metrics-port", "-1", "--grace-s", "5",

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner.tensor_parallel import TensorParallelGroupBroken, launch
 
 
@@ -33,8 +32,8 @@ def test_plan_without_head_split_refused(tmp_path: Path):
         launch(2, tmp_path / "phi3", entropy=False)
 
 
-def test_dead_rank_breaks_the_group(tmp_path: Path):
-    scorer = launch(2, save_debug_model(tmp_path / "llama"), entropy=False)
+def test_dead_rank_breaks_the_group(llama_model: Path, tmp_path: Path):
+    scorer = launch(2, llama_model, entropy=False)
     assert scorer is not None
     calls = []
     scorer.on_broken = lambda: calls.append(1)

@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from debug_model import save_debug_model
 from safetensors.torch import load_file
 
 from anchorcredit.errors import InputError
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.tensor_parallel import launch
 from anchorcredit.weight_wire import WeightUpdateSpec
@@ -46,10 +46,9 @@ def _differs(got, want) -> bool:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tpw")
-    old = save_debug_model(root / "old", arch="llama", seed=0)
-    new = save_debug_model(root / "new", arch="llama", seed=1)  # same shapes, other values
+def models(other_llama_model, llama_model):
+    old = llama_model
+    new = other_llama_model  # same shapes, other values
     return old, new
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 
 from anchorcredit.backend import TruncatedWeights
 from anchorcredit.errors import InputError, WeightVersionConflict
-from anchorcredit.offline.debug_model import build_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.runner.weights import PartialWeightsError
 from anchorcredit.weight_wire import WeightUpdateSpec

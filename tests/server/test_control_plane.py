@@ -1,4 +1,4 @@
-"""Issue 22 against a real server on loopback (the debug model): one status table, bounded
+"""The control plane against a real server on loopback (the debug model): one status table, bounded
 messages, version labels that name one set of weights for good, garbage on every method,
 path refusals counted as permission_denied, a device OOM no split fixes answered once.
 (The hung collective, SIGTERM and restarts run real processes: test_control_process.py.)"""
@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 
 from anchorcredit import status
 from anchorcredit.client import CreditClient, CreditServiceError
 from anchorcredit.client.cache import LRUBytesCache
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server.weights import MAX_GROUP_SIZE, MAX_GROUP_TIMEOUT_S
 from anchorcredit.v1 import credit_pb2 as pb
@@ -33,8 +33,8 @@ RESPONSES = [list(range(10, 30)), list(range(40, 52))]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("m") / "llama", arch="llama"))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 @pytest.fixture

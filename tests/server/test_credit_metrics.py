@@ -109,13 +109,13 @@ def test_recent_versions_expire_after_the_window():
     assert m.versions.distinct_recent() == 0  # a trainer whose pushes stopped shows up
 
 
-def test_a_real_server_exports_credit_and_freshness(start_server, tmp_path):
+def test_a_real_server_exports_credit_and_freshness(llama_model, start_server, tmp_path):
     """Score through gRPC, push new weights, score again: every credit series counts the
     responses it saw, the policy info names the pushed version, two versions were scored."""
-    from anchorcredit.client import CreditClient
-    from anchorcredit.offline.debug_model import save_debug_model
 
-    model = save_debug_model(tmp_path / "llama", arch="llama")
+    from anchorcredit.client import CreditClient
+
+    model = llama_model
     s = start_server(model, max_wait_ms=1.0)
     try:
         client = CreditClient([s.target], cache=None, timeout_s=60)

@@ -15,17 +15,18 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from debug_model import save_debug_model
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anchorcredit.errors import InputError
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.convert import from_f32_bytes
@@ -85,8 +86,8 @@ def serving(start_server: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("dbg") / "llama", arch="llama"))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 @pytest.fixture(scope="module")
@@ -437,8 +438,10 @@ def test_unavailable_while_loading(model_dir: str, start_server: Any):
         s.stop(grace=1.0)
 
 
-def test_update_weights_then_version_mismatch(model_dir: str, tmp_path: Any, serving: Any):
-    other = save_debug_model(tmp_path / "v2", arch="llama", seed=1)
+def test_update_weights_then_version_mismatch(
+    other_llama_model: Path, model_dir: str, tmp_path: Any, serving: Any
+):
+    other = other_llama_model
     scorer = Scorer.from_pretrained(model_dir)
     pairs = _pairs(2, 12)
     with serving(_config(metrics_port=-1), scorer) as s:

@@ -1,6 +1,7 @@
-"""Overload, stream framing, cancellation and fairness against a real server (issue 12).
+"""Overload, stream framing, cancellation and fairness against a real server.
 
-Each test reproduces one of issue 12's reliability failures against a real grpc.aio
+Each test reproduces a reliability failure (an overloaded queue, a garbage stream frame,
+a caller that gave up, a small call behind a large one) against a real grpc.aio
 server on loopback (conftest's `start_server`) with the tiny debug model on the CPU.
 Assertions are on orderings and counts, never on tight latencies (CI boxes are busy).
 """
@@ -18,15 +19,14 @@ import numpy as np
 import pytest
 
 from anchorcredit.client import CreditClient
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.v1 import credit_pb2 as pb
 
 VOCAB = 256
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("dbg") / "llama", arch="llama"))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 def _pairs(n: int, seed: int, prompt: int = 6, response: int = 24) -> list[tuple[list, list]]:
@@ -43,7 +43,7 @@ def _request(pairs: list, **kw: Any) -> pb.ScoreRequest:
     )
 
 
-# ---------------------------------------------------------------- failure 4: overload
+# ---------------------------------------------------------------- overload
 
 
 def test_burst_50x_the_queue_completes_with_default_client_settings(
@@ -110,7 +110,7 @@ class _FakeParsed:
         self.num_tokens = tokens
 
 
-# ---------------------------------------------------------------- failure 5: stream framing
+# ---------------------------------------------------------------- stream framing
 
 
 def _raw_stream(srv: Any) -> Any:
@@ -156,7 +156,7 @@ def test_stream_answers_carry_request_ids_in_order(shared: Any):
     assert [len(r.results) for r in got] == [1 + i % 3 for i in range(12)]
 
 
-# ---------------------------------------------------------------- failure 6: cancellation
+# ---------------------------------------------------------------- cancellation
 
 
 def _dropped(srv: Any, reason: str) -> float:
@@ -200,14 +200,13 @@ def test_running_request_stops_when_its_caller_gives_up(shared: Any, how: str):
     assert len(resp.results) == 1
 
 
-def test_scorer_stops_between_layers():
+def test_scorer_stops_between_layers(scorer: Any):
     """The runner's cooperative check: inside `cancellable`, a forward stops at the first
     layer after the check turns true (the batcher passes 'every caller gave up')."""
     from anchorcredit.backend import Cancelled, cancellable
     from anchorcredit.contract import CreditParams
     from anchorcredit.runner import Scorer
 
-    scorer = _scorer()
     pairs = scorer.validate(_pairs(2, seed=72))
     checks: list[int] = []
 
@@ -222,21 +221,14 @@ def test_scorer_stops_between_layers():
     assert len(scorer.score_batch(pairs, CreditParams()).results) == 2  # outside: unaffected
 
 
-_SCORER: list[Any] = []
-
-
-def _scorer() -> Any:
+@pytest.fixture(scope="module")
+def scorer(model_dir: str) -> Any:
     from anchorcredit.runner import Scorer
 
-    if not _SCORER:
-        import tempfile
-
-        d = save_debug_model(Path(tempfile.mkdtemp()) / "llama", arch="llama")
-        _SCORER.append(Scorer.from_pretrained(str(d), device="cpu", dtype="float32"))
-    return _SCORER[0]
+    return Scorer.from_pretrained(model_dir, device="cpu", dtype="float32")
 
 
-# ---------------------------------------------------------------- failure 7: fairness
+# ---------------------------------------------------------------- fairness
 
 
 def test_small_call_is_not_held_behind_a_large_one(model_dir: str, start_server: Any):
@@ -259,13 +251,15 @@ def test_small_call_is_not_held_behind_a_large_one(model_dir: str, start_server:
         srv.stop()
 
 
-def test_pieces_give_the_same_numbers_as_one_forward(model_dir: str, start_server: Any):
+def test_pieces_give_the_same_numbers_as_one_forward(
+    model_dir: str, start_server: Any, scorer: Any
+):
     srv = start_server(model_dir, max_batch_tokens=64, max_request_tokens=1 << 14)
     try:
         pairs = _pairs(6, seed=90, prompt=6, response=24)
         resp = srv.stub.Score(_request(pairs), timeout=60)
         assert len(resp.results) == 6
-        want = _scorer().score(pairs)
+        want = scorer.score(pairs)
         from anchorcredit.server.convert import from_f32_bytes
 
         for got, ref in zip(resp.results, want, strict=True):

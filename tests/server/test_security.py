@@ -1,4 +1,4 @@
-"""Issue 12, the security half, each failure reproduced against a real server on loopback.
+"""Security, each past failure reproduced against a real server on loopback.
 
 1. anyone could replace the weights (no token by default, one token for both roles, any
    path, symlinks followed): two roles, PERMISSION_DENIED by default, --weights-dir;
@@ -17,17 +17,16 @@ import argparse
 import logging
 import os
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from debug_model import save_debug_model
 from grpc_health.v1 import health_pb2
 
 from anchorcredit.client import CreditClient, CreditServiceError
-from anchorcredit.offline.debug_model import save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server import config as cfgmod
 from anchorcredit.server.app import MalformedFrameLog
@@ -211,14 +210,15 @@ def test_development_flag_warns(start_server: Any, models: dict, caplog: Any):
 
 # -- 2: a FIFO ------------------------------------------------------------------------------
 def _health_and_metrics_answer(s: Any) -> None:
-    t0 = time.monotonic()
-    reply = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+    """Health, /metrics and scoring answer. Called while a load is blocked for good (or
+    after a refusal that opening a FIFO would have blocked for good): an answer at all
+    shows nothing waits on it, so the timeouts are generous (a loaded box stays green)."""
+    reply = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=TIMEOUT)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     url = f"http://127.0.0.1:{s.server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as r:  # noqa: S310 - loopback
         assert b"anchorcredit_" in r.read()
-    assert s.stub.Score(_score_request(), timeout=5).results
-    assert time.monotonic() - t0 < 3
+    assert s.stub.Score(_score_request(), timeout=TIMEOUT).results
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
@@ -237,14 +237,13 @@ def test_a_fifo_is_refused_at_once(start_server: Any, models: dict, tmp_path: Pa
     )
     try:
         for path in ("fifo", "bare.safetensors", "/dev/zero"):
-            t0 = time.monotonic()
+            # opening a FIFO with no writer blocks for good: any answer is a refusal first
             code = _code(
                 s.stub.UpdateWeights,
                 pb.UpdateWeightsRequest(path=path, version="v1"),
-                timeout=10,
+                timeout=TIMEOUT,
                 metadata=AS_ADMIN,
             )
-            assert time.monotonic() - t0 < 5, path
             want = grpc.StatusCode.PERMISSION_DENIED if path.startswith("/dev") else None
             assert code == (want or grpc.StatusCode.INVALID_ARGUMENT), path
         _health_and_metrics_answer(s)
@@ -260,10 +259,11 @@ def test_a_blocked_load_leaves_health_and_metrics_answering(
     # GIL while it blocks, freezing every thread; hence the refusal before opening above.)
     import anchorcredit.runner.weights as runner_weights
 
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     original = runner_weights._safetensors_files
 
     def slow(path: Path) -> list[Path]:
+        entered.set()
         release.wait(TIMEOUT)
         return original(path)
 
@@ -275,7 +275,7 @@ def test_a_blocked_load_leaves_health_and_metrics_answering(
         call = s.stub.UpdateWeights.future(
             pb.UpdateWeightsRequest(path=str(models["inside"]), version="v1"), timeout=TIMEOUT
         )
-        time.sleep(0.5)
+        assert entered.wait(TIMEOUT)
         assert not call.done()  # the load is blocked ...
         _health_and_metrics_answer(s)  # ... and the server answers meanwhile
         release.set()

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from debug_model import build_debug_model
 
-from anchorcredit.offline.debug_model import build_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server.convert import from_f32_bytes
 from anchorcredit.v1 import credit_pb2 as pb

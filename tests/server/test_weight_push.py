@@ -5,21 +5,23 @@ debug model. The trainer side is written here with raw gRPC stubs and weight_gro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from debug_model import build_debug_model
 from grpc_health.v1 import health_pb2
 
 from anchorcredit import weight_group
-from anchorcredit.offline.debug_model import build_debug_model, save_debug_model
 from anchorcredit.runner import Scorer
 from anchorcredit.server.config import SERVICE_NAME
 from anchorcredit.server.convert import from_f32_bytes
@@ -84,8 +86,8 @@ def _fails(code: grpc.StatusCode, call: Any, *args: Any, **kw: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(save_debug_model(tmp_path_factory.mktemp("w") / "llama", arch="llama", seed=0))
+def model_dir(llama_model: Path) -> str:
+    return str(llama_model)
 
 
 @pytest.fixture(scope="module")
@@ -227,13 +229,11 @@ def test_cancelled_push_leaves_the_old_weights_and_scoring_goes_on(server: Any, 
     call = s.stub.PushWeights.future(stalls_mid_tensor(), timeout=TIMEOUT)
     try:
         assert sent.wait(TIMEOUT)
-        time.sleep(0.3)  # let the server take what was sent
+        _wait_until(lambda: s.server.servicer.weights._lock.locked())  # the push is staging
         # The push is in flight: scoring is served from the old weights, health answers.
-        t0 = time.monotonic()
         _unchanged(s, refs)
-        check = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        check = s.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=TIMEOUT)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-        assert time.monotonic() - t0 < 10
         call.cancel()
     finally:
         release.set()
@@ -264,9 +264,11 @@ def test_version_rules_are_failed_precondition(server: Any, refs: dict):
     assert s.sample("anchorcredit_request_failures_total", {"reason": "weight_version"}) == 2
 
 
-def test_update_weights_path_follows_the_same_rules(server: Any, refs: dict, tmp_path: Any):
+def test_update_weights_path_follows_the_same_rules(
+    other_llama_model: Path, server: Any, refs: dict, tmp_path: Any
+):
     s = server
-    other = str(save_debug_model(tmp_path / "s1", arch="llama", seed=1))
+    other = str(other_llama_model)
     details = _fails(
         grpc.StatusCode.FAILED_PRECONDITION,
         s.stub.UpdateWeights,
@@ -285,6 +287,14 @@ def test_update_weights_path_follows_the_same_rules(server: Any, refs: dict, tmp
     assert reply.policy_version == "v1" and reply.tensors == len(_state(1)) and reply.bytes > 0
     _assert_equal(_score(s), refs[1])
     assert s.sample("anchorcredit_weight_updates_by_transport_total", {"transport": "path"}) == 1
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` (an event the server does not signal) until true, or fail."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
 
 
 def test_pushes_racing_score_traffic(server: Any, refs: dict):
@@ -308,14 +318,15 @@ def test_pushes_racing_score_traffic(server: Any, refs: dict):
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)
+        _wait_until(lambda: len(seen) >= 3 or bool(errors))  # answers from version "0"
         previous = "0"
         for version in ("r1", "r2", "r3"):
             state = _state(versions[version])
             reply = s.stub.PushWeights(chunks(version, state, replaces=previous), timeout=TIMEOUT)
             assert reply.policy_version == version
             previous = version
-            time.sleep(0.3)
+            answered = len(seen)
+            _wait_until(lambda n=answered: len(seen) >= n + 3 or bool(errors))
     finally:
         stop.set()
         for t in threads:
@@ -334,7 +345,7 @@ TRAINER = r"""
 import json, sys
 import grpc
 from anchorcredit import weight_group
-from anchorcredit.offline.debug_model import build_debug_model
+from debug_model import build_debug_model
 from anchorcredit.v1 import credit_pb2 as pb, credit_pb2_grpc
 
 target, out = sys.argv[1], sys.argv[2]
@@ -367,12 +378,21 @@ with open(out, "w") as f:
 """
 
 
+def _with_test_support(pythonpath: str | None) -> str:
+    """PYTHONPATH for a child that imports debug_model (tests/support, pytest's pythonpath)."""
+    import debug_model
+
+    support = str(Path(debug_model.__file__).parent)
+    return os.pathsep.join([support, *([pythonpath] if pythonpath else [])])
+
+
 @pytest.mark.slow
 def test_collective_gloo_between_two_processes(server: Any, refs: dict, tmp_path: Any):
     s = server
     out = tmp_path / "trainer.json"
     proc = subprocess.run(
         [sys.executable, "-c", TRAINER, s.target, str(out)],
+        env={**os.environ, "PYTHONPATH": _with_test_support(os.environ.get("PYTHONPATH"))},
         capture_output=True,
         text=True,
         timeout=240,

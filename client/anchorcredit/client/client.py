@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from anchorcredit.client import push
+from anchorcredit.client.background_push import BackgroundPusher, PushRecord
 from anchorcredit.client.cache import CreditCache, make_cache
 from anchorcredit.client.config import ClientConfig
 from anchorcredit.client.counters import ClientCounters
@@ -84,6 +85,8 @@ class CreditClient:
             config, self.transport, self.replica_set, self.cache, self._model, self.stats
         )
         self.weights = WeightUpdates(self.transport, self._model, self.stats)
+        # pushes in a background thread (background_push.py); score() waits for them
+        self.background_pusher = BackgroundPusher(self.push_weights)
 
     @property
     def timeout_s(self) -> float:
@@ -119,6 +122,7 @@ class CreditClient:
     def close(self) -> None:
         """Leave the weight group (if open); close channels, the worker pool and the cache
         connection."""
+        self.background_pusher.close()
         self.weights.close()
         self.scoring.close()
         self.transport.close()
@@ -189,7 +193,7 @@ class CreditClient:
         partial: bool = False,
         transport: str = "grpc",
         replaces: str = "",
-        dtype: str | None = None,
+        dtype: str | None = "auto",
         chunk_bytes: int = CHUNK_BYTES,
         timeout_s: float | None = None,
     ) -> dict[str, pb.UpdateWeightsResponse]:
@@ -201,8 +205,11 @@ class CreditClient:
         possibly sharded or PEFT model). A one-shot iterable is read once.
         version: the new policy version (non-empty, not the one served); replaces: empty or
         the version that must be served now; partial: True leaves tensors not sent as they
-        are. dtype: None sends each tensor as it is; "float32" / "bfloat16" / "float16"
-        casts; "auto" casts to the serving dtype (GetModelInfo).
+        are. dtype: "auto" (default) sends what the server serves (its ModelInfo dtype, asked
+        once per client): a bfloat16/float16 server gets its own dtype (half the bytes of
+        float32, rounded as the server would round them), a float32 server gets float32,
+        or a tensor's own 16-bit dtype (widened exactly on the server); None sends each
+        tensor as it is; "float32" / "bfloat16" / "float16" casts every tensor.
         chunk_bytes: data per stream message (at most CHUNK_BYTES, the servers' limit).
         transport: "grpc" streams PushWeights to each address (tensors go through the
         CPU); "collective" broadcasts over the private group (`open_weight_group`, opened
@@ -213,6 +220,7 @@ class CreditClient:
         once every address serves `version`; else one CreditServiceError names every
         address that failed (`.failed`), after the others finished.
         """
+        self.background_pusher.wait()  # one push at a time; an unreported failure first
         return self.weights.push_weights(
             weights,
             version,
@@ -223,6 +231,15 @@ class CreditClient:
             chunk_bytes=chunk_bytes,
             timeout_s=timeout_s,
         )
+
+    def push_weights_background(
+        self, weights: Any, version: str, *, step: int | None = None, **kwargs: Any
+    ) -> PushRecord:
+        """push_weights(weights, version, **kwargs) in a background thread; returns at once
+        (after the previous background push ended). The next score() waits for it and
+        raises BackgroundPushError naming `step` if it failed. `weights` must not change
+        until it ends: `background_pusher.fence()` waits for that (background_push.py)."""
+        return self.background_pusher.submit(weights, version, step=step, **kwargs)
 
     def open_weight_group(
         self,
@@ -265,6 +282,7 @@ class CreditClient:
         default. Validated by CreditParams.build (a ValueError naming the parameter, before
         any RPC); every effective value is sent and keyed.
         """
+        self.background_pusher.wait()  # never score from weights a push is replacing
         return self.scoring.score(
             prompts,
             responses,

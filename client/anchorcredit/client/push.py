@@ -5,8 +5,11 @@ Every concrete address behind every target (Transport.addresses) is called once,
 parallel, over its own channel, with no failover and no retry (a load must not land twice on
 one replica while another keeps the old weights). When all calls are done, one
 CreditServiceError names every address that failed (`.failed`: {address: error}); else each
-address is asked (GetModelInfo) which version it serves, and one that does not serve the new
-version is an error too. torch is imported only by the collective path.
+address's acknowledgement must name the new version (the server answers only after the commit,
+with the version it then serves), and one that does not is an error too. Only an address whose
+acknowledgement names no version (an older server) is asked with GetModelInfo: the check rides
+on the push's own answer, with no extra round trip per step. torch is imported only by the
+collective path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,7 +27,7 @@ import grpc
 
 from anchorcredit.client.errors import CreditServiceError, from_rpc
 from anchorcredit.client.transport import Transport
-from anchorcredit.client.weights import WeightItem, weight_chunks
+from anchorcredit.client.weights import WeightItem, weight_chunk_bytes
 from anchorcredit.v1 import credit_pb2 as pb
 
 log = logging.getLogger("anchorcredit.client")
@@ -104,6 +108,44 @@ def check_serving(transport: Transport, addresses: Sequence[str], version: str, 
         raise failure(f"{what} (version check)", failed, len(addresses))
 
 
+_SERVED_DTYPE: weakref.WeakKeyDictionary[Transport, str] = weakref.WeakKeyDictionary()
+
+
+def served_dtype(transport: Transport) -> str:
+    """The dtype the service computes in (its ModelInfo), asked once per transport: a
+    server's dtype is fixed for its life, so a push does not pay a round trip for it."""
+    dtype = _SERVED_DTYPE.get(transport)
+    if dtype is None:
+        dtype = transport.call("GetModelInfo", pb.GetModelInfoRequest()).dtype
+        _SERVED_DTYPE[transport] = dtype
+    return dtype
+
+
+def check_acknowledged(
+    transport: Transport,
+    done: dict[str, pb.UpdateWeightsResponse],
+    version: str,
+    what: str,
+) -> None:
+    """Each address's acknowledgement must name `version`; one that names none (an older
+    server) is asked with GetModelInfo instead (check_serving)."""
+    failed: Failed = {}
+    unnamed = []
+    for address, resp in done.items():
+        if not resp.policy_version:
+            unnamed.append(address)
+        elif resp.policy_version != version:
+            failed[address] = CreditServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"serves policy version {resp.policy_version!r} after {what} of {version!r}",
+                address,
+            )
+    if failed:
+        raise failure(f"{what} (version check)", failed, len(done))
+    if unnamed:
+        check_serving(transport, unnamed, version, what)
+
+
 def update_from_path(
     transport: Transport, path: str, version: str, replaces: str
 ) -> dict[str, pb.UpdateWeightsResponse]:
@@ -120,7 +162,7 @@ def update_from_path(
     done, failed = on_every_address(addresses, load)
     if failed:
         raise failure(what, failed, len(addresses))
-    check_serving(transport, addresses, version, what)
+    check_acknowledged(transport, done, version, what)
     return done
 
 
@@ -136,8 +178,8 @@ def push_stream(
     addresses = all_addresses(transport, what)
 
     def push(address: str) -> pb.UpdateWeightsResponse:
-        return transport.address_stub(address).PushWeights(
-            weight_chunks(items, update, chunk_bytes),
+        return transport.address_stub(address).PushWeightsSerialized(
+            weight_chunk_bytes(items, update, chunk_bytes),
             timeout=timeout_s,
             metadata=transport.admin_metadata,
         )
@@ -145,7 +187,7 @@ def push_stream(
     done, failed = on_every_address(addresses, push)
     if failed:
         raise failure(what, failed, len(addresses))
-    check_serving(transport, addresses, update.version, what)
+    check_acknowledged(transport, done, update.version, what)
     return done
 
 
@@ -283,7 +325,7 @@ class WeightGroupHandle:
             failed = _local(self.addresses, f"broadcast failed: {error[0]}")
         if failed:
             raise failure(what, failed, len(self.addresses))
-        check_serving(self.transport, self.addresses, update.version, what)
+        check_acknowledged(self.transport, done, update.version, what)
         return done
 
     def _on_device(self, item: WeightItem) -> Any:

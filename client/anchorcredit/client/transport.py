@@ -39,6 +39,7 @@ from anchorcredit.client.counters import ClientCounters
 from anchorcredit.client.errors import CreditServiceError, from_rpc
 from anchorcredit.client.resolve import dns_name, expand_target, split_hostport
 from anchorcredit.client.retry_policy import RetryClock, RetryPolicy
+from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.v1 import credit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("anchorcredit.client")
@@ -135,6 +136,13 @@ class _AddressChannel:
     def __init__(self, channel: grpc.Channel):
         self.channel = channel
         self.stub = pb_grpc.CreditServiceStub(channel)
+        # PushWeights with messages serialized by the caller (weights.weight_chunk_bytes:
+        # one copy of the tensor bytes instead of three)
+        self.stub.PushWeightsSerialized = channel.stream_unary(  # type: ignore[attr-defined]
+            "/anchorcredit.v1.CreditService/PushWeights",
+            request_serializer=None,
+            response_deserializer=pb.UpdateWeightsResponse.FromString,
+        )
         self.in_flight = 0
         self.dropped = False
 

@@ -17,7 +17,12 @@ from anchorcredit.client import push
 from anchorcredit.client.counters import ClientCounters
 from anchorcredit.client.scoring import ModelInfoCache
 from anchorcredit.client.transport import Transport
-from anchorcredit.client.weights import CHUNK_BYTES, WIRE_DTYPES, prepare_weights
+from anchorcredit.client.weights import (
+    CHUNK_BYTES,
+    WIRE_DTYPES,
+    auto_wire_dtypes,
+    prepare_weights,
+)
 from anchorcredit.v1 import credit_pb2 as pb
 
 log = logging.getLogger("anchorcredit.client")
@@ -81,19 +86,17 @@ class WeightUpdates:
         partial: bool = False,
         transport: str = "grpc",
         replaces: str = "",
-        dtype: str | None = None,
+        dtype: str | None = "auto",
         chunk_bytes: int = CHUNK_BYTES,
         timeout_s: float | None = None,
     ) -> dict[str, pb.UpdateWeightsResponse]:
         check_version(version, replaces)
         check_push_args(transport, chunk_bytes, dtype)
         started = time.perf_counter()
-        items = prepare_weights(weights, None if dtype == "auto" else dtype)
+        # "auto": checked as floating point here, each wire dtype chosen below (weights.py)
+        items = prepare_weights(weights, "float32" if dtype == "auto" else dtype)
         if dtype == "auto":
-            served = self.model.get(refresh=True).dtype
-            if served not in WIRE_DTYPES:
-                raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
-            items = prepare_weights([(i.name, i.value) for i in items], served)
+            items = auto_wire_dtypes(items, push.served_dtype(self.transport))
         update = pb.WeightUpdate(version=version, replaces=replaces, partial=partial)
         try:
             if transport == "grpc":

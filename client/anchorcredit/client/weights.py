@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,11 +32,13 @@ __all__ = [
     "CHUNK_BYTES",
     "WIRE_DTYPES",
     "WeightItem",
+    "auto_wire_dtypes",
     "decode_chunks",
     "full_state",
     "full_state_items",
     "prepare_weights",
     "tensor_bytes",
+    "weight_chunk_bytes",
     "weight_chunks",
 ]
 
@@ -137,6 +139,25 @@ def prepare_weights(
     return items
 
 
+def auto_wire_dtypes(items: list[WeightItem], served: str) -> list[WeightItem]:
+    """Each item's wire dtype for a server computing in `served` ("send what it serves"):
+
+    - a 16-bit server (bfloat16, float16) gets its own dtype: the server would round to it
+      anyway, and rounding here (round to nearest even, as the server's cast) halves the
+      bytes of a float32 trainer;
+    - a float32 server gets float32, except a tensor already in bfloat16 or float16, which
+      travels as it is (the server widens it exactly: half the bytes, the same values).
+    ValueError when the server reports a dtype the wire does not carry."""
+    if served not in DTYPE_ITEMSIZE:
+        raise ValueError(f"the service reports dtype {served!r}, not one of {WIRE_DTYPES}")
+    out = []
+    for item in items:
+        src = _source_dtype(item.name, item.value)
+        wire = src if served == "float32" and src in ("bfloat16", "float16") else served
+        out.append(item if wire == item.dtype else replace(item, dtype=wire))
+    return out
+
+
 def _f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
     """Round-to-nearest-even float32 -> bfloat16 bits (uint16), NaN kept a quiet NaN."""
     u = np.ascontiguousarray(a, dtype="<f4").view(np.uint32)
@@ -201,6 +222,39 @@ def weight_chunks(
         yield pb.WeightChunk(tensor=item.header(), data=first)
         for start in range(len(first), len(data), chunk_bytes):
             yield pb.WeightChunk(data=data[start : start + chunk_bytes].tobytes())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_DATA_TAG = b"\x1a"  # WeightChunk.data: field 3, length-delimited
+
+
+def weight_chunk_bytes(
+    items: Iterable[WeightItem], update: pb.WeightUpdate, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """weight_chunks, serialized: the same messages as bytes, built with one copy of the
+    tensor bytes (a message's fields are its serialized fields concatenated) instead of a
+    copy to bytes, one into the message and one to serialize it."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    yield pb.WeightChunk(update=update).SerializeToString()
+    for item in items:
+        data = tensor_bytes(item)
+        if len(data) != item.nbytes:
+            raise AssertionError(f"{item.name}: {len(data)} bytes, expected {item.nbytes}")
+        header = pb.WeightChunk(tensor=item.header()).SerializeToString()
+        first = data[:chunk_bytes]
+        yield b"".join((header, _DATA_TAG, _varint(len(first)), first) if first else (header,))
+        for start in range(len(first), len(data), chunk_bytes):
+            piece = data[start : start + chunk_bytes]
+            yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
 
 
 def decode_chunks(

@@ -68,7 +68,7 @@ def load_model(path: str | None) -> tuple[Any, Any]:
     """(model, tokenizer) in float32 eval mode on the CPU; default the embedded SmolLM2."""
     from transformers import AutoModelForCausalLM
 
-    from anchorcredit.offline.models import embedded_default_path, load_tokenizer
+    from anchorcredit.models.packaged import embedded_default_path, load_tokenizer
 
     folder = Path(path) if path else embedded_default_path()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32").eval()

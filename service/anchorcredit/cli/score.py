@@ -41,13 +41,13 @@ from anchorcredit.contract import (
     CreditParams,
 )
 from anchorcredit.errors import InputError
-from anchorcredit.model_source import ModelNotFound, local_model_dir
+from anchorcredit.models.source import ModelNotFound, local_model_dir
+from anchorcredit.server.config import DEFAULT_LIMITS
 
 HELP = "score a JSONL file of (prompt, response) pairs: per-token WAAD, FAI, gamma (+entropy)"
 
 # The SPEC.md parameters, as CreditParams names them (flags: --gamma-amp for gamma_amp).
 SPEC_PARAMS = tuple(f.name for f in fields(CreditParams) if f.name != "strategy")
-DEFAULT_MAX_BATCH_TOKENS = 16384
 CPU_GROUP_TOKENS = 1024  # a few seconds of the embedded model on two CPU cores
 
 
@@ -78,6 +78,14 @@ def _with_default(text: str, default: Any) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `anchorcredit score`; the SPEC.md parameters, their help and defaults come
     from anchorcredit.contract."""
+    _add_files(p)
+    _add_source(p)
+    _add_credit(p)
+    _add_runtime(p)
+
+
+def _add_files(p: argparse.ArgumentParser) -> None:
+    """What is read and where results go."""
     p.add_argument("input", type=Path, help="JSONL with prompt_ids/response_ids or prompt/response")
     p.add_argument(
         "-o", "--output", type=Path, required=True, help="JSONL to append (resume) results to"
@@ -87,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="empty the output first and score every line (default: resume into it)",
     )
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    """Which model scores: a local folder, the embedded default, or a running server."""
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--model",
@@ -102,6 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer folder for text input and token text (default: the model's; with "
         "--target the embedded model's when the server serves it)",
     )
+
+
+def _add_credit(p: argparse.ArgumentParser) -> None:
+    """The credit asked for: strategy, entropy, the SPEC.md parameters, layers, ids or text."""
     p.add_argument(
         "--strategy",
         default=DEFAULT_STRATEGY,
@@ -141,6 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "re-tokenises the text with the model's tokenizer (default: check that the ids are "
         "this tokenizer's tokens of the text and refuse the line when they are not)",
     )
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, batch size, bad lines, progress."""
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     r.add_argument(
@@ -151,9 +171,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=DEFAULT_MAX_BATCH_TOKENS,
-        help="tokens per model batch; results are flushed after each "
-        f"(default: {DEFAULT_MAX_BATCH_TOKENS})",
+        default=DEFAULT_LIMITS.max_batch_tokens,
+        help="tokens per model batch (the server's default budget); results are flushed "
+        "after each "
+        f"(default: {DEFAULT_LIMITS.max_batch_tokens})",
     )
     r.add_argument(
         "--skip-bad", action="store_true", help="report bad lines and score the rest (default: off)"
@@ -266,7 +287,7 @@ def _answer_early(
     no model): an exit code, or None to go on."""
     known = dict(settings)
     if not args.target:  # what the local model will record, known without loading it
-        from anchorcredit.offline.models import EMBEDDED_MODEL_ID
+        from anchorcredit.models.packaged import EMBEDDED_MODEL_ID
 
         known |= {
             "model": args.model or EMBEDDED_MODEL_ID,
@@ -292,7 +313,7 @@ def _answer_early(
 
 
 def _run(args: argparse.Namespace, progress: _Progress) -> int:
-    from anchorcredit.offline.models import EmbeddedModelUnavailable
+    from anchorcredit.models.packaged import EmbeddedModelUnavailable
 
     params = _check_options(args)
     if params is None:

@@ -216,7 +216,7 @@ def choose_tokenizer(
     embedded model; for any other model the message names the model to fetch it for.
     """
     from anchorcredit.cli import extras
-    from anchorcredit.offline.models import (
+    from anchorcredit.models.packaged import (
         EMBEDDED_MODEL_ID,
         EmbeddedModelUnavailable,
         embedded_default_path,

@@ -12,7 +12,7 @@ import sys
 
 from anchorcredit.cli import extras
 from anchorcredit.errors import StartupError
-from anchorcredit.model_source import ModelNotFound, local_model_dir
+from anchorcredit.models.source import ModelNotFound, local_model_dir
 from anchorcredit.server import config as server_config
 
 HELP = "serve per-token credit over gRPC (health, reflection, Prometheus /metrics)"
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(cfg: server_config.ServeConfig) -> int:
     if cfg.tensor_parallel > 1:
-        from anchorcredit.runner.tp_serve import serve_tensor_parallel
+        from anchorcredit.cli.serve_tp import serve_tensor_parallel
 
         return serve_tensor_parallel(cfg)
     from anchorcredit.server.app import exit_after_drain, serve

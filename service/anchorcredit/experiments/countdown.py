@@ -23,10 +23,9 @@ from anchorcredit.experiments.countdown_tasks import make_tasks
 
 def smoke_model(out: Path) -> Path:
     """The smoke preset's model: the tiny debug Llama plus a byte-level tokenizer."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from anchorcredit.offline.debug_model import save_debug_model
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = out / "smoke-model"
     if (path / "tokenizer.json").is_file():
@@ -37,7 +36,22 @@ def smoke_model(out: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    save_debug_model(path, arch="llama", vocab_size=len(vocab), eos_token_id=1, pad_token_id=0)
+    # A tiny random Llama (GQA, RoPE, 6 layers so the middle-third selection is non-trivial).
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).float().save_pretrained(path)
     fast.save_pretrained(path)
     return path
 
@@ -48,7 +62,7 @@ def resolve_model(cfg: ExperimentConfig, out: Path) -> Path:
         return Path(cfg.model)
     if cfg.debug_model:
         return smoke_model(out)
-    from anchorcredit.offline.models import embedded_default_path
+    from anchorcredit.models.packaged import embedded_default_path
 
     return embedded_default_path()
 

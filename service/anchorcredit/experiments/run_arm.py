@@ -195,7 +195,7 @@ def train_one(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from anchorcredit.offline.models import load_tokenizer
+    from anchorcredit.models.packaged import load_tokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "done.json"

@@ -95,66 +95,64 @@ def _display(text: str) -> str:
     return html.escape(text.replace("\n", "\u21b5\n"))
 
 
-def render_html(record: dict, title: str | None = None) -> str:
-    """The self-contained HTML page for one scored response."""
-    metrics = _metrics(record)
-    labels = token_labels(record)
-    n = len(labels)
-    pre = set(find_peaks(metrics["waad"]).tolist())
-    anc = set(find_peaks(metrics["fai"]).tolist())
-    amp = metrics["gamma"] > 1.0
-    binned = {m: bins(v, m) for m, v in metrics.items()}
-    names = list(metrics)
+# The page's fixed style; the per-metric colours are added by _css.
+BASE_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em;color:#222}",
+    ".tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:15px;"
+    "line-height:2.1;white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;"
+    "padding:.8em;border-radius:6px}",
+    ".tok{padding:2px 0;border-radius:2px}",
+    ".tok:hover{outline:2px solid #000}",
+    ".ids .tok{margin-right:5px}",  # token ids, not text: keep them apart
+    ".pre{box-shadow:inset 0 3px 0 #f0a000}",
+    ".anc{box-shadow:inset 0 -3px 0 #d62728}",
+    ".pre.anc{box-shadow:inset 0 3px 0 #f0a000,inset 0 -3px 0 #d62728}",
+    ".amp{font-weight:bold}",
+    "input[name=metric]{margin-left:1em}",
+    ".legend span{display:inline-block;width:1.4em;height:1em;vertical-align:middle}",
+    ".legend{display:none;margin:.4em 0}",
+    "table.meta td{padding:0 1em 0 0}",
+    "details{margin:.6em 0}",
+)
 
-    css = [
-        "body{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em;color:#222}",
-        ".tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:15px;"
-        "line-height:2.1;white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;"
-        "padding:.8em;border-radius:6px}",
-        ".tok{padding:2px 0;border-radius:2px}",
-        ".tok:hover{outline:2px solid #000}",
-        ".ids .tok{margin-right:5px}",  # token ids, not text: keep them apart
-        ".pre{box-shadow:inset 0 3px 0 #f0a000}",
-        ".anc{box-shadow:inset 0 -3px 0 #d62728}",
-        ".pre.anc{box-shadow:inset 0 3px 0 #f0a000,inset 0 -3px 0 #d62728}",
-        ".amp{font-weight:bold}",
-        "input[name=metric]{margin-left:1em}",
-        ".legend span{display:inline-block;width:1.4em;height:1em;vertical-align:middle}",
-        ".legend{display:none;margin:.4em 0}",
-        "table.meta td{padding:0 1em 0 0}",
-        "details{margin:.6em 0}",
-    ]
+
+def _css(names: Sequence[str]) -> str:
+    """The style sheet: a checked metric radio colours the tokens by that metric's bins."""
+    css = list(BASE_CSS)
     for m in names:
-        pal = _palette(m)
         # Dark bins get light text so tokens stay readable.
-        for b, colour in enumerate(pal):
+        for b, colour in enumerate(_palette(m)):
             fg = "#fff" if b >= 6 else "#111"
             css.append(f"#m-{m}:checked~.tokens .{m[0]}{b}{{background:{colour};color:{fg}}}")
         css.append(f"#m-{m}:checked~.lg-{m}{{display:block}}")
+    return "".join(css)
 
+
+def _token_spans(
+    labels: Sequence[str], metrics: dict[str, np.ndarray], pre: set[int], anc: set[int]
+) -> str:
+    """One span per response token: its bin class per metric, peak marks and a tooltip."""
+    names = list(metrics)
+    binned = {m: bins(v, m) for m, v in metrics.items()}
+    amp = metrics["gamma"] > 1.0
     spans = []
-    for t in range(n):
+    for t, label in enumerate(labels):
         cls = ["tok"] + [f"{m[0]}{binned[m][t]}" for m in names]
-        if t in pre:
-            cls.append("pre")
-        if t in anc:
-            cls.append("anc")
-        if amp[t]:
-            cls.append("amp")
-        tip = f"t={t} {labels[t]!r}\n" + "\n".join(f"{m}={metrics[m][t]:.4g}" for m in names)
+        cls += [c for c, on in (("pre", t in pre), ("anc", t in anc), ("amp", amp[t])) if on]
+        tip = f"t={t} {label!r}\n" + "\n".join(f"{m}={metrics[m][t]:.4g}" for m in names)
         if t in pre:
             tip += "\npreplan (WAAD peak)"
         if t in anc:
             tip += "\nanchor (FAI peak)"
         spans.append(
             f'<span class="{" ".join(cls)}" data-t="{t}" title="{html.escape(tip)}">'
-            f"{_display(labels[t])}</span>"
+            f"{_display(label)}</span>"
         )
+    return "".join(spans)
 
-    has_text = record.get("tokens") is not None and len(record["tokens"]) == n
-    box_cls = "tokens" if has_text else "tokens ids"
-    rid = str(record.get("id", ""))
-    title = title or f"anchorcredit: {rid}"
+
+def _controls(names: Sequence[str]) -> str:
+    """The metric radios and their colour legends."""
     radios = "".join(
         f'<input type="radio" name="metric" id="m-{m}"{" checked" if i == 0 else ""}>'
         f'<label for="m-{m}">{LABELS[m]}</label>'
@@ -166,14 +164,19 @@ def render_html(record: dict, title: str | None = None) -> str:
         + " high</div>"
         for m in names
     )
+    return radios + legends
+
+
+def _header(record: dict, n: int, pre: set[int], anc: set[int], amplified: int) -> str:
+    """The record's facts (id, model, strategy, counts) and its prompt, folded."""
     meta_rows = [
-        ("id", rid),
+        ("id", str(record.get("id", ""))),
         ("model", record.get("model", "")),
         ("strategy", record.get("strategy", "")),
         ("response tokens", str(n)),
         ("preplan (WAAD peaks)", str(len(pre))),
         ("anchors (FAI peaks)", str(len(anc))),
-        ("tokens with gamma > 1", str(int(amp.sum()))),
+        ("tokens with gamma > 1", str(amplified)),
     ]
     meta = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
@@ -187,16 +190,32 @@ def render_html(record: dict, title: str | None = None) -> str:
         if prompt
         else ""
     )
+    return f"<table class='meta'>{meta}</table>{prompt_html}"
+
+
+def render_html(record: dict, title: str | None = None) -> str:
+    """The self-contained HTML page for one scored response."""
+    metrics = _metrics(record)
+    labels = token_labels(record)
+    n = len(labels)
+    pre = set(find_peaks(metrics["waad"]).tolist())
+    anc = set(find_peaks(metrics["fai"]).tolist())
+    names = list(metrics)
+    has_text = record.get("tokens") is not None and len(record["tokens"]) == n
+    box_cls = "tokens" if has_text else "tokens ids"
+    title = title or f"anchorcredit: {record.get('id', '')}"
+    amplified = int((metrics["gamma"] > 1.0).sum())
     # The radios, legends and .tokens are siblings (radios first): the CSS `~` selector
     # needs that to recolour without any script.
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{''.join(css)}</style></head><body>"
-        f"<h2>{html.escape(title)}</h2><table class='meta'>{meta}</table>{prompt_html}"
-        f"Colour by:{radios}{legends}"
+        f"<title>{html.escape(title)}</title><style>{_css(names)}</style></head><body>"
+        f"<h2>{html.escape(title)}</h2>{_header(record, n, pre, anc, amplified)}"
+        f"Colour by:{_controls(names)}"
         "<p style='font-size:13px'>Amber bar above: <b>preplan</b> (WAAD peak). Red bar below: "
         "<b>anchor</b> (FAI peak). Bold: gamma &gt; 1. Hover a token for its numbers.</p>"
-        f"<div class='{box_cls}' id='tokens'>{''.join(spans)}</div></body></html>\n"
+        f"<div class='{box_cls}' id='tokens'>{_token_spans(labels, metrics, pre, anc)}</div>"
+        "</body></html>\n"
     )
 
 

@@ -1,6 +1,7 @@
 """The model runner: token IDs -> per-token WAAD, FAI, gamma (and entropy) from the policy.
 
-  scorer.py        Scorer: the server seam (validate, score_batch, load_weights, info)
+  scorer.py        Scorer: the server seam (validate, score_batch, info; stage and commit
+                   weights) and load_weights for Python callers
   loading.py       model folder / object / embedded default -> the model on its device
   inputs.py        the one check of token ids against the model
   forward.py       one packed forward: attention capture, statistics, early exit

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from anchorcredit.model_source import local_model_dir
+from anchorcredit.models import packaged
+from anchorcredit.models.source import local_model_dir
 from anchorcredit.runner.capture import ATTN_IMPLEMENTATION
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,7 @@ def resolve_source(
 ) -> tuple[Path | torch.nn.Module, str | None]:
     """A folder or model object, and a model id; None is the embedded default model."""
     if path_or_model is None:
-        try:
-            from anchorcredit.offline.models import EMBEDDED_MODEL_ID, embedded_default_path
-        except ImportError as e:
-            raise RuntimeError(
-                "no model given and the embedded default model (anchorcredit.offline.models) "
-                "is not available; pass a model directory"
-            ) from e
-        return embedded_default_path(), str(EMBEDDED_MODEL_ID)
+        return packaged.embedded_default_path(), packaged.EMBEDDED_MODEL_ID
     if isinstance(path_or_model, torch.nn.Module):
         return path_or_model, None
     # a local folder, or a Hugging Face id already in the local cache; never a download

@@ -1,6 +1,7 @@
 """Scorer: (prompt, response) token IDs -> per-token WAAD, FAI, gamma (and entropy).
 
-The runner's side of the server seam (anchorcredit.backend.ScoringBackend): `validate`
+The runner's side of the server seam (anchorcredit.backend: ScoringBackend and
+WeightLifecycle, together ServingBackend): `validate`
 checks ids once, `score_batch` runs ONE packed forward (forward.py: attention capture,
 statistics, early exit) and the credit stage for the batch (credit_stage.py), returning the
 results with per-stage seconds. How much goes into one forward is the caller's choice: the
@@ -133,7 +134,7 @@ class Scorer:
 
         path_or_model: a directory, an already built transformers model (the Scorer takes it
         over: eval mode, our attention implementation, moved to device/dtype), or None for the
-        embedded default model (anchorcredit.offline.models).
+        embedded default model (anchorcredit.models.packaged).
 
         entropy: keep entropy available (every layer and the LM head are loaded). False loads
         from a folder only the layers up to the last selected one and no LM head (about 2/3
@@ -280,6 +281,16 @@ class Scorer:
         InputError names the field and sequence index."""
         return validate_pairs(pairs, self.vocab_size, self.max_positions)
 
+    def _check_validated(self, pairs: Sequence[Any]) -> None:
+        """The seam's promise, not a second validation: what reaches the forward went
+        through validate() (a TokenPair of this vocabulary) at the caller's edge."""
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, TokenPair) or pair.vocab_size != self.vocab_size:
+                raise TypeError(
+                    f"score_batch takes the TokenPairs that validate() returns "
+                    f"(sequences[{i}] is {type(pair).__name__}); use score() for raw ids"
+                )
+
     def check_heads(
         self, local_heads: Sequence[Head] | None, global_heads: Sequence[Head] | None
     ) -> None:
@@ -309,9 +320,10 @@ class Scorer:
         local_heads: Sequence[Head] | None = None,
         global_heads: Sequence[Head] | None = None,
     ) -> BatchScores:
-        """ONE packed forward over `pairs` and the credit of each; no budget, no OOM split
+        """ONE packed forward over `pairs` (TokenPairs from `validate`, which checked the
+        ids once at the caller's edge) and the credit of each; no budget, no OOM split
         (a torch.OutOfMemoryError propagates to the caller, who splits)."""
-        pairs = self.validate(pairs)  # TokenPairs of this vocabulary pass straight through
+        self._check_validated(pairs)
         self.check_heads(local_heads, global_heads)
         with_entropy = bool(with_entropy) or params.needs_entropy
         if with_entropy and self.lm_head is None:
@@ -387,7 +399,7 @@ class Scorer:
         """
         credit_params = CreditParams.build(strategy, **params)
         return self.score_batch(
-            pairs,
+            self.validate(pairs),  # the Python caller's edge: ids checked here, once
             credit_params,
             with_entropy=with_entropy,
             local_heads=local_heads,

@@ -164,7 +164,7 @@ class TensorParallelScorer(Scorer):
         super().__init__(model, **kwargs)
         self.group = group
         self.broken: str | None = None  # why the group cannot score any more
-        # Called once when the group breaks (the server stops itself: tp_serve.py).
+        # Called once when the group breaks (the server stops itself: cli/serve_tp.py).
         self.on_broken: Callable[[], None] | None = None
         # This rank's share (a DTensor parameter counts its whole size in numel()).
         self.loaded_param_count = sum(local_numel(p) for p in model.parameters())

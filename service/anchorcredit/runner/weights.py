@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from anchorcredit.weight_wire import DTYPE_ITEMSIZE, WeightUpdateSpec, tensor_nb
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 assert set(WIRE_DTYPES) == set(DTYPE_ITEMSIZE)
 FIELD = "weights"
+# write() views the received bytes in place (torch.frombuffer) and only reads them: torch's
+# warning about a read-only buffer does not apply.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
 
 
 class PartialWeightsError(RuntimeError):
@@ -246,9 +250,9 @@ class WeightStaging:
         if n and cur.flat is None:  # a tensor the model did not load: count, drop
             cur.offset += n
         elif n:
-            # One copy of the chunk into a writable buffer torch can view, then one cast
-            # (and device transfer) into the staging tensor.
-            src = torch.frombuffer(bytearray(memoryview(raw)[: n * cur.itemsize]), dtype=cur.wire)
+            # A view of the received bytes (read only, never written), then one cast (and
+            # device transfer) into the staging tensor: no copy of the chunk in between.
+            src = torch.frombuffer(raw, dtype=cur.wire, count=n)
             cur.flat[cur.offset : cur.offset + n].copy_(src)
             cur.offset += n
         cur.carry = bytes(memoryview(raw)[n * cur.itemsize :]) if rest else b""

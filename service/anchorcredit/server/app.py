@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from anchorcredit.backend import ScoringBackend
+from anchorcredit.backend import ServingBackend
 from anchorcredit.errors import StartupError
 from anchorcredit.server.auth import BearerTokenInterceptor
 from anchorcredit.server.batcher import Batcher
@@ -37,7 +37,8 @@ from anchorcredit.server.bounded import abandoned_threads, observe_abandoned
 from anchorcredit.server.config import SERVICE_NAME, ServeConfig
 from anchorcredit.server.frames import MalformedFrameInterceptor
 from anchorcredit.server.metrics import MetricsInterceptor, ServerMetrics, memory_probe
-from anchorcredit.server.servicer import CreditServicer, ServerState
+from anchorcredit.server.servicer import CreditServicer
+from anchorcredit.server.state import ServerState
 from anchorcredit.v1 import credit_pb2, credit_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def default_backend_factory(config: ServeConfig) -> Callable[[], ScoringBackend]:
+def default_backend_factory(config: ServeConfig) -> Callable[[], ServingBackend]:
     """A zero-argument callable building the runner's Scorer from the config (blocking)."""
 
-    def build() -> ScoringBackend:
+    def build() -> ServingBackend:
         from anchorcredit.runner import Scorer
         from anchorcredit.runner.layers import LayerChoiceError
 
@@ -269,8 +270,8 @@ class CreditServer:
     def __init__(
         self,
         config: ServeConfig,
-        backend: ScoringBackend | None = None,
-        backend_factory: Callable[[], ScoringBackend] | None = None,
+        backend: ServingBackend | None = None,
+        backend_factory: Callable[[], ServingBackend] | None = None,
     ) -> None:
         self.config = config
         self.metrics = ServerMetrics()
@@ -353,15 +354,7 @@ class CreditServer:
         if backend is None:
             backend = await loop.run_in_executor(self._executor, self._factory)
         cfg = self.config
-        batcher = Batcher(
-            backend,
-            self._executor,
-            self.metrics,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_wait_s=cfg.max_wait_ms / 1000.0,
-            max_batch_requests=cfg.max_batch_requests,
-            max_queue=cfg.max_queue,
-        )
+        batcher = Batcher(backend, self._executor, self.metrics, cfg.limits)
         batcher.start()
         self.state.backend = backend
         info = self.state.refresh_info()
@@ -451,8 +444,8 @@ class CreditServer:
 
 async def serve(
     config: ServeConfig,
-    backend: ScoringBackend | None = None,
-    backend_factory: Callable[[], ScoringBackend] | None = None,
+    backend: ServingBackend | None = None,
+    backend_factory: Callable[[], ServingBackend] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 if the model fails to load.
     backend / backend_factory: as CreditServer (default: the runner's Scorer)."""

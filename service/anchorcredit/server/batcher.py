@@ -8,11 +8,12 @@ runs in ONE worker thread (`run_in_executor`), so model calls never overlap and 
 reload (`run_exclusive`) is ordered with the batches around it: no request is ever answered
 by weights other than the ones it was checked against.
 
-The budget is applied here and only here: a batch's sequences go to the backend in
-budget-sized forwards (anchorcredit.budget.greedy_chunks; a request larger than the budget
-is cut the same way), and a forward that runs out of device memory is halved
-(anchorcredit.budget.halve_on_oom) down to one sequence, which then fails alone with
-DeviceOutOfMemory (RESOURCE_EXHAUSTED).
+The budget is applied here and only here, once: `_take` forms each batch within the token
+budget (a request larger than the budget is cut into budget-sized pieces; one sequence
+larger than it goes alone) and the backend runs that batch as ONE forward; a forward that
+runs out of device memory is halved (anchorcredit.budget.halve_on_oom) down to one
+sequence, which then fails alone with DeviceOutOfMemory (RESOURCE_EXHAUSTED). The limits
+are the serve config's (server/config.py BatchLimits).
 
 Failure isolation: if a merged batch raises, its requests are retried one by one so a bad
 request fails alone.
@@ -27,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from anchorcredit.backend import (
@@ -39,7 +40,7 @@ from anchorcredit.backend import (
     cancellable,
     check_cancelled,
 )
-from anchorcredit.budget import greedy_chunks, halve_on_oom
+from anchorcredit.budget import halve_on_oom
 from anchorcredit.contract import CreditParams
 from anchorcredit.errors import (  # QueueFull & co. are re-exported (their old home)
     DeadlineExpired,
@@ -47,6 +48,7 @@ from anchorcredit.errors import (  # QueueFull & co. are re-exported (their old 
     QueueFull,
     ShuttingDown,
 )
+from anchorcredit.server.config import DEFAULT_LIMITS, BatchLimits
 from anchorcredit.server.convert import ParsedRequest
 from anchorcredit.server.metrics import ServerMetrics
 
@@ -97,18 +99,18 @@ class _Control:
     future: asyncio.Future
 
 
-def run_budgeted(
+def run_forward(
     backend: ScoringBackend,
     pairs: list[TokenPair],
     params: CreditParams,
     with_entropy: bool,
-    max_batch_tokens: int,
     should_stop: Callable[[], bool] | None = None,
 ) -> BatchScores:
-    """Score `pairs` in budget-sized forwards, halving any that runs out of device memory
-    (blocking: runs on the device thread). Stage seconds add up over the forwards.
+    """Score one batch the batcher already sized (`Batcher._take`: within the token budget,
+    or one sequence larger than it, alone), halving a forward that runs out of device
+    memory (blocking: runs on the device thread). Stage seconds add up over the halves.
 
-    `should_stop`: checked between forwards and (through anchorcredit.backend.cancellable)
+    `should_stop`: checked before each forward and (through anchorcredit.backend.cancellable)
     between the layers of each; true -> Cancelled, the rest is not computed."""
     stages: Counter[str] = Counter()
 
@@ -118,10 +120,8 @@ def run_budgeted(
         stages.update(got.stage_seconds)
         return got.results
 
-    results: list[ScoreResult] = []
     with cancellable(should_stop or (lambda: False)):
-        for idx in greedy_chunks([p.num_tokens for p in pairs], max_batch_tokens):
-            results += halve_on_oom(forward, [pairs[i] for i in idx])
+        results = halve_on_oom(forward, pairs)
     return BatchScores(results, dict(stages))
 
 
@@ -133,18 +133,30 @@ class Batcher:
         backend: ScoringBackend,
         executor: Executor,
         metrics: ServerMetrics,
-        max_batch_tokens: int = 16384,
-        max_wait_s: float = 0.005,
-        max_batch_requests: int = 64,
-        max_queue: int = 256,
+        limits: BatchLimits = DEFAULT_LIMITS,
+        *,
+        max_batch_tokens: int | None = None,
+        max_wait_s: float | None = None,
+        max_batch_requests: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
+        """`limits` come from the serve config (ServeConfig.limits); the keywords override
+        one limit each (tests and embedders that set one and keep the other defaults)."""
+        given = {
+            "max_batch_tokens": max_batch_tokens,
+            "max_wait_s": max_wait_s,
+            "max_batch_requests": max_batch_requests,
+            "max_queue": max_queue,
+        }
+        limits = replace(limits, **{k: v for k, v in given.items() if v is not None})
         self._backend = backend
         self._executor = executor
         self._metrics = metrics
-        self.max_batch_tokens = max_batch_tokens
-        self.max_wait_s = max_wait_s
-        self.max_batch_requests = max_batch_requests
-        self.max_queue = max_queue
+        self.limits = limits
+        self.max_batch_tokens = limits.max_batch_tokens
+        self.max_wait_s = limits.max_wait_s
+        self.max_batch_requests = limits.max_batch_requests
+        self.max_queue = limits.max_queue
         self._queue: collections.deque[_Work | _Control] = collections.deque()
         self._rest: list[_Work] = []  # split requests whose piece is running (_take)
         self._wakeup = asyncio.Event()
@@ -381,48 +393,67 @@ class Batcher:
                 ctl.future.set_result(result)
 
     async def _run_batch(self, batch: list[_Piece]) -> None:
-        m = self._metrics
+        """Score one batch on the device thread, then hand each request its results."""
         start = time.monotonic()
-        for w, _, _ in batch:
-            if w.started is None:  # once per request: pieces and _recover re-runs keep it
-                w.started = start
-                m.queue_duration.observe(start - w.enqueued)
+        self._mark_started(batch, start)
         pairs = [p for w, lo, hi in batch for p in w.parsed.pairs[lo:hi]]
-        head = batch[0][0].parsed
         works = [w for w, _, _ in batch]
-
-        def should_stop() -> bool:  # device thread: every caller of this batch gave up
-            now = time.monotonic()
-            return all(w.dead(now) for w in works)
-
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         self._busy_since = time.monotonic()
         try:
-            scored = await loop.run_in_executor(
-                self._executor,
-                lambda: run_budgeted(
-                    self._backend,
-                    pairs,
-                    head.params,
-                    head.with_entropy,
-                    self.max_batch_tokens,
-                    should_stop,
-                ),
-            )
-        except Cancelled:
-            self._busy_since = None
-            now = time.monotonic()
-            for w in works:  # in flight: counted like queued drops, by reason
-                deadline = w.deadline is not None and now >= w.deadline
-                self._settle(w, "deadline" if deadline else "cancelled")
-            return
+            scored = await self._score_on_device(batch, pairs)
         except Exception as exc:
             self._busy_since = None
-            await self._recover(batch, exc)
+            if isinstance(exc, Cancelled):  # every caller gave up: dropped, by reason
+                self._settle_stopped(works)
+            else:
+                await self._recover(batch, exc)
             return
         self._busy_since = None
         elapsed = time.perf_counter() - t0
+        self._record(batch, pairs, scored, elapsed)
+        if len(scored.results) != len(pairs):
+            err = RuntimeError(f"runner returned {len(scored.results)} results for {len(pairs)}")
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        self._deliver(batch, scored.results, elapsed, start)
+
+    def _mark_started(self, batch: list[_Piece], start: float) -> None:
+        """Time queued: once per request (its later pieces and _recover re-runs keep it)."""
+        for w, _, _ in batch:
+            if w.started is None:
+                w.started = start
+                self._metrics.queue_duration.observe(start - w.enqueued)
+
+    async def _score_on_device(self, batch: list[_Piece], pairs: list[TokenPair]) -> BatchScores:
+        """The batch's one forward on the device thread; it stops early (Cancelled) once
+        every caller of the batch gave up."""
+        head = batch[0][0].parsed
+        works = [w for w, _, _ in batch]
+
+        def should_stop() -> bool:  # device thread
+            now = time.monotonic()
+            return all(w.dead(now) for w in works)
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            lambda: run_forward(self._backend, pairs, head.params, head.with_entropy, should_stop),
+        )
+
+    def _settle_stopped(self, works: list[_Work]) -> None:
+        """A batch stopped in flight: counted like queued drops, by reason."""
+        now = time.monotonic()
+        for w in works:
+            deadline = w.deadline is not None and now >= w.deadline
+            self._settle(w, "deadline" if deadline else "cancelled")
+
+    def _record(
+        self, batch: list[_Piece], pairs: list[TokenPair], scored: BatchScores, elapsed: float
+    ) -> None:
+        """The batch's metrics, and the moving averages behind the retry hint."""
+        m = self._metrics
         ntok = sum(p.num_tokens for p in pairs)
         m.inference_duration.observe(elapsed)
         m.batch_size.observe(len(batch))
@@ -431,7 +462,6 @@ class Batcher:
         m.sequences.inc(len(pairs))
         for stage, seconds in scored.stage_seconds.items():
             m.stage_duration.labels(stage).observe(float(seconds))
-        results = scored.results
         self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * elapsed
         per_token = elapsed / max(1, ntok)
         self._ema_s_per_token = (
@@ -439,12 +469,12 @@ class Batcher:
             if self._ema_s_per_token == 0
             else 0.8 * self._ema_s_per_token + 0.2 * per_token
         )
-        if len(results) != len(pairs):
-            err = RuntimeError(f"runner returned {len(results)} results for {len(pairs)}")
-            for w in works:
-                if not w.future.done():
-                    w.future.set_exception(err)
-            return
+
+    def _deliver(
+        self, batch: list[_Piece], results: list[ScoreResult], elapsed: float, start: float
+    ) -> None:
+        """Each piece's results to its request; a request whose last piece this was is
+        answered (never with numbers from weights other than the one version it asked for)."""
         offset = 0
         for w, lo, hi in batch:
             mine = results[offset : offset + hi - lo]

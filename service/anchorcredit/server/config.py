@@ -26,6 +26,20 @@ _FALSE = {"0", "false", "no", "off"}
 SERVICE_NAME = "anchorcredit.v1.CreditService"
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """What the batcher is held to; the defaults here are THE server defaults (ServeConfig's
+    flags, the batcher, `anchorcredit score` and the benches all read them from here)."""
+
+    max_batch_tokens: int = 16384  # token budget of one device forward
+    max_wait_s: float = 0.005  # how long an idle batcher waits to fill a batch
+    max_batch_requests: int = 64  # most requests merged into one device batch
+    max_queue: int = 256  # most requests waiting; beyond it RESOURCE_EXHAUSTED
+
+
+DEFAULT_LIMITS = BatchLimits()
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -58,10 +72,18 @@ class ServeConfig:
         "torchrun with N processes); one GPU each on CUDA; see docs/TENSOR_PARALLEL.md",
     )
     policy_version: str = _opt("0", "policy version the initial weights carry")
-    max_batch_tokens: int = _opt(16384, "token budget of one device batch")
-    max_wait_ms: float = _opt(5.0, "how long the batcher waits to fill a batch once idle")
-    max_batch_requests: int = _opt(64, "most requests merged into one device batch")
-    max_queue: int = _opt(256, "most requests waiting; beyond it RESOURCE_EXHAUSTED")
+    max_batch_tokens: int = _opt(
+        DEFAULT_LIMITS.max_batch_tokens, "token budget of one device batch"
+    )
+    max_wait_ms: float = _opt(
+        DEFAULT_LIMITS.max_wait_s * 1000.0, "how long the batcher waits to fill a batch once idle"
+    )
+    max_batch_requests: int = _opt(
+        DEFAULT_LIMITS.max_batch_requests, "most requests merged into one device batch"
+    )
+    max_queue: int = _opt(
+        DEFAULT_LIMITS.max_queue, "most requests waiting; beyond it RESOURCE_EXHAUSTED"
+    )
     max_request_sequences: int = _opt(1024, "most sequences in one ScoreRequest")
     max_request_tokens: int = _opt(
         0, "most tokens (prompt+response, all sequences) in one request; 0 = 8 x max_batch_tokens"
@@ -145,6 +167,16 @@ class ServeConfig:
         if not self.layers:
             return None
         return [int(x) for x in str(self.layers).replace(" ", "").split(",") if x]
+
+    @property
+    def limits(self) -> BatchLimits:
+        """The batcher's limits as configured (max_wait_ms in seconds)."""
+        return BatchLimits(
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_s=self.max_wait_ms / 1000.0,
+            max_batch_requests=self.max_batch_requests,
+            max_queue=self.max_queue,
+        )
 
     @property
     def max_receive_bytes(self) -> int:

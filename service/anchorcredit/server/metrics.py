@@ -46,6 +46,23 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._add_latency(r)
+        self._add_batching(r)
+        self._add_outcomes(r)
+        self._add_weight_changes(r)
+        self._add_model(r)
+        self._memory_probe: Callable[[], dict[str, float]] | None = None
+        self.credit = CreditMetrics(r)  # credit sanity and policy freshness (own module)
+        # Series that exist from the start read 0 instead of "no data", so rates, panels and
+        # alerts over them work before the first event (the batcher's drop reasons, and the
+        # refusal an overload alert watches).
+        for reason in ("deadline", "cancelled"):
+            self.dropped.labels(reason)
+        self.failures.labels("queue_full")
+        r.register(_SpanFallbacks())
+
+    def _add_latency(self, r: CollectorRegistry) -> None:
+        """How long: RPCs, the wait for the device, batches and runner stages."""
         self.request_duration = Histogram(
             "anchorcredit_request_duration_seconds",
             "RPC latency by method and status code",
@@ -72,6 +89,9 @@ class ServerMetrics:
             buckets=SECONDS,
             registry=r,
         )
+
+    def _add_batching(self, r: CollectorRegistry) -> None:
+        """What the device gets: batch sizes, tokens, sequences, the queue."""
         self.batch_size = Histogram(
             "anchorcredit_batch_size",
             "requests merged into one device batch",
@@ -96,6 +116,9 @@ class ServerMetrics:
             "requests the queue holds before answering RESOURCE_EXHAUSTED (--max-queue)",
             registry=r,
         )
+
+    def _add_outcomes(self, r: CollectorRegistry) -> None:
+        """What happens to requests: in flight, failed, dropped unserved."""
         self.inflight = Gauge("anchorcredit_inflight_requests", "RPCs being handled", registry=r)
         self.failures = Counter(
             "anchorcredit_request_failures",
@@ -109,6 +132,9 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+
+    def _add_weight_changes(self, r: CollectorRegistry) -> None:
+        """Weight changes: count, by transport, bytes, abandoned collective steps."""
         self.weight_updates = Counter(
             "anchorcredit_weight_updates",
             "successful weight changes (UpdateWeights, PushWeights, ReceiveWeights)",
@@ -132,6 +158,9 @@ class ServerMetrics:
             "threads given up on (a collective step past its timeout) that still run",
             registry=r,
         )
+
+    def _add_model(self, r: CollectorRegistry) -> None:
+        """What is served: the model's info, readiness, device memory."""
         self.model_info = Info(
             "anchorcredit_model", "model, policy version and limits served", registry=r
         )
@@ -144,15 +173,6 @@ class ServerMetrics:
             ["kind"],
             registry=r,
         )
-        self._memory_probe: Callable[[], dict[str, float]] | None = None
-        self.credit = CreditMetrics(r)  # credit sanity and policy freshness (own module)
-        # Series that exist from the start read 0 instead of "no data", so rates, panels and
-        # alerts over them work before the first event (the batcher's drop reasons, and the
-        # refusal an overload alert watches).
-        for reason in ("deadline", "cancelled"):
-            self.dropped.labels(reason)
-        self.failures.labels("queue_full")
-        r.register(_SpanFallbacks())
 
     def set_model_info(self, info: dict[str, Any]) -> None:
         self.model_info.info(

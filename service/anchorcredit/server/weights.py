@@ -6,6 +6,8 @@ Every change follows one path (docs/SERVICE.md "Changing the weights"):
     stage = backend.stage_weights(update)       version rules checked at once
     fill the stage in a worker thread            scoring goes on from the old weights
     stage.finish()                               nothing cut short or (unless partial) missing
+    stage.records()                              the new weights digest, in a worker thread
+                                                 (scoring goes on meanwhile)
     batcher.run_exclusive(commit_weights)        device thread, between batches: version
                                                  rules again, staged -> live, new version
 
@@ -45,6 +47,7 @@ from anchorcredit.errors import (
 )
 from anchorcredit.server import convert
 from anchorcredit.server.bounded import run_bounded
+from anchorcredit.server.state import ServerState
 from anchorcredit.v1 import credit_pb2 as pb
 from anchorcredit.weight_wire import WeightUpdateSpec
 
@@ -59,7 +62,7 @@ MAX_GROUP_SIZE = 1 << 16  # world_size: the trainer's rank 0 and every server
 class WeightChanges:
     """The weight-changing RPCs' logic over a ServerState (backend, batcher, metrics)."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
         self.groups: dict[str, WeightGroupHandle] = {}
         self._joining: set[str] = set()
@@ -97,23 +100,37 @@ class WeightChanges:
         return await self._off_loop(self.state.backend.stage_weights, spec)
 
     async def _commit(
-        self, stage: WeightStage, transport: str, t0: float
+        self, stage: WeightStage, transport: str, t0: float, staging_s: float | None = None
     ) -> pb.UpdateWeightsResponse:
         backend, batcher = self.state.backend, self.state.batcher
+        t1 = time.perf_counter()
         await self._off_loop(stage.finish)
+        t2 = time.perf_counter()
+        records = getattr(stage, "records", None)
+        if callable(records):  # the digest, off the device thread (commit reuses it)
+            await self._off_loop(records)
+        t3 = time.perf_counter()
         await batcher.run_exclusive(lambda: backend.commit_weights(stage))
-        seconds = time.perf_counter() - t0
+        t4 = time.perf_counter()
+        seconds = t4 - t0
         info = self.state.refresh_info()
         m = self.state.metrics
         m.weight_updates.inc()
         m.weight_updates_by_transport.labels(transport).inc()
+        staged = "" if staging_s is None else f" (staging {staging_s:.3f} s)"
         log.info(
-            "policy weights now at version %r via %s (%d tensors, %.1f MB, %.2f s)",
+            "policy weights now at version %r via %s (%d tensors, %.1f MB, %.2f s; stages: "
+            "receive %.3f s%s, finish %.3f s, digest %.3f s, commit %.3f s)",
             info.policy_version,
             transport,
             stage.tensors,
             stage.bytes / 1e6,
             seconds,
+            t1 - t0,
+            staged,
+            t2 - t1,
+            t3 - t2,
+            t4 - t3,
         )
         return pb.UpdateWeightsResponse(
             policy_version=info.policy_version,
@@ -163,6 +180,7 @@ class WeightChanges:
             stage: WeightStage | None = None
             t0 = time.perf_counter()
             try:
+                staging_s = 0.0  # in begin/write: the rest of the stream is the network
                 async for chunk in _frames(chunks):
                     if stage is None:
                         t0 = time.perf_counter()  # the first byte received
@@ -175,13 +193,15 @@ class WeightChanges:
                         stage = await self._stage(convert.weight_update(chunk.update))
                     elif chunk.HasField("update"):
                         raise InputError("only the first WeightChunk carries `update`", "update")
+                    ts = time.perf_counter()
                     if chunk.HasField("tensor"):
                         await self._off_loop(stage.begin, *convert.tensor_header(chunk.tensor))
                     if chunk.data:
                         await self._off_loop(stage.write, chunk.data)
+                    staging_s += time.perf_counter() - ts
                 if stage is None:
                     raise InputError("the stream carried no WeightChunk", field="update")
-                return await self._commit(stage, "stream", t0)
+                return await self._commit(stage, "stream", t0, staging_s)
             finally:
                 self._count_bytes("stream", stage)
                 if stage is not None:

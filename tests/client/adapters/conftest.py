@@ -11,11 +11,10 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(llama_model: Path) -> Path:
     """The tiny random Llama the adapter tests' servers (and trainer-side copies) load."""
-    from anchorcredit.offline.debug_model import save_debug_model
 
-    return save_debug_model(tmp_path_factory.mktemp("m") / "llama")
+    return llama_model
 
 
 @pytest.fixture(scope="module")

@@ -373,7 +373,7 @@ class _RolloutCallbacks:
 
 def _model_with_tokenizer(path):
     """The debug model plus the test tokenizer (AReaL's engine loads both)."""
-    from anchorcredit.offline.debug_model import save_debug_model
+    from debug_model import save_debug_model
 
     model = save_debug_model(path)
     _tokenizer().save_pretrained(model)
@@ -384,7 +384,7 @@ def _model_with_tokenizer(path):
 def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
     tmp_path, start_server, monkeypatch, check_step_summary
 ):
-    """Issue 21: with a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
+    """With a plain `python train.py` (AREAL_SPMD_MODE unset) the actor is a
     PPOActorController and compute_advantages / update_weights are RPCs to worker processes:
     the hooks ran 0 times. Here AReaL's real LocalScheduler starts a real worker process
     (its RPC server, a real FSDP2 engine on the CPU), and the controller only calls it."""
@@ -453,6 +453,9 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
             # commits each step (the controller's export_stats RPC); new weights: no hits
             stats = actor.export_stats()
             check_step_summary(stats, gammas, hit_ratio=0.0, policy_step=step, cast=_f32)
+            # the sync's figures: the pinned push's seconds, the trainer's wait for it
+            assert stats["anchorcredit/push_seconds"] > 0
+            assert stats["anchorcredit/sync_seconds"] >= 0
             actor.update_weights(meta.with_version(step + 1))  # AReaL's order, over RPC
             actor.set_version(step + 1)
             assert checker.model_info(refresh=True).policy_version == f"step-{step + 1}-sc1"
@@ -479,9 +482,9 @@ def test_single_controller_mode_installs_the_hooks_in_the_actor_workers(
 
 
 @pytest.mark.slow
-def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_port):
-    """Issue 21: AReaL's ArchonEngine.update_weights was not wrapped, so with the Archon
-    backend scores came from whatever the service held. A real ArchonPPOActor (AReaL's own
+def test_weight_sync_covers_archon(qwen2_model, tmp_path, start_server, monkeypatch, free_port):
+    """AReaL's ArchonEngine.update_weights is wrapped (unwrapped, the Archon backend's
+    scores came from whatever the service held). A real ArchonPPOActor (AReaL's own
     initialize: Archon's Qwen2 model, FSDP on a one-process gloo group, the HF checkpoint
     loaded through its state-dict adapter) pushes under Hugging Face names; the service
     then scores exactly as the checkpoint AReaL itself writes for its rollout engines."""
@@ -493,10 +496,9 @@ def test_weight_sync_covers_archon(tmp_path, start_server, monkeypatch, free_por
     from areal.utils import name_resolve
 
     from anchorcredit.client.adapters.areal_sync import install_weight_sync
-    from anchorcredit.offline.debug_model import save_debug_model
     from anchorcredit.runner import Scorer
 
-    model = save_debug_model(tmp_path / "qwen2", arch="qwen2")
+    model = qwen2_model
     _tokenizer().save_pretrained(model)
     server = start_server(model)
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}

@@ -665,7 +665,8 @@ def _adapter_log(caplog) -> list[str]:
 
 
 def test_install_from_env_says_when_openrlhf_does_not_import(monkeypatch, caplog):
-    """Issue 21: the setup hook swallowed the ImportError and patched nothing, silently."""
+    """A failed import in the setup hook is raised, never swallowed (it patched nothing,
+    silently)."""
     monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
     monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_trainer", None)  # import fails
     caplog.set_level("INFO", logger="anchorcredit.adapters")
@@ -704,7 +705,7 @@ def _stub_gpu_packages_then_install() -> None:
 
 @pytest.mark.slow
 def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(orl, target):
-    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    """The Ray route runs for real, not only as configuration. A real local Ray (1 CPU,
     no dashboard): the worker process runs the setup hook, OpenRLHF's experience maker is
     the anchorcredit one there, and the advantages it computes in that process are
     OpenRLHF's x gamma."""

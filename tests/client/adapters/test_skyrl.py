@@ -29,6 +29,7 @@ import importlib.machinery
 import sys
 import types
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,10 +346,8 @@ def synced(sky, served_model, monkeypatch, free_port):
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory, start_server):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    path = save_debug_model(tmp_path_factory.mktemp("m") / "llama")
+def served_model(llama_model, start_server):
+    path = llama_model
     s = start_server(path)
     yield path, s.target
     s.stop()
@@ -426,7 +425,6 @@ def test_the_documented_launch(sky, monkeypatch):
     import importlib
     import json
     import shlex
-    from pathlib import Path
 
     from ray.runtime_env.runtime_env import _merge_runtime_env
     from skyrl.train.utils.utils import prepare_runtime_environment

@@ -110,6 +110,23 @@ def test_calls_add_up_and_the_version_gives_the_step():
         other.add_gammas(np.ones((2, 3)), np.ones((3, 2), bool))
 
 
+def test_sync_figures_add_up_and_a_run_without_pushes_has_none():
+    s = sm.StepSummary()
+    s.add_sync(None, 0.0, 2.0)  # nothing pushed, nothing waited for: no sync entries
+    s.add_call(0.5, None, "step-1-r")
+    assert not {f"anchorcredit/{k}" for k in sm.SYNC_KEYS} & set(s.metrics())
+    s.add_sync(1.25, 0.25, 4.0)  # e.g. two scoring calls of one step
+    s.add_sync(1.5, 0.5, 2.0)
+    got = s.metrics()
+    assert got["anchorcredit/push_seconds"] == 1.5  # the push the last call pinned
+    assert got["anchorcredit/sync_seconds"] == 0.75
+    assert got["anchorcredit/sync_share"] == 0.75 / 6.0  # of the 4 + 2 s since pushing
+    first = sm.StepSummary()
+    first.add_sync(1.0, 1.0, None)  # the first step: no previous scoring to measure from
+    assert "anchorcredit/sync_share" not in first.metrics()
+    assert first.metrics()["anchorcredit/sync_seconds"] == 1.0
+
+
 def test_the_version_label_is_logged_once_per_change(caplog):
     caplog.set_level(logging.INFO, logger="anchorcredit.adapters")
     for v in ("step-1-x9", "step-1-x9", None, "step-2-x9"):

@@ -11,6 +11,7 @@ recomputed from those gammas (adapters/summary.py), its cache hit ratio 1 on a r
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -43,9 +44,8 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
     tmp_path, start_server, check_step_summary
 ):
     from datasets import Dataset
+    from debug_model import save_debug_model
     from transformers import AutoModelForCausalLM
-
-    from anchorcredit.offline.debug_model import save_debug_model
 
     model_dir = save_debug_model(tmp_path / "policy0", arch="llama")
     tokenizer = _tokenizer()
@@ -63,11 +63,26 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
         client = CreditClient([server.target], cache=None)
         checker = CreditClient([server.target], cache=False)
         seen: list[dict] = []
+        # The background push of step n must run while step n+1's rollouts are generated:
+        # the push waits (event-ordered, no timing) until that generation has begun; an
+        # in-line push would time out here and fail the run.
+        generating = [threading.Event() for _ in range(3)]
+        overlapped: list[tuple[str, bool]] = []
+        push_now = client.background_pusher._push
+
+        def push_once_generation_begins(weights, version, **kw):
+            n = int(version.split("-")[1])
+            if n + 1 < len(generating):  # the last push has no next generation
+                overlapped.append((version, generating[n + 1].wait(60)))
+            return push_now(weights, version, **kw)
+
+        client.background_pusher._push = push_once_generation_begins
 
         class Recorder(trl.GRPOTrainer):
             """Keeps TRL's own [B] advantages (below the adapter in the MRO)."""
 
             def _generate_and_score_completions(self, inputs):
+                generating[len(seen) + 1].set()  # generation of step len(seen) + 1 begins
                 out = super()._generate_and_score_completions(inputs)
                 self.raw = {
                     k: out[k].clone()
@@ -128,15 +143,14 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = 1
         sync = WeightSyncCallback(client, run_id="t1")
-        served_after_step: list[tuple[str, dict]] = []
+        trained_after_step: list[dict] = []
 
         class AfterSync(transformers.TrainerCallback):
-            """Runs after the sync callback: what the service serves, and what it scores."""
+            """Runs after the sync callback: the weights it pushes (in the background)."""
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
-                info = checker.model_info(refresh=True)
                 trained = {n: p.detach().clone() for n, p in model.named_parameters()}
-                served_after_step.append((info.policy_version, trained))
+                trained_after_step.append(trained)
 
         trainer = Probe(
             model=model,
@@ -150,6 +164,7 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
         trainer.train()
 
         assert len(seen) == 2
+        assert overlapped == [("step-0-t1", True), ("step-1-t1", True)]
         for step, rec in enumerate(seen):
             adv = rec["advantages"]
             assert adv.dim() == 2 and adv.shape == rec["completion_ids"].shape
@@ -182,11 +197,17 @@ def test_trl_grpo_two_steps_advantages_are_a_times_gamma(
         for step, (h, rec) in enumerate(zip(logged, seen, strict=True)):
             want = check_step_summary(h, rec["gamma"].values(), hit_ratio=0.0, policy_step=step)
             assert want["gamma_mean"] > 1.0  # some tokens are boosted
-        assert [v for v, _ in served_after_step] == ["step-1-t1", "step-2-t1"]
+            # the weight sync's figures: the pinned push's seconds, the trainer's wait
+            assert h["anchorcredit/push_seconds"] > 0 and h["anchorcredit/sync_seconds"] >= 0
+            if step:  # a share of the step between two scorings
+                assert 0 <= h["anchorcredit/sync_share"] < 1
+            else:
+                assert "anchorcredit/sync_share" not in h
+        assert len(trained_after_step) == 2  # on_train_end waited for the last push:
         assert client.model_info(refresh=True).policy_version == "step-2-t1"
         assert sync.version == "step-2-t1" and len(sync.seconds) == 3
         # the service now scores exactly as a Scorer loaded with the trainer's final weights
-        final = served_after_step[-1][1]
+        final = trained_after_step[-1]
         tuned = tmp_path / "final"
         model.save_pretrained(tuned)
         for n, p in AutoModelForCausalLM.from_pretrained(tuned).named_parameters():
@@ -250,12 +271,12 @@ def _one_step_trainer(tmp_path, model_dir, client, **credit):
 def test_a_run_without_weight_sync_is_told_it_scores_another_runs_weights(
     tmp_path, start_server, monkeypatch, caplog
 ):
-    """Issue 21: a second run against the same service, without WeightSyncCallback, scored
+    """A second run against the same service, without WeightSyncCallback, scored
     with the first run's final weights (`step-3-<first run>`) and said nothing."""
+    from debug_model import save_debug_model
     from safetensors.torch import load_file
 
     from anchorcredit.client.adapters.policy_check import StalePolicyError, StalePolicyWarning
-    from anchorcredit.offline.debug_model import save_debug_model
 
     monkeypatch.delenv("ANCHORCREDIT_STALE_POLICY", raising=False)
     monkeypatch.delenv("ANCHORCREDIT_RUN_ID", raising=False)

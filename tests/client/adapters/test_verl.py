@@ -476,7 +476,7 @@ def test_install_logs_each_patch_when_it_happens(client, caplog):
 
 @pytest.mark.slow
 def test_the_setup_hook_installs_in_a_ray_worker_and_scales_there(client, target):
-    """Issue 21: the Ray route was only checked as configuration. A real local Ray (1 CPU,
+    """The Ray route runs for real, not only as configuration. A real local Ray (1 CPU,
     no dashboard) with the documented runtime env: the worker process runs our setup hook,
     verl's compute_advantage is patched there on import, and the advantages it returns from
     that process are verl's x gamma."""

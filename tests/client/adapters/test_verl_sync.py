@@ -36,10 +36,8 @@ RESPONSES = [[11, 12, 13, 14, 15], [21, 22, 23]]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, start_server):
-    from anchorcredit.offline.debug_model import save_debug_model
-
-    path = save_debug_model(tmp_path_factory.mktemp("m") / "llama")
+def served(llama_model, start_server):
+    path = llama_model
     s = start_server(path)
     yield path, s.target
     s.stop()

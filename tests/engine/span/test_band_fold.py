@@ -1,4 +1,4 @@
-"""FAI's band folded into the row pass (band="fold", issue 16 item 5): per-slot column sums
+"""FAI's band folded into the row pass (band="fold"): per-slot column sums
 written by the row programs once their LSE is final, summed by FoldedFai.
 
 Under TRITON_INTERPRET=1: the same numbers as the float64 reference and as the column pass

@@ -1,4 +1,4 @@
-"""The row pass with a GQA group packed into one program (gqa_pack=True, issue 16 item 6):
+"""The row pass with a GQA group packed into one program (gqa_pack=True):
 the same numbers as the float64 reference and as the one-head-per-program kernel, under
 TRITON_INTERPRET=1, and the launch it makes (its compile: tests/bench/test_span_aot.py).
 The timing needs a GPU (bench/gpu_suite.sh)."""

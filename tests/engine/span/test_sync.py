@@ -50,8 +50,9 @@ def test_runner_syncs_do_not_grow_with_the_selected_layers(sync_debug):
     """A scoring forward through the runner: the sync count of 4 selected layers equals
     that of 1 (whatever the model's own forward does, the statistics add none per layer).
     Both selections end at layer 4, so the model runs the same layers either way."""
+    from debug_model import build_debug_model
+
     from anchorcredit.backend import TokenPair
-    from anchorcredit.offline.debug_model import build_debug_model
     from anchorcredit.runner.forward import Horizon
     from anchorcredit.runner.scorer import Scorer
     from anchorcredit.runner.timing import StageTimer

@@ -113,9 +113,7 @@ class AReaLWeightSync:
             with engine_weights(engine, rank0) as weights:
                 if rank0:
                     try:
-                        self.client.push_weights(
-                            weights, version, transport=self.transport, dtype=self.dtype
-                        )
+                        _push_in_line(self.client, weights, version, step, self)
                     except Exception as e:  # every rank must hear of it, not wait forever
                         error = e
             failure = f"{type(error).__name__}: {error}" if error is not None else None
@@ -133,6 +131,17 @@ class AReaLWeightSync:
         setattr(engine, VERSION_ATTR, version)
         self.seconds.append(time.perf_counter() - t0)
         return version
+
+
+def _push_in_line(client: Any, weights: Any, version: str, step: int, sync: Any) -> None:
+    """In-line (every rank waits at the barrier after it), through the client's pusher when
+    it has one, so the step's credit summary reports the sync's figures."""
+    kw = {"transport": sync.transport, "dtype": sync.dtype}
+    if getattr(client, "background_pusher", None) is None:  # a client-like object
+        client.push_weights(weights, version, **kw)
+        return
+    client.push_weights_background(weights, version, step=step, **kw)
+    client.background_pusher.wait()
 
 
 @contextlib.contextmanager

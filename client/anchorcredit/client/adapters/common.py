@@ -47,6 +47,14 @@ def gammas_for_rows(
     misses and the version that scored (the caller adds the gammas it applies)."""
     live = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if len(p) and len(r)]
     gammas = [np.ones(len(r), np.float32) for r in responses]
+    pusher = getattr(client, "background_pusher", None)
+    if pusher is not None:
+        # The push this score pins: waiting for it is sync time, not scoring; a failed
+        # background push is raised here, naming its step.
+        pusher.wait()
+        if summary is not None:
+            times = pusher.take_times()
+            summary.add_sync(times.push_seconds, times.blocked_seconds, times.period_seconds)
     if live:
         if policy_version is None:
             check_served_policy(client, stale_policy)

@@ -11,10 +11,20 @@ collects them and `metrics()` names them alike in every trainer:
     anchorcredit/score_seconds                 wall seconds in client.score this step
     anchorcredit/cache_hit_ratio               hits / (hits + misses) of those calls
     anchorcredit/policy_step                   n of the scoring version `step-<n>-<run>`
+    anchorcredit/push_seconds                  wall seconds of the weight push this step's
+                                               scores pinned (in the background or not)
+    anchorcredit/sync_seconds                  seconds the trainer was blocked on the weight
+                                               sync since the previous step's scoring
+                                               (gathering, waiting for a push to commit)
+    anchorcredit/sync_share                    sync_seconds / the wall seconds of that step
+                                               (previous scoring -> this one)
 
 Trainers' metrics take numbers only, so the version's full label goes to the process log
 (`log_version`: one INFO line on logger `anchorcredit.adapters` whenever it changes).
-A step with no reweighted token has no gamma entries (a NaN would poison the trainer's
+The sync figures come from the scoring client's BackgroundPusher (client/background_push.py)
+where the adapter pushes through that client (TRL); adapters whose pushes run in other
+processes pass them with `add_sync` (docs/OBSERVABILITY.md). A run that never pushed has no
+sync entries. A step with no reweighted token has no gamma entries (a NaN would poison the trainer's
 averages), one that looked nothing up no cache_hit_ratio, and a version that is not
 `step-<n>-<run>` no policy_step. docs/OBSERVABILITY.md#in-the-trainers-own-logs has the
 names per trainer. Torch-free (numpy only).
@@ -32,11 +42,20 @@ import numpy as np
 from anchorcredit.client.adapters.versions import parse_version
 from anchorcredit.client.reweight import _to_numpy
 
-__all__ = ["GAMMA_KEYS", "KEYS", "PREFIX", "StepSummary", "gamma_summary", "log_version"]
+__all__ = [
+    "GAMMA_KEYS",
+    "KEYS",
+    "PREFIX",
+    "SYNC_KEYS",
+    "StepSummary",
+    "gamma_summary",
+    "log_version",
+]
 
 PREFIX = "anchorcredit/"
 GAMMA_KEYS = ("gamma_mean", "gamma_min", "gamma_max", "gamma_p90", "amplified_fraction")
-KEYS = (*GAMMA_KEYS, "score_seconds", "cache_hit_ratio", "policy_step")
+SYNC_KEYS = ("push_seconds", "sync_seconds", "sync_share")
+KEYS = (*GAMMA_KEYS, "score_seconds", "cache_hit_ratio", "policy_step", *SYNC_KEYS)
 
 log = logging.getLogger("anchorcredit.adapters")
 
@@ -66,6 +85,25 @@ class StepSummary:
         self.hits = 0
         self.misses = 0
         self.version: str | None = None  # of the last call that scored
+        self.push_seconds: float | None = None
+        self.sync_seconds = 0.0
+        self.period_seconds = 0.0  # the step's wall seconds the sync share is taken of
+        self.synced = False
+
+    def add_sync(
+        self, push_seconds: float | None, blocked_seconds: float, period_seconds: float | None
+    ) -> None:
+        """The weight sync's figures since the previous add_sync (background_push.SyncTimes):
+        the last push's wall seconds (None: nothing pushed yet), the seconds the trainer was
+        blocked on syncing and the wall seconds they are a share of (None: unknown)."""
+        if push_seconds is None and not blocked_seconds:
+            return
+        self.synced = True
+        if push_seconds is not None:
+            self.push_seconds = float(push_seconds)
+        self.sync_seconds += float(blocked_seconds)
+        if period_seconds is not None:
+            self.period_seconds += float(period_seconds)
 
     def add_call(
         self, seconds: float, stats: Mapping[str, Any] | None, version: str | None
@@ -99,6 +137,12 @@ class StepSummary:
         parsed = parse_version(self.version) if self.version is not None else None
         if parsed is not None:
             out["policy_step"] = float(parsed[0])
+        if self.synced:
+            if self.push_seconds is not None:
+                out["push_seconds"] = self.push_seconds
+            out["sync_seconds"] = self.sync_seconds
+            if self.period_seconds > 0:
+                out["sync_share"] = min(1.0, self.sync_seconds / self.period_seconds)
         return {prefix + k: v for k, v in out.items()}
 
 

@@ -5,6 +5,9 @@ TensorParallelScorer that drives every rank's share of each forward. The other r
 either are spawned by rank 0 while it loads the model, or were started by torchrun
 alongside it: those load their shard and run the worker loop until rank 0 stops, and
 never bind a port. See docs/TENSOR_PARALLEL.md.
+
+It lives in the CLI because it joins the two halves: the server (app, config) and the
+runner's sharded scorer, which knows nothing about gRPC.
 """
 
 from __future__ import annotations

