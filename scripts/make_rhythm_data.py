@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain-text prompts (Question/Solution) for base models without a chat template",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -99,15 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         for b in range(0, len(problems), args.batch_size):
             batch = problems[b : b + args.batch_size]
             prompts = [
-                tok.apply_chat_template(
+                f"Question: {pr['question']}\n\n{INSTRUCTION}\n\nSolution:"
+                if args.plain
+                else tok.apply_chat_template(
                     [{"role": "user", "content": f"{pr['question']}\n\n{INSTRUCTION}"}],
                     tokenize=False,
                     add_generation_prompt=True,
                 )
                 for pr in batch
             ]
-            # The chat text already holds every special token: add none.
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            # The chat text already holds every special token: add none (plain: the BOS).
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=args.plain)
             with torch.inference_mode():
                 gen = model.generate(
                     **enc,

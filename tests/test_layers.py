@@ -41,7 +41,8 @@ LAYERS: dict[str, int] = {
     "offline": 5,  # the rhythm analysis: above the runner, beside the server
     "client": 5,  # the light client: beside the server, never torch at import
     "client.adapters": 6,  # trainer integrations over the client
-    "cli": 7,  # composes everything
+    "experiments": 7,  # reproducible experiments over the client adapters and the models
+    "cli": 8,  # composes everything
 }
 # The one upward arrow, on purpose: `anchorcredit.Scorer` is a lazy attribute of the
 # package (PEP 562 __getattr__), so `import anchorcredit` stays torch-free.

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "score": "anchorcredit.cli.score",
     "show": "anchorcredit.cli.show",
     "analyze": "anchorcredit.cli.analyze",
+    "experiment": "anchorcredit.cli.experiment",
 }
 
 

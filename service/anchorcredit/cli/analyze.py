@@ -1,6 +1,7 @@
 """`anchorcredit analyze`: the paper's preplan-and-anchor coupling statistics.
 
     anchorcredit analyze scored.jsonl [--by task] [--json]
+    anchorcredit analyze scored.jsonl --perturb [--model PATH]   (cli/analyze_perturb.py)
 
 Prints, for the scored responses: mean entropy at WAAD peaks vs all response tokens, and
 the rate at which an FAI peak falls at or right after a WAAD peak vs chance; each as
@@ -17,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from anchorcredit.cli.analyze_perturb import add_arguments as perturb_flags
 from anchorcredit.cli.records import iter_scored
 
 HELP = "coupling statistics of scored responses (entropy at WAAD peaks, FAI after WAAD)"
@@ -54,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also show, for lags -3..3, FAI peaks at exactly that lag after a WAAD peak",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    perturb_flags(p)
 
 
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:
@@ -65,6 +68,15 @@ def run(args: argparse.Namespace) -> int:
     """Print the coupling table (or JSON); 0 on success, 2 on bad input."""
     from anchorcredit.offline.analysis import PAPER, coupling_report, format_table, lag_profile
 
+    if args.perturb:  # the perturbation test instead of the coupling statistics
+        from anchorcredit.cli import analyze_perturb
+
+        try:
+            recs = read_records(args.scored)
+        except (OSError, ValueError) as e:
+            print(f"anchorcredit analyze: {e}", file=sys.stderr)
+            return 2
+        return analyze_perturb.run(args, recs)
     try:
         recs = read_records(args.scored)
         groups: dict[str, list[dict]] = {"all": recs}
