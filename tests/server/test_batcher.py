@@ -186,10 +186,12 @@ def test_cancelled_and_expired_requests_are_dropped_and_counted():
         assert await scorer.next_forward() == [1]
         cancelled = asyncio.ensure_future(b.submit(_parsed(2)))
         expired = asyncio.ensure_future(b.submit(_parsed(3), deadline=time.monotonic()))
-        # What the handler does: wait_for cancels the future at the deadline, before the
-        # batcher sees it; still a deadline drop, not a cancel.
+        # What the handler does: wait_for cancels the future once the deadline passed,
+        # before the batcher sees it; still a deadline drop, not a cancel. (Its timeout is
+        # longer than the deadline's 10 ms, so the cancel lands after the deadline however
+        # late the loop runs the timer.)
         deadline = time.monotonic() + 0.01
-        timed_out = asyncio.ensure_future(asyncio.wait_for(b.submit(_parsed(4), deadline), 0.01))
+        timed_out = asyncio.ensure_future(asyncio.wait_for(b.submit(_parsed(4), deadline), 0.1))
         await _queued(b, 3)
         cancelled.cancel()
         with pytest.raises(TimeoutError):
