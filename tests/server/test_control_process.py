@@ -6,6 +6,7 @@ accepted, never CANCELLED, while a client retries the refused calls on another a
 from __future__ import annotations
 
 import math
+import random
 import re
 import signal
 import socket
@@ -68,6 +69,26 @@ def _sigterm_exit_s(proc: subprocess.Popen) -> float:
     except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit on SIGTERM")
     return time.monotonic() - t0
+
+
+def _port_no_client_takes() -> int:
+    """A free loopback port below the kernel's ephemeral range: while the server is down,
+    the client's own reconnect attempts (or any other connection on the box) can never be
+    given it as their local port, which would hold it (a TCP self-connect) and keep the
+    new server from binding it."""
+    low = 32768
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @pytest.mark.slow
@@ -209,12 +230,12 @@ def test_a_drain_answers_or_refuses_unavailable_never_cancelled(
 
 @pytest.mark.slow
 def test_the_default_client_rides_out_a_restart_on_the_same_port(
-    model_dir: str, serve_process: Any, free_port: Any
+    model_dir: str, serve_process: Any
 ):
     """The server is stopped, and a new process is started on the same
     port a few seconds later; a call made meanwhile with the default client settings waits
     for it (it gave up after 4 attempts in 0.07-0.23 s)."""
-    port = free_port()
+    port = _port_no_client_takes()
     first, _, _ = _serve(serve_process, model_dir, port=str(port))
     with CreditClient([f"127.0.0.1:{port}"], cache=False) as client:
         before = client.score([[1, 2, 3]], [list(range(10, 30))])

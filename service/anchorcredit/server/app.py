@@ -225,6 +225,9 @@ def port_in_use(host: str, port: int) -> OSError | None:
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: connections the previous server on this port closed (TIME_WAIT,
+            # up to a minute) must not block a restart; a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(addr)
     except OSError as e:
         return e
