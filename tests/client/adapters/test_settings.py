@@ -62,7 +62,7 @@ def test_the_adapters_client_comes_from_the_one_config(monkeypatch):
     monkeypatch.setenv("ANCHORCREDIT_TARGETS", "127.0.0.1:1")
     monkeypatch.setenv("ANCHORCREDIT_TIMEOUT_S", "7")
     monkeypatch.setenv("ANCHORCREDIT_REPLICA_WAIT_S", "2")
-    for client in (ac_verl._client_from_env(), ac_skyrl._client_from_env()):
+    for client in (ac_verl.client_from_env(), ac_skyrl.client_from_env()):
         try:
             assert client.timeout_s == 7.0 and client.config.replica_wait_s == 2.0
         finally:

@@ -49,11 +49,14 @@ import numpy as np
 from anchorcredit.client.adapters import install_log, skyrl_sync
 from anchorcredit.client.adapters.common import gammas_for_rows
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
-from anchorcredit.client.adapters.settings import credit_settings_from_env, pinned_version_from_env
+from anchorcredit.client.adapters.settings import (
+    client_from_env,
+    credit_settings_from_env,
+    pinned_version_from_env,
+)
 from anchorcredit.client.adapters.summary import StepSummary, log_version
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.config import ClientConfig
 from anchorcredit.client.reweight import _to_numpy, gamma_matrix, reweight
 from anchorcredit.contract import DEFAULT_STRATEGY
 
@@ -129,7 +132,7 @@ class _Config:
 
     def get_client(self) -> CreditClient:
         if self.client is None:
-            self.client = _client_from_env()
+            self.client = client_from_env()
             self.built_client = True
         return self.client
 
@@ -264,10 +267,6 @@ def install(
         _CONFIG.close_built_client()
 
     return undo
-
-
-def _client_from_env() -> CreditClient:
-    return CreditClient(config=ClientConfig.from_env())
 
 
 def install_from_env() -> None:

@@ -42,11 +42,14 @@ from typing import Any
 
 from anchorcredit.client.adapters import install_log, verl_sync
 from anchorcredit.client.adapters.policy_check import stale_policy_mode
-from anchorcredit.client.adapters.settings import credit_settings_from_env, pinned_version_from_env
+from anchorcredit.client.adapters.settings import (
+    client_from_env,
+    credit_settings_from_env,
+    pinned_version_from_env,
+)
 from anchorcredit.client.adapters.verl_credit import credit_padded, credit_transfer_queue
 from anchorcredit.client.adapters.verl_imports import PostImportHooks
 from anchorcredit.client.client import CreditClient
-from anchorcredit.client.config import ClientConfig
 from anchorcredit.contract import DEFAULT_STRATEGY
 
 __all__ = ["apply_credit", "install", "install_from_env", "wrap_compute_advantage"]
@@ -108,7 +111,7 @@ class _Config:
 
     def get_client(self) -> CreditClient:
         if self.client is None:
-            self.client = _client_from_env()
+            self.client = client_from_env()
             self.built_client = True
         return self.client
 
@@ -339,10 +342,6 @@ def install(
         _CONFIG.close_built_client()
 
     return undo
-
-
-def _client_from_env() -> CreditClient:
-    return CreditClient(config=ClientConfig.from_env())
 
 
 def install_from_env() -> None:
